@@ -1,0 +1,243 @@
+"""`QuantizedKVCache`: a transformers `Cache` whose layers keep KV in packed precision segments.
+
+    cache = vlmkv.QuantizedKVCache(model, vlmkv.get_policy("kivi", bits=2))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache.nbytes(), cache.fp16_nbytes(), cache.bits_per_element()
+
+Tested with transformers 5.23 (see pyproject.toml for the pinned range).
+
+Prefill: the policy plans every prompt token's bit-width per layer (`Policy.plan_prefill`); the
+prefill attention itself uses the unquantized keys and values, as KIVI and AKVQ-VL do. Decode: new
+tokens enter the layer's full-precision residual buffer and are flushed to their planned bit-width
+in blocks (`Policy.decode_rule`); attention reads all segments dequantized, in slot order, so
+padding masks apply unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .policies import PrefillContext, get_policy
+from .policies.base import Policy, PAD, TEXT
+from .storage import LayerStore
+
+
+def text_config(model_or_config):
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def head_dim_of(cfg) -> int:
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """Adapter from transformers' per-layer cache API to a `LayerStore`."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, cache: "QuantizedKVCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.store: LayerStore | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        policy, hd = self.cache.policy, key_states.shape[-1]
+        self.store = LayerStore(lambda bits, kind: policy.spec(bits, kind, hd), self.dtype, self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store = self.store
+        if store.length == 0:
+            ctx = self.cache.prefill_context(self.layer_idx, key_states, value_states)
+            plan = self.cache.policy.plan_prefill(ctx)
+            self.cache.check_plan(plan, ctx)
+            store.prefill(key_states, value_states, plan.bits, plan.residual)
+            self.cache._record_plan(self.layer_idx, plan)
+            return key_states, value_states
+        rule = self.cache.policy.decode_rule()
+        store.append(key_states, value_states, rule.bits, rule.keep_recent, rule.flush_every)
+        return store.materialize()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.store is None else self.store.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = None
+        self.is_initialized = False
+
+    def offload(self):  # storage is already compact; offloading is not supported
+        return None
+
+    def prefetch(self):
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.store is None or tokens_to_remove == 0:
+            return
+        if tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove must be negative (tokens to drop), got {tokens_to_remove!r}")
+        self.store.crop(max(0, self.store.length + tokens_to_remove))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.store is not None:
+            self.store.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store is not None:
+            self.store.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store is not None:
+            self.store.map_batch(lambda t: t[indices.to(t.device)])
+
+
+class QuantizedKVCache(Cache):
+    """A transformers `Cache` storing each layer's KV at the bit-widths a `Policy` plans.
+
+    model:   the Hugging Face model (or its config) the cache will be used with.
+    policy:  a `Policy` or a registered name (`"kivi"`, `"rtn-2"`...); `**options` go to `get_policy`.
+
+    Policies that need hooks on the model install them here and remove them on `close()` or at the end
+    of a `with` block. A forward pre-hook records the prompt's `input_ids`/`attention_mask` so that
+    policies see padding and token types at prefill.
+    """
+
+    def __init__(self, model, policy: Policy | str = "fp16", **options):
+        self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
+        if options and not isinstance(policy, str):
+            raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
+        cfg = text_config(model)
+        self.config = cfg
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.head_dim = head_dim_of(cfg)
+        self.policy.validate(self.head_dim)
+        super().__init__(layers=[QuantizedKVLayer(self, i) for i in range(self.num_layers)])
+        self.model = model if isinstance(model, torch.nn.Module) else None
+        self.inputs: dict = {}  # prompt-level context recorded at prefill (input_ids, attention_mask, ...)
+        self.layer_stats: dict[int, dict] = {}  # per-layer data hooks collect (e.g. massive activations)
+        self.plans: dict[int, dict] = {}
+        self._hooks = []
+        if self.model is not None:
+            self._hooks.append(self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
+            self.policy.install(self.model, self)
+
+    # ---------------------------------------------------------------- model hooks
+    def _record_inputs(self, module, args, kwargs):
+        if kwargs.get("past_key_values") is not self or self.get_seq_length() > 0:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        self.inputs = {"input_ids": ids}
+        am = kwargs.get("attention_mask")
+        if torch.is_tensor(am) and am.dim() == 2:
+            self.inputs["attention_mask"] = am
+        for key in ("image_grid_thw", "pixel_values", "mm_token_type_ids", "token_type_ids"):
+            if key in kwargs and kwargs[key] is not None:
+                self.inputs[key] = kwargs[key]
+        self.layer_stats = {}
+        self.plans = {}
+        return None
+
+    def close(self) -> None:
+        """Remove every hook this cache (and its policy) put on the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.model is not None:
+            self.policy.uninstall(self.model, self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # ---------------------------------------------------------------- policy plumbing
+    def prefill_context(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> PrefillContext:
+        B, _, S, _ = keys.shape
+        am = self.inputs.get("attention_mask")
+        mask = None
+        if am is not None and am.shape[0] == B and am.shape[1] >= S:
+            mask = am[:, -S:].to(device=keys.device, dtype=torch.bool)
+        types = self.inputs.get("token_types")
+        if types is not None and types.shape == (B, S):
+            types = types.to(keys.device)
+        else:
+            types = torch.full((B, S), TEXT, dtype=torch.int8, device=keys.device)
+            if mask is not None:
+                types[~mask] = PAD
+        frames = self.inputs.get("frame_ids")
+        if frames is not None and frames.shape != (B, S):
+            frames = None
+        stats = self.layer_stats.get(layer_idx, {})
+        return PrefillContext(
+            keys=keys, values=values, layer_idx=layer_idx, num_layers=self.num_layers,
+            attention_mask=mask, token_types=types, frame_ids=frames,
+            positions=self.inputs.get("positions"),
+            massive_activation=stats.get("massive_activation"),
+            extras=dict(self.inputs.get("extras", {})),
+        )
+
+    def check_plan(self, plan, ctx: PrefillContext) -> None:
+        allowed = set(self.policy.bit_widths()) | {16}
+        if tuple(plan.bits.shape) != (ctx.batch_size, ctx.seq_len):
+            raise ValueError(f"plan.bits must have shape {(ctx.batch_size, ctx.seq_len)}, got {tuple(plan.bits.shape)!r}")
+        got = {int(x) for x in plan.bits.unique().tolist()}
+        if not got <= allowed:
+            raise ValueError(f"plan.bits must be within {sorted(allowed)} for {self.policy.name}, got {sorted(got)!r}")
+
+    def _record_plan(self, layer_idx: int, plan) -> None:
+        self.plans[layer_idx] = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual}
+
+    # ---------------------------------------------------------------- memory accounting
+    def _stores(self):
+        return [layer.store for layer in self.layers if layer.store is not None]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache: packed codes, scales, zero points, index maps, residual buffers."""
+        return sum(s.nbytes() for s in self._stores())
+
+    def num_elements(self) -> int:
+        """Key and value elements cached (all layers, rows, heads, slots, channels)."""
+        return sum(s.num_elements() for s in self._stores())
+
+    def fp16_nbytes(self) -> int:
+        """What the same cache would take in FP16 (2 bytes an element)."""
+        return 2 * self.num_elements()
+
+    def bits_per_element(self) -> float:
+        """Average bits an element, from `nbytes()` (metadata and buffers included)."""
+        n = self.num_elements()
+        return 8.0 * self.nbytes() / n if n else 0.0
+
+    def bits_histogram(self) -> dict[int, int]:
+        """Tokens (layers x rows) stored at each width right now; the residual buffer counts as 16."""
+        hist: dict[int, int] = {}
+        for s in self._stores():
+            for b, n in s.bits_histogram().items():
+                hist[b] = hist.get(b, 0) + n
+        return dict(sorted(hist.items()))
+
+    def memory_report(self) -> dict:
+        return {
+            "policy": self.policy.describe(),
+            "tokens": self.get_seq_length(),
+            "kv_bytes": self.nbytes(),
+            "fp16_bytes": self.fp16_nbytes(),
+            "bits_per_element": round(self.bits_per_element(), 4),
+            "compression_vs_fp16": round(self.fp16_nbytes() / max(1, self.nbytes()), 3),
+        }

@@ -1,0 +1,197 @@
+"""Policy interface: a policy decides bit-widths, the cache stores them, attention reads them.
+
+A policy is a pure `@dataclass`: no storage, no model access. At prefill it turns a `PrefillContext`
+(one layer's keys/values plus what is known of every token) into a `BitPlan`; for tokens generated
+later it gives a `DecodeRule`. Quantizer settings per bit-width come from `spec()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from ..quant import QuantSpec, SUPPORTED_BITS
+
+# Token modality labels used in PrefillContext.token_types.
+PAD, TEXT, IMAGE, SPECIAL = -1, 0, 1, 2
+
+
+@dataclass
+class PrefillContext:
+    """What a policy may look at when planning one layer's prefill tokens.
+
+    keys, values:     `[B, H_kv, S, D]` as the model hands them to the cache (keys after RoPE).
+    layer_idx:        index of the decoder layer; num_layers: how many there are.
+    attention_mask:   bool `[B, S]`, False on padding (None: no padding).
+    token_types:      int8 `[B, S]` of PAD / TEXT / IMAGE / SPECIAL (None: all text).
+    frame_ids:        long `[B, S]`, image/frame index of visual tokens, -1 elsewhere (None: no images).
+    positions:        long `[B, S]`, position of each token (after padding), None if unknown.
+    massive_activation: float `[B, S]`, max |residual-stream activation| entering this layer
+                      (None when no hook collected it).
+    extras:           free-form dict for wrappers (e.g. prompt spans, similarity scores).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    layer_idx: int = 0
+    num_layers: int = 1
+    attention_mask: torch.Tensor | None = None
+    token_types: torch.Tensor | None = None
+    frame_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    massive_activation: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+
+@dataclass
+class BitPlan:
+    """A policy's answer for one layer's prefill tokens.
+
+    bits:     int `[B, S]`, the bit-width (2, 4, 8 or 16) each token is stored at.
+    residual: the last `residual` tokens wait in the full-precision residual buffer and are quantized
+              later (to their planned bits) by the decode rule's flushes; 0 commits everything now.
+    """
+
+    bits: torch.Tensor
+    residual: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeRule:
+    """What happens to tokens that enter after prefill (generated or appended).
+
+    bits:        bit-width a new token is stored at once it leaves the residual buffer.
+    keep_recent: tokens always kept in full precision at the end of the residual buffer.
+    flush_every: once the buffer holds keep_recent + flush_every tokens, its oldest `flush_every`
+                 are quantized together (complete groups); None never flushes (full precision).
+    """
+
+    bits: int = 16
+    keep_recent: int = 0
+    flush_every: int | None = None
+
+
+class Policy:
+    """Base class. Subclasses are `@dataclass`es that set `name` and override `plan_prefill`,
+    `decode_rule` and `spec`; everything else (storage, packing, flushing) is the cache's."""
+
+    name: ClassVar[str] = "base"
+    #: where keys are stored rotated by a Walsh-Hadamard transform (the attention rotates queries)
+    hadamard_keys: ClassVar[bool] = False
+
+    def validate(self, head_dim: int) -> None:
+        """Raise ValueError if this policy cannot run with `head_dim` (called when the cache is built)."""
+        for bits in self.bit_widths():
+            if bits != 16:
+                for kind in ("key", "value"):
+                    s = self.spec(bits, kind, head_dim)
+                    if s.axis == "token" and head_dim % s.group_size:
+                        raise ValueError(f"group_size must divide the head dimension {head_dim}, got {s.group_size!r}")
+
+    def bit_widths(self) -> tuple[int, ...]:
+        """Every bit-width this policy may emit."""
+        return (16,)
+
+    def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
+        raise NotImplementedError
+
+    def decode_rule(self) -> DecodeRule:
+        return DecodeRule()
+
+    def spec(self, bits: int, kind: str, head_dim: int) -> QuantSpec:
+        """Quantizer settings for `kind` ('key' or 'value') tokens stored at `bits`."""
+        raise NotImplementedError
+
+    # Hooks for policies that need the model (pivot detection, Hadamard attention). The cache calls
+    # `install` when it is built from a model and `uninstall` on close().
+    def install(self, model, cache) -> None:
+        return None
+
+    def uninstall(self, model, cache) -> None:
+        return None
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) if dataclasses.is_dataclass(self) else ""
+        return f"{self.name}({fields})"
+
+
+def uniform_plan(ctx: PrefillContext, bits: int) -> torch.Tensor:
+    """int16 `[B, S]` filled with `bits`."""
+    return torch.full((ctx.batch_size, ctx.seq_len), bits, dtype=torch.int16, device=ctx.keys.device)
+
+
+def effective_group(group_size: int, head_dim: int) -> int:
+    """Per-token groups: the seed's group 128, or the head dimension when that is smaller."""
+    return min(group_size, head_dim)
+
+
+def check_bits(bits: int, allowed=SUPPORTED_BITS, name: str = "bits") -> None:
+    if bits not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {bits!r}")
+
+
+def check_clip(clip: float, name: str = "clip_ratio") -> None:
+    if not isinstance(clip, (int, float)) or not (0.0 < float(clip) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {clip!r}")
+
+
+def check_positive(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy available by `cls.name` to `get_policy` and the CLI."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str, **options) -> Policy:
+    """Build a registered policy by name with its options, e.g. `get_policy("kivi", bits=2)`.
+
+    Shorthand: a trailing `-<bits>` sets `bits`, so `get_policy("rtn-2")` is `get_policy("rtn", bits=2)`.
+    """
+    if isinstance(name, Policy):
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a policy name, got {name!r}")
+    key = name.strip().lower()
+    if key not in _REGISTRY and "-" in key:
+        base, _, suffix = key.rpartition("-")
+        if base in _REGISTRY and suffix.isdigit():
+            options = {"bits": int(suffix), **options}
+            key = base
+    if key not in _REGISTRY:
+        raise ValueError(f"name must be one of {list_policies()}, got {name!r}")
+    cls = _REGISTRY[key]
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - valid
+    if unknown:
+        raise ValueError(f"options for policy {key!r} must be among {sorted(valid)}, got {sorted(unknown)!r}")
+    return cls(**options)
+
+
+PolicyFactory = Callable[..., Policy]

@@ -1,0 +1,174 @@
+"""Asymmetric uniform quantization with clipping, equations (3)-(6) of seed 002 (AKVQ-VL).
+
+    scale = (clipped_max(X) - clipped_min(X)) / (2^n - 1)                       (5)
+    zero  = -round(clipped_min(X) / scale)                                       (6)
+    Q(X)  = clamp(round(X / scale) + zero, 0, 2^n - 1)                           (3)
+    X'    = scale * (Q(X) - zero)                                                (4)
+
+with clipped_max = clip_ratio * max and clipped_min = clip_ratio * min over each group.
+
+Groups run along one axis of a `[..., n, d]` tensor (n tokens, d head channels):
+  * axis="token":   per-token groups of `group_size` consecutive channels (d % group_size == 0);
+  * axis="channel": per-channel groups of `group_size` consecutive tokens (n % group_size == 0),
+                    as KIVI quantizes keys. Only complete groups are ever quantized.
+
+Storage: codes are bit-packed along d into uint8; the scale is kept in `meta_dtype` (float16 by
+default), rounded *up* to it so that the clipped range always fits in 2^n - 1 steps; the zero point
+is an integer kept as int16 (exact for |zero| < 32768, i.e. unless a group's range is under 1/16384
+of its distance from zero at 2 bits).
+A group whose clipped range is zero (min == max) gets scale |min| / (2^n - 1), which reconstructs the
+constant exactly instead of dividing by zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .packing import pack_bits, packed_length, unpack_bits
+
+SUPPORTED_BITS = (2, 4, 8, 16)
+AXES = ("token", "channel")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. `bits=16` means "kept as is" (no quantization)."""
+
+    bits: int
+    group_size: int = 128
+    clip_ratio: float = 1.0
+    axis: str = "token"
+    meta_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if not (0.0 < float(self.clip_ratio) <= 1.0):
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.axis not in AXES:
+            raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
+
+    def check_shape(self, n: int, d: int) -> None:
+        """Raise ValueError unless a `[.., n, d]` tensor splits into complete groups."""
+        if self.axis == "token" and d % self.group_size:
+            raise ValueError(f"group_size must divide the head dimension {d}, got {self.group_size!r}")
+        if self.axis == "channel" and n % self.group_size:
+            raise ValueError(
+                f"per-channel groups need a token count that is a multiple of group_size={self.group_size}, got n={n!r}"
+            )
+
+
+@dataclass
+class QTensor:
+    """A quantized `[..., n, d]` tensor.
+
+    codes: uint8 `[..., n, ceil(d * bits / 8)]` packed codes.
+    scale: `meta_dtype` `[..., n, d // G]` (token axis) or `[..., n // G, d]` (channel axis).
+    zero:  int16, same shape as `scale`.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    d: int
+    dtype: torch.dtype = field(default=torch.float32)
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scales + zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+    def map(self, fn) -> "QTensor":
+        """Apply `fn` (an index/cat op along the leading dims) to every stored tensor."""
+        return QTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.spec, self.d, self.dtype)
+
+    @staticmethod
+    def cat(parts: list["QTensor"], dim: int = -2) -> "QTensor":
+        """Concatenate along the token dimension without touching the codes (no requantization)."""
+        p0 = parts[0]
+        return QTensor(
+            torch.cat([p.codes for p in parts], dim),
+            torch.cat([p.scale for p in parts], dim),
+            torch.cat([p.zero for p in parts], dim),
+            p0.spec, p0.d, p0.dtype,
+        )
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """View `[..., n, d]` as groups; returns (view, reduce_dim)."""
+    *lead, n, d = x.shape
+    spec.check_shape(n, d)
+    g = spec.group_size
+    if spec.axis == "token":
+        return x.reshape(*lead, n, d // g, g), -1
+    return x.reshape(*lead, n // g, g, d), -2
+
+
+def _round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to `dtype`, rounding up so that the result is never below `x` (x >= 0)."""
+    y = x.to(dtype)
+    low = y.to(x.dtype) < x
+    if low.any():
+        y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """Quantize a float tensor `[..., n, d]` (fp32, fp16 or bf16) as equations (3)-(6)."""
+    if spec.bits == 16:
+        raise ValueError(f"bits=16 means 'keep as is': store the tensor itself, got spec {spec!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got dtype {x.dtype!r}")
+    *lead, n, d = x.shape
+    xg, rdim = _grouped(x.float(), spec)
+    qmax = (1 << spec.bits) - 1
+    mx = xg.amax(dim=rdim, keepdim=True) * spec.clip_ratio
+    mn = xg.amin(dim=rdim, keepdim=True) * spec.clip_ratio
+    scale = (mx - mn) / qmax
+    # min == max: a step of |min| / qmax reconstructs the constant exactly (q = 0) instead of 0/0.
+    flat = scale <= 0
+    if flat.any():
+        scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
+    scale_s = _round_up_to(scale, spec.meta_dtype)
+    scale = scale_s.float()
+    zero = (-torch.round(mn / scale)).clamp(-32768, 32767)
+    q = (torch.round(xg / scale) + zero).clamp_(0, qmax)
+    codes = pack_bits(q.to(torch.uint8).reshape(*lead, n, d), spec.bits)
+    return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Equation (4): `scale * (Q - zero)`, returned as `[..., n, d]` in `dtype` (default: the input's)."""
+    spec = qt.spec
+    q = unpack_bits(qt.codes, spec.bits, qt.d).float()
+    g = spec.group_size
+    *lead, n, d = q.shape
+    scale = qt.scale.float()
+    zero = qt.zero.float()
+    if spec.axis == "token":
+        out = (q.view(*lead, n, d // g, g) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    else:
+        out = (q.view(*lead, n // g, g, d) - zero.unsqueeze(-2)) * scale.unsqueeze(-2)
+    return out.reshape(*lead, n, d).to(dtype or qt.dtype)
+
+
+def quantization_step(qt: QTensor) -> torch.Tensor:
+    """The step (stored scale) broadcast to `[..., n, d]`, for error-bound checks."""
+    g = qt.spec.group_size
+    s = qt.scale.float()
+    if qt.spec.axis == "token":
+        return s.repeat_interleave(g, dim=-1)
+    return s.repeat_interleave(g, dim=-2)
+
+
+__all__ = ["QuantSpec", "QTensor", "quantize", "dequantize", "quantization_step", "packed_length", "SUPPORTED_BITS"]

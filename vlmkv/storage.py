@@ -1,0 +1,281 @@
+"""Per-layer KV storage: precision segments plus a full-precision residual buffer.
+
+Free of `transformers`: `cache.py` wraps a `LayerStore` into a transformers cache layer.
+
+Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
+
+* one `Segment` per bit-width. All tokens stored at that width sit contiguously in it, bit-packed
+  (`QTensor`) with their scales and zero points, or as-is for 16 bits. A token's slot (its column in
+  the attention's key sequence) is kept in an int32 index map `[B, n]`; a segment whose tokens are the
+  consecutive slots `start .. start+n-1` in every row keeps no map at all (the common case for
+  single-precision policies).
+* Rows of a batch may plan different numbers of tokens per width. A segment is as long as its longest
+  row; shorter rows are filled with copies of one of their own tokens whose slot is -1 ("filler": never
+  read, and it cannot widen a per-channel group's range). Filler bytes are counted like any others.
+* the residual buffer: the most recent tokens in the model's dtype `[B, H, r, D]` with the bit-width
+  each will be stored at when it is flushed (int16 `[B, r]`).
+
+Segments grow by appending packed codes (`torch.cat`); nothing already quantized is ever dequantized
+and quantized again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .quant import QTensor, QuantSpec, dequantize, quantize
+
+SpecFn = Callable[[int, str], QuantSpec]
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass
+class Segment:
+    """Tokens of one bit-width of one layer. k, v: QTensor (bits < 16) or raw `[B, H, n, D]` tensors."""
+
+    bits: int
+    k: QTensor | torch.Tensor
+    v: QTensor | torch.Tensor
+    index: torch.Tensor | None  # int32 [B, n] slot of each stored token, -1 for filler; None: contiguous
+    start: int = 0  # first slot when index is None
+
+    @property
+    def n(self) -> int:
+        return self.k.n if isinstance(self.k, QTensor) else self.k.shape[-2]
+
+    def nbytes(self) -> int:
+        total = _nbytes(self.index)
+        for t in (self.k, self.v):
+            total += t.nbytes() if isinstance(t, QTensor) else _nbytes(t)
+        return total
+
+    def slot_index(self, batch: int, device) -> torch.Tensor:
+        """The index map, materialized if the segment is contiguous."""
+        if self.index is not None:
+            return self.index
+        return (torch.arange(self.start, self.start + self.n, dtype=torch.int32, device=device)
+                .expand(batch, -1).contiguous())
+
+    def map(self, fn) -> None:
+        """Apply a batch-dimension op (index_select, repeat_interleave, ...) to everything."""
+        self.k = self.k.map(fn) if isinstance(self.k, QTensor) else fn(self.k)
+        self.v = self.v.map(fn) if isinstance(self.v, QTensor) else fn(self.v)
+        if self.index is not None:
+            self.index = fn(self.index)
+
+    def append(self, other: "Segment") -> None:
+        contiguous = self.index is None and other.index is None and other.start == self.start + self.n
+        if not contiguous:
+            b = (self.k.codes if isinstance(self.k, QTensor) else self.k).shape[0]
+            dev = self.k.codes.device if isinstance(self.k, QTensor) else self.k.device
+            self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
+        if isinstance(self.k, QTensor):
+            self.k = QTensor.cat([self.k, other.k])
+            self.v = QTensor.cat([self.v, other.v])
+        else:
+            self.k = torch.cat([self.k, other.k], dim=-2)
+            self.v = torch.cat([self.v, other.v], dim=-2)
+
+    def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.k, QTensor):
+            return dequantize(self.k, dtype), dequantize(self.v, dtype)
+        return self.k, self.v
+
+
+class LayerStore:
+    """One layer's quantized KV storage.
+
+    spec_fn(bits, kind) gives the quantizer for `kind` in {"key", "value"} at `bits` < 16.
+    """
+
+    def __init__(self, spec_fn: SpecFn, dtype: torch.dtype, device):
+        self.spec_fn = spec_fn
+        self.dtype = dtype
+        self.device = device
+        self.segments: dict[int, Segment] = {}
+        self.res_k: torch.Tensor | None = None  # [B, H, r, D]
+        self.res_v: torch.Tensor | None = None
+        self.res_bits: torch.Tensor | None = None  # int16 [B, r]
+        self.length = 0  # slots held (quantized + residual)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def residual_len(self) -> int:
+        return 0 if self.res_k is None else self.res_k.shape[-2]
+
+    def nbytes(self) -> int:
+        """Every byte held: packed codes, scales, zero points, index maps, residual buffer and its bit map."""
+        return (sum(s.nbytes() for s in self.segments.values())
+                + _nbytes(self.res_k) + _nbytes(self.res_v) + _nbytes(self.res_bits))
+
+    def num_elements(self) -> int:
+        """Key + value elements of the cached slots (what FP16 would store at 2 bytes each)."""
+        if self.res_k is not None:
+            b, h, _, d = self.res_k.shape
+        elif self.segments:
+            s = next(iter(self.segments.values()))
+            t = s.k.codes if isinstance(s.k, QTensor) else s.k
+            b, h, d = t.shape[0], t.shape[1], (s.k.d if isinstance(s.k, QTensor) else t.shape[-1])
+        else:
+            return 0
+        return 2 * b * h * self.length * d
+
+    def bits_histogram(self) -> dict[int, int]:
+        """Valid (non-filler) tokens per bit-width, residual counted as 16 (summed over rows)."""
+        hist: dict[int, int] = {}
+        for bits, s in self.segments.items():
+            n = int((s.index >= 0).sum()) if s.index is not None else s.n * (s.k.codes if isinstance(s.k, QTensor) else s.k).shape[0]
+            hist[bits] = hist.get(bits, 0) + n
+        if self.res_k is not None:
+            hist[16] = hist.get(16, 0) + self.res_k.shape[0] * self.residual_len
+        return hist
+
+    # ------------------------------------------------------------------ writing
+    def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int) -> None:
+        """Store tokens at slots `start .. start+n-1` into precision segments.
+
+        k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}.
+        """
+        B, H, n, D = k.shape
+        if n == 0:
+            return
+        for b in sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
+            sel = bits == b
+            kspec = self.spec_fn(b, "key") if b != 16 else None
+            vspec = self.spec_fn(b, "value") if b != 16 else None
+            mult = 1
+            for s in (kspec, vspec):
+                if s is not None and s.axis == "channel":
+                    mult = max(mult, s.group_size)
+            if bool(sel.all()) and n % mult == 0:
+                kk, vv, index = k, v, None
+            else:
+                counts = sel.sum(dim=1)
+                m = int(counts.max())
+                if m == 0:
+                    continue
+                m_pad = -(-m // mult) * mult
+                # selected positions first, in order (stable), then the rest
+                order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
+                if m_pad > n:
+                    order = torch.cat([order, order[:, :1].expand(B, m_pad - n)], dim=1)
+                order = order[:, :m_pad]
+                valid = torch.arange(m_pad, device=k.device)[None, :] < counts[:, None]
+                order = torch.where(valid, order, order[:, :1])  # filler: a copy of the row's first token
+                gather = order[:, None, :, None].expand(B, H, m_pad, D)
+                kk, vv = k.gather(2, gather), v.gather(2, gather)
+                index = torch.where(valid, order + start, -1).to(torch.int32)
+            if b == 16:
+                seg = Segment(16, kk.contiguous(), vv.contiguous(), index, start)
+            else:
+                seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
+            if b in self.segments:
+                self.segments[b].append(seg)
+            else:
+                self.segments[b] = seg
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int) -> None:
+        """First write: commit all but the last `residual` tokens, keep those in the buffer."""
+        n = k.shape[-2]
+        if not 0 <= residual <= n:
+            raise ValueError(f"residual must be in [0, {n}], got {residual!r}")
+        cut = n - residual
+        self.commit(k[:, :, :cut], v[:, :, :cut], bits[:, :cut], self.length)
+        self.length += cut
+        self._push_residual(k[:, :, cut:], v[:, :, cut:], bits[:, cut:])
+
+    def _push_residual(self, k, v, bits) -> None:
+        if k.shape[-2] == 0 and self.res_k is not None:
+            return
+        bits = bits.to(torch.int16)
+        if self.res_k is None:
+            self.res_k, self.res_v, self.res_bits = k, v, bits
+        else:
+            self.res_k = torch.cat([self.res_k, k], dim=-2)
+            self.res_v = torch.cat([self.res_v, v], dim=-2)
+            self.res_bits = torch.cat([self.res_bits, bits], dim=1)
+        self.length += k.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None) -> None:
+        """Decode-time write: new tokens enter the residual buffer, full blocks are flushed."""
+        B, _, n, _ = k.shape
+        self._push_residual(k, v, torch.full((B, n), bits, dtype=torch.int16, device=k.device))
+        if flush_every is None:
+            return
+        while self.residual_len >= keep_recent + flush_every:
+            start = self.length - self.residual_len
+            f = flush_every
+            self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], self.res_bits[:, :f], start)
+            # slicing would keep the old storage alive: copy what stays
+            self.res_k = self.res_k[:, :, f:].clone()
+            self.res_v = self.res_v[:, :, f:].clone()
+            self.res_bits = self.res_bits[:, f:].clone()
+
+    # ------------------------------------------------------------------ reading
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached keys and values `[B, H, L, D]` in slot order, dequantized to the model dtype."""
+        if not self.segments:
+            return self.res_k, self.res_v
+        L = self.length
+        any_t = self.res_k if self.res_k is not None else None
+        seg0 = next(iter(self.segments.values()))
+        ref = seg0.k.codes if isinstance(seg0.k, QTensor) else seg0.k
+        B, H = ref.shape[:2]
+        D = seg0.k.d if isinstance(seg0.k, QTensor) else seg0.k.shape[-1]
+        dev = ref.device if any_t is None else any_t.device
+        kbuf = torch.empty(B, H, L + 1, D, dtype=self.dtype, device=dev)  # column L takes filler
+        vbuf = torch.empty_like(kbuf)
+        for seg in self.segments.values():
+            dk, dv = seg.dequantized(self.dtype)
+            if seg.index is None:
+                kbuf[:, :, seg.start:seg.start + seg.n] = dk
+                vbuf[:, :, seg.start:seg.start + seg.n] = dv
+            else:
+                idx = torch.where(seg.index >= 0, seg.index, L).long()
+                idx = idx[:, None, :, None].expand(B, H, idx.shape[1], D)
+                kbuf.scatter_(2, idx, dk)
+                vbuf.scatter_(2, idx, dv)
+        r = self.residual_len
+        if r:
+            kbuf[:, :, L - r:L] = self.res_k
+            vbuf[:, :, L - r:L] = self.res_v
+        return kbuf[:, :, :L], vbuf[:, :, :L]
+
+    # ------------------------------------------------------------------ editing
+    def crop(self, new_length: int) -> None:
+        """Keep slots `< new_length` (assisted decoding, rollbacks)."""
+        if new_length >= self.length:
+            return
+        res_start = self.length - self.residual_len
+        if new_length >= res_start:
+            keep = new_length - res_start
+            self.res_k = self.res_k[:, :, :keep].clone()
+            self.res_v = self.res_v[:, :, :keep].clone()
+            self.res_bits = self.res_bits[:, :keep].clone()
+        else:
+            if self.res_k is not None:
+                self.res_k = self.res_k[:, :, :0]
+                self.res_v = self.res_v[:, :, :0]
+                self.res_bits = self.res_bits[:, :0]
+            for bits in list(self.segments):
+                seg = self.segments[bits]
+                b = (seg.k.codes if isinstance(seg.k, QTensor) else seg.k).shape[0]
+                idx = seg.slot_index(b, self.device)
+                idx = torch.where(idx >= new_length, -1, idx).to(torch.int32)
+                if bool((idx < 0).all()):
+                    del self.segments[bits]
+                else:
+                    seg.index = idx
+        self.length = new_length
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch-dimension op to every stored tensor (beam reorder, repeat, select)."""
+        for seg in self.segments.values():
+            seg.map(fn)
+        if self.res_k is not None:
+            self.res_k, self.res_v, self.res_bits = fn(self.res_k), fn(self.res_v), fn(self.res_bits)
