@@ -48,7 +48,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         policy, hd = self.cache.policy, key_states.shape[-1]
-        self.store = LayerStore(lambda bits, kind: policy.spec(bits, kind, hd), self.dtype, self.device)
+        full = self.dtype
+        if self.dtype == torch.float32 and not policy.keep_model_dtype:
+            full = torch.float16  # "16 bits" is 16 bits of memory, also for a float32 model
+        self.store = LayerStore(lambda bits, kind: policy.spec(bits, kind, hd), self.dtype, self.device, full)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -12,8 +12,12 @@ Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
 * Rows of a batch may plan different numbers of tokens per width. A segment is as long as its longest
   row; shorter rows are filled with copies of one of their own tokens whose slot is -1 ("filler": never
   read, and it cannot widen a per-channel group's range). Filler bytes are counted like any others.
-* the residual buffer: the most recent tokens in the model's dtype `[B, H, r, D]` with the bit-width
+* the residual buffer: the most recent tokens, unquantized `[B, H, r, D]` with the bit-width
   each will be stored at when it is flushed (int16 `[B, r]`).
+
+"16 bits" (16-bit segments and the residual buffer) is stored in `full_dtype`: the model's dtype when
+that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
+policy keeps the model's dtype whatever it is, so that it stays bit-identical to `DynamicCache`.
 
 Segments grow by appending packed codes (`torch.cat`); nothing already quantized is ever dequantized
 and quantized again.
@@ -93,9 +97,10 @@ class LayerStore:
     spec_fn(bits, kind) gives the quantizer for `kind` in {"key", "value"} at `bits` < 16.
     """
 
-    def __init__(self, spec_fn: SpecFn, dtype: torch.dtype, device):
+    def __init__(self, spec_fn: SpecFn, dtype: torch.dtype, device, full_dtype: torch.dtype | None = None):
         self.spec_fn = spec_fn
-        self.dtype = dtype
+        self.dtype = dtype  # the model's: what materialize() returns
+        self.full_dtype = full_dtype or dtype  # what "16 bits" and the residual buffer are stored in
         self.device = device
         self.segments: dict[int, Segment] = {}
         self.res_k: torch.Tensor | None = None  # [B, H, r, D]
@@ -171,7 +176,7 @@ class LayerStore:
                 kk, vv = k.gather(2, gather), v.gather(2, gather)
                 index = torch.where(valid, order + start, -1).to(torch.int32)
             if b == 16:
-                seg = Segment(16, kk.contiguous(), vv.contiguous(), index, start)
+                seg = Segment(16, kk.to(self.full_dtype).contiguous(), vv.to(self.full_dtype).contiguous(), index, start)
             else:
                 seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
             if b in self.segments:
@@ -193,6 +198,7 @@ class LayerStore:
         if k.shape[-2] == 0 and self.res_k is not None:
             return
         bits = bits.to(torch.int16)
+        k, v = k.to(self.full_dtype), v.to(self.full_dtype)
         if self.res_k is None:
             self.res_k, self.res_v, self.res_bits = k, v, bits
         else:
@@ -220,7 +226,7 @@ class LayerStore:
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All cached keys and values `[B, H, L, D]` in slot order, dequantized to the model dtype."""
         if not self.segments:
-            return self.res_k, self.res_v
+            return self.res_k.to(self.dtype), self.res_v.to(self.dtype)
         L = self.length
         any_t = self.res_k if self.res_k is not None else None
         seg0 = next(iter(self.segments.values()))
@@ -232,6 +238,7 @@ class LayerStore:
         vbuf = torch.empty_like(kbuf)
         for seg in self.segments.values():
             dk, dv = seg.dequantized(self.dtype)
+            dk, dv = dk.to(self.dtype), dv.to(self.dtype)
             if seg.index is None:
                 kbuf[:, :, seg.start:seg.start + seg.n] = dk
                 vbuf[:, :, seg.start:seg.start + seg.n] = dv

@@ -92,6 +92,8 @@ class Policy:
     name: ClassVar[str] = "base"
     #: where keys are stored rotated by a Walsh-Hadamard transform (the attention rotates queries)
     hadamard_keys: ClassVar[bool] = False
+    #: store unquantized tokens in the model's dtype even when it is float32 (only the fp16 reference)
+    keep_model_dtype: ClassVar[bool] = False
 
     def validate(self, head_dim: int) -> None:
         """Raise ValueError if this policy cannot run with `head_dim` (called when the cache is built)."""

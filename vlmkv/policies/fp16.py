@@ -12,6 +12,7 @@ class FP16Policy(Policy):
     """Reference: keys and values kept as the model produced them (all in the residual buffer)."""
 
     name = "fp16"
+    keep_model_dtype = True
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         from .base import uniform_plan

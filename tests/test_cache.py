@@ -1,0 +1,226 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vlmkv
+from vlmkv import QuantizedKVCache, get_policy, list_policies
+from vlmkv.policies.base import BitPlan, DecodeRule, Policy
+from vlmkv.quant import QuantSpec
+from vlmkv.storage import LayerStore
+
+
+def _decode_logits(model, ids, mask, cache, steps=32):
+    """Prefill then `steps` greedy decode steps, returning every step's logits."""
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    logits = [out.logits[:, -1]]
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.stack(logits, 1)
+
+
+@torch.no_grad()
+def test_fp16_bit_identical_to_dynamic_cache_tiny(tiny_llama, padded_batch):
+    ids, mask = padded_batch
+    ref = _decode_logits(tiny_llama, ids, mask, DynamicCache(config=tiny_llama.config))
+    with QuantizedKVCache(tiny_llama, "fp16") as cache:
+        got = _decode_logits(tiny_llama, ids, mask, cache)
+    assert torch.equal(ref, got)
+
+
+@torch.no_grad()
+def test_fp16_bit_identical_to_dynamic_cache_smollm2(smollm2):
+    model, tok = smollm2
+    x = tok(["The quick brown fox jumps over the lazy dog because", "Paris is"], return_tensors="pt", padding=True)
+    ref = _decode_logits(model, x["input_ids"], x["attention_mask"], DynamicCache(config=model.config))
+    with QuantizedKVCache(model, "fp16") as cache:
+        got = _decode_logits(model, x["input_ids"], x["attention_mask"], cache)
+    assert torch.equal(ref, got)
+
+
+POLICY_CASES = [(name, {}) for name in list_policies()] + [("rtn", {"bits": 2}), ("kivi", {"bits": 4, "residual_length": 32, "group_size": 16})]
+
+
+@pytest.mark.parametrize("name,opts", POLICY_CASES, ids=lambda v: str(v))
+@torch.no_grad()
+def test_every_policy_through_generate(tiny_llama, padded_batch, name, opts):
+    ids, mask = padded_batch
+    n = ids.shape[1]
+    # greedy
+    with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+        out = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+                                  min_new_tokens=40, do_sample=False)
+        assert out.shape == (2, n + 40)
+        assert cache.get_seq_length() == n + 39  # the last token is produced, not cached
+        assert cache.nbytes() > 0 and cache.fp16_nbytes() == 2 * 2 * 2 * 2 * 32 * 2 * (n + 39)  # layers, rows, heads, K+V, D, bytes
+    # sampling with a seed is reproducible
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+            outs.append(tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                            max_new_tokens=12, do_sample=True, top_k=20))
+    assert torch.equal(outs[0], outs[1])
+    # beam search (reorder_cache)
+    with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+        out = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                                  num_beams=3, do_sample=False)
+        assert out.shape[0] == 2
+
+
+@torch.no_grad()
+def test_beam_search_fp16_matches_dynamic(tiny_llama, padded_batch):
+    ids, mask = padded_batch
+    ref = tiny_llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=False)
+    with QuantizedKVCache(tiny_llama, "fp16") as cache:
+        got = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                                  num_beams=3, do_sample=False)
+    assert torch.equal(ref, got)
+
+
+@torch.no_grad()
+def test_crop_and_continue_matches_fresh_run(tiny_llama):
+    """Cropping back and feeding the same tokens again gives the same logits as never having cropped."""
+    ids = torch.randint(3, 256, (1, 50), generator=torch.Generator().manual_seed(0))
+    for name in ("fp16", "rtn-8"):
+        cache = QuantizedKVCache(tiny_llama, name)
+        tiny_llama(input_ids=ids[:, :40], past_key_values=cache)
+        a = tiny_llama(input_ids=ids[:, 40:41], past_key_values=cache).logits
+        tiny_llama(input_ids=ids[:, 41:45], past_key_values=cache)
+        assert cache.get_seq_length() == 45
+        cache.crop(-5)
+        assert cache.get_seq_length() == 40
+        assert cache.get_mask_sizes(1, 0) == (41, 0)
+        b = tiny_llama(input_ids=ids[:, 40:41], past_key_values=cache).logits
+        assert torch.allclose(a, b, atol=1e-5), name
+        cache.close()
+
+
+@torch.no_grad()
+def test_crop_into_quantized_segments(tiny_llama):
+    ids = torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    cache = QuantizedKVCache(tiny_llama, "rtn-8")
+    tiny_llama(input_ids=ids[:, :48], past_key_values=cache)
+    cache.crop(-16)  # all 16 dropped tokens live in the 8-bit segment
+    assert cache.get_seq_length() == 32
+    k, v = cache.layers[0].store.materialize()
+    assert k.shape[-2] == 32
+    out = tiny_llama(input_ids=ids[:, 32:33], past_key_values=cache)
+    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 33
+
+
+def test_kivi_never_quantizes_incomplete_channel_groups(tiny_llama):
+    """KIVI keys are per-channel over groups of tokens: a flush of too few tokens would quantize groups
+    with min == max. Only complete groups may reach the quantizer; the rest waits in the residual."""
+    pol = get_policy("kivi", bits=2, group_size=16, residual_length=32)
+    cache = QuantizedKVCache(tiny_llama, pol)
+    ids = torch.randint(3, 256, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tiny_llama(input_ids=ids, past_key_values=cache)
+        store = cache.layers[0].store
+        assert store.residual_len == 70 % 32 and store.segments[2].n == 64
+        for t in range(40):
+            tiny_llama(input_ids=ids[:, t:t + 1], past_key_values=cache)
+            assert store.segments[2].n % 16 == 0
+            assert store.segments[2].k.scale.shape[-2] == store.segments[2].n // 16
+            assert store.residual_len < 32
+    assert cache.get_seq_length() == 110
+
+
+def test_history_is_never_requantized():
+    """Flushing appends codes: everything stored before stays byte-identical."""
+    spec = lambda bits, kind: QuantSpec(bits, 32, 1.0, "channel" if kind == "key" else "token")
+    store = LayerStore(spec, torch.float32, "cpu")
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 64, 32), torch.randn(2, 2, 64, 32)
+    store.prefill(k, v, torch.full((2, 64), 2), residual=0)
+    before = store.segments[2].k.codes.clone(), store.segments[2].k.scale.clone()
+    for _ in range(70):
+        store.append(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32), 2, keep_recent=0, flush_every=32)
+    seg = store.segments[2]
+    assert seg.n == 128
+    assert torch.equal(seg.k.codes[:, :, :64], before[0]) and torch.equal(seg.k.scale[:, :, :2], before[1])
+
+
+def test_mixed_plan_rows_differ_and_slot_order_is_kept():
+    """Per-row plans with different counts per width: filler pads the shorter rows, materialize() returns
+    every token at its own slot; 16-bit tokens come back exactly."""
+    spec = lambda bits, kind: QuantSpec(bits, 16, 1.0, "token")
+    store = LayerStore(spec, torch.float32, "cpu")
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
+    bits = torch.full((2, 50), 8)
+    bits[0, ::3] = 16
+    bits[1, 10:13] = 16
+    bits[1, 40:] = 4
+    store.prefill(k, v, bits, residual=5)
+    kk, vv = store.materialize()
+    exact = bits == 16
+    exact[:, 45:] = True  # residual
+    for r in range(2):
+        assert torch.equal(kk[r][:, exact[r]], k[r][:, exact[r]])
+        assert torch.allclose(kk[r], k[r], atol=0.25)
+    # counts per width differ across rows, so the 16-bit segment has filler in row 1
+    assert (store.segments[16].index[1] < 0).sum() == 15 - 3  # row 0: slots 0, 3, ..., 42
+    hist = store.bits_histogram()
+    assert hist[16] == 15 + 3 + 2 * 5 and hist[4] == 5
+
+
+@torch.no_grad()
+def test_two_bit_cache_is_six_times_smaller(smollm2):
+    """rtn-2 on a 2048-token cache: 2 bits + a fp16 scale and an int16 zero per 64-channel group
+    = 2.5 bits an element, exactly 6.4x smaller than FP16."""
+    model, _ = smollm2
+    ids = torch.randint(100, 40000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    with QuantizedKVCache(model, "rtn-2") as cache:
+        model(input_ids=ids, past_key_values=cache)
+        ratio = cache.fp16_nbytes() / cache.nbytes()
+        assert cache.bits_per_element() == pytest.approx(2.5)
+        assert ratio == pytest.approx(6.4) and ratio >= 6.0
+        # 30 layers x 3 kv heads x 2048 tokens x 64 channels x (K, V)
+        assert cache.num_elements() == 30 * 3 * 2048 * 64 * 2
+
+
+@torch.no_grad()
+def test_hooks_removed_on_close(tiny_llama):
+    n0 = len(tiny_llama._forward_pre_hooks)
+    with QuantizedKVCache(tiny_llama, "kivi") as cache:
+        assert len(tiny_llama._forward_pre_hooks) == n0 + 1
+        tiny_llama(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1]]), past_key_values=cache)
+        assert cache.inputs["attention_mask"].tolist() == [[0, 1, 1]]
+    assert len(tiny_llama._forward_pre_hooks) == n0
+
+
+def test_bad_input(tiny_llama):
+    with pytest.raises(ValueError, match="bits"):
+        get_policy("rtn", bits=3)
+    with pytest.raises(ValueError, match="bits"):
+        get_policy("kivi", bits=16)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantizedKVCache(tiny_llama, "rtn", group_size=24)  # head_dim 32
+    with pytest.raises(ValueError, match="residual_length"):
+        get_policy("kivi", residual_length=0)
+    with pytest.raises(ValueError, match="residual_length"):
+        get_policy("kivi", residual_length=-32)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        get_policy("rtn", clip_ratio=1.2)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        get_policy("kivi", clip_ratio=0)
+    with pytest.raises(ValueError, match="name"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="options"):
+        get_policy("rtn", residual=3)
+    with pytest.raises(ValueError, match="name_or_path"):
+        vlmkv.load_model("")
+
+
+def test_registry_and_shorthand():
+    assert {"fp16", "rtn", "kivi"} <= set(list_policies())
+    p = get_policy("rtn-2")
+    assert p.bits == 2 and p.name == "rtn"
+    assert get_policy("kivi", bits=4).bits == 4

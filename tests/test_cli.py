@@ -1,0 +1,40 @@
+import pytest
+
+from vlmkv.cli import build_parser, main
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for sub in ("generate", "demo", "list"):
+        assert sub in out
+
+
+def test_generate_help_reads_like_readme(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "--method" in out and "--bits" in out and "--prompt" in out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "kivi" in out and "rtn" in out and "fp16" in out
+
+
+def test_generate_on_embedded_model(smollm2, capsys):
+    assert main(["generate", "--model", "smollm2-135m", "--method", "kivi", "--bits", "2",
+                 "--prompt", "What is the capital of France?", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "FP16 would be" in out and "tokens/s" in out
+    assert "Paris" in out
+
+
+def test_option_parsing():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--method", "rtn", "--option", "group_size=32"])
+    from vlmkv.cli import _policy_from_args
+
+    p = _policy_from_args(args)
+    assert p.group_size == 32

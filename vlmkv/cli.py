@@ -1,0 +1,186 @@
+"""vlmkv command line.
+
+    vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt "..."
+    vlmkv demo                      # compare methods on the embedded model (the README's main job)
+    vlmkv list                      # registered methods and their options
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    opts = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--option must look like name=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                pass
+        else:
+            if v.lower() in ("true", "false"):
+                v = v.lower() == "true"
+        opts[k.replace("-", "_")] = v
+    return opts
+
+
+def _policy_from_args(args):
+    from .policies import get_policy
+
+    opts = _parse_options(args.option)
+    if args.bits is not None:
+        opts["bits"] = args.bits
+    return get_policy(args.method, **opts)
+
+
+def _chat_inputs(tok, prompts: list[str], chat: bool):
+    tok.padding_side = "left"
+    if chat and getattr(tok, "chat_template", None):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for p in prompts]
+    else:
+        texts = prompts
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import QuantizedKVCache, load_model
+
+    policy = _policy_from_args(args)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    t_load = time.perf_counter() - t0
+    inputs = _chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        gen.update(temperature=args.temperature, top_p=args.top_p)
+    with QuantizedKVCache(model, policy) as cache:
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, past_key_values=cache, pad_token_id=tok.pad_token_id, **gen)
+        dt = time.perf_counter() - t0
+        answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        n_new = out.shape[1] - inputs["input_ids"].shape[1]
+        print(answer.strip())
+        print()
+        print(f"method      {policy.describe()}")
+        print(f"KV cache    {_fmt_bytes(cache.nbytes())} for {cache.get_seq_length()} tokens "
+              f"(FP16 would be {_fmt_bytes(cache.fp16_nbytes())}; {cache.bits_per_element():.2f} bits/element, "
+              f"{cache.fp16_nbytes() / max(1, cache.nbytes()):.2f}x smaller than FP16)")
+        print(f"time        {dt:.2f} s for {n_new} new tokens ({n_new / dt:.1f} tokens/s); model load {t_load:.1f} s")
+    return 0
+
+
+DEMO_METHODS = "fp16,rtn-4,rtn-2,kivi-2"
+
+
+def cmd_demo(args) -> int:
+    from . import load_model
+    from .eval.fidelity import fidelity
+    from .eval.prompts import story_prompt
+
+    print(f"Loading {args.model} (first run converts the GGUF file once, ~20 s)...", flush=True)
+    model, tok = load_model(args.model)
+    context, question, truth = story_prompt(n_facts=args.facts, seed=args.seed)
+    inputs = _chat_inputs(tok, [f"{context}\n\n{question}"], True)
+    n_prompt = inputs["input_ids"].shape[1]
+    print(f"Prompt: {n_prompt} tokens of facts, then: {question!r} (truth: {truth})\n")
+    from . import QuantizedKVCache
+
+    rows = []
+    methods = [m for m in args.methods.split(",") if m]
+    fid = fidelity(model, inputs["input_ids"], inputs["attention_mask"], methods, steps=args.steps)
+    for m in methods:
+        with QuantizedKVCache(model, m) as cache:
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            dt = time.perf_counter() - t0
+            ans = tok.decode(out[0, n_prompt:], skip_special_tokens=True).strip().splitlines()[0:1]
+            ans = ans[0] if ans else ""
+            rows.append((m, ans, truth.lower() in ans.lower(), cache.nbytes(), cache.fp16_nbytes(),
+                         cache.bits_per_element(), fid[m]["top1"], fid[m]["kl"], dt))
+    print(f"{'method':<10} {'answer':<22} {'ok':<4} {'KV bytes':>11} {'FP16 bytes':>11} {'bits/el':>8} "
+          f"{'top-1':>6} {'KL':>8} {'time s':>7}")
+    for m, ans, ok, nb, fb, bpe, top1, kl, dt in rows:
+        print(f"{m:<10} {ans[:22]:<22} {'yes' if ok else 'no':<4} {nb:>11,} {fb:>11,} {bpe:>8.2f} "
+              f"{top1:>6.2f} {kl:>8.4f} {dt:>7.2f}")
+    print(f"\ntop-1 / KL: agreement with the full-precision cache over {args.steps} teacher-forced decode steps.")
+    print("KV bytes are counted from the stored tensors (codes, scales, zero points, buffers, index maps).")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .policies import get_policy, list_policies
+
+    for name in list_policies():
+        p = get_policy(name)
+        doc = (sys.modules[type(p).__module__].__doc__ or "").strip().splitlines()[0]
+        opts = ", ".join(f"{f.name}={getattr(p, f.name)!r}" for f in dataclasses.fields(p))
+        print(f"{name:<12} {doc}\n{'':<12} options: {opts or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmkv",
+        description="Cut the KV cache of Hugging Face (vision-)language models to 2-4 bits. "
+                    "Methods: fp16 (reference), rtn, kivi (see `vlmkv list`).",
+        epilog="Example: vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt 'Why is the sky blue?'",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one prompt with a quantized KV cache; print bytes against FP16 and time",
+                       description="Generate an answer with the chosen KV-cache method and report the cache's real "
+                                   "memory (counted from stored bytes) against FP16, and the time taken.")
+    g.add_argument("--model", default="smollm2-135m", help="embedded name (smollm2-135m), Hugging Face id or local path")
+    g.add_argument("--method", default="kivi", help="registered method name, e.g. fp16, rtn, kivi, rtn-2 (see `vlmkv list`)")
+    g.add_argument("--bits", type=int, default=None, help="bit-width for methods that take one (2, 4 or 8)")
+    g.add_argument("--option", action="append", metavar="NAME=VALUE", help="other method option, e.g. group_size=64; repeatable")
+    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="compare methods on the embedded model: answers, KV bytes, fidelity, time",
+                       description="Run every method on one long prompt with the embedded SmolLM2-135M-Instruct: "
+                                   "the answer, real KV bytes against FP16, next-token agreement and KL against "
+                                   "the full-precision cache, and time.")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--methods", default=DEMO_METHODS, help=f"comma-separated (default {DEMO_METHODS})")
+    d.add_argument("--facts", type=int, default=24, help="facts in the prompt (about 18 tokens each)")
+    d.add_argument("--steps", type=int, default=24, help="teacher-forced decode steps for top-1/KL")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    ls = sub.add_parser("list", help="list registered methods and their options",
+                        description="List every registered KV-cache method with its default options.")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

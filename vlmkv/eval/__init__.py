@@ -1,0 +1,1 @@
+"""Evaluation helpers: fidelity against the full-precision cache, sample prompts."""
