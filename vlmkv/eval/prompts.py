@@ -1,24 +1,28 @@
-"""A long, self-contained text prompt with checkable answers (no dataset download)."""
+"""Self-contained text prompts with checkable answers (no dataset download).
+
+`copy_table_prompt` asks the model to copy a table of people and cities it was just shown. Copying
+reads the whole KV cache, so it is a sensitive probe of cache damage: the full-precision SmolLM2-135M
+copies 22-23 of 24 rows, while a cache that blurs keys loses rows at once.
+"""
 from __future__ import annotations
 
 import random
 
-_NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena"]
-_CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Tunis", "Riga", "Perth", "Accra", "Bergen", "Cusco"]
-_ITEMS = ["a red kite", "a blue teapot", "a green lamp", "a yellow drum", "an old map", "a silver key",
-          "a wooden flute", "a paper crane", "a brass compass", "a glass bead", "a woollen scarf", "a clay bowl"]
+NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tomas", "Uma", "Victor", "Wanda", "Yusuf"]
+CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Tunis", "Riga", "Perth", "Accra", "Bergen", "Cusco"]
 
 
-def story_prompt(n_facts: int = 24, seed: int = 0, repeat: int = 1) -> tuple[str, str, str]:
-    """Return (context, question, answer): facts about people, one of whom is asked about."""
+def copy_table_prompt(n_rows: int = 24, seed: int = 2) -> tuple[str, list[str]]:
+    """Return (user message, expected rows "Name: City")."""
+    if not 1 <= n_rows <= len(NAMES):
+        raise ValueError(f"n_rows must be in [1, {len(NAMES)}], got {n_rows!r}")
     rng = random.Random(seed)
-    lines = []
-    facts = []
-    for i in range(n_facts):
-        name = _NAMES[i % len(_NAMES)] + ("" if i < len(_NAMES) else f" the {i // len(_NAMES) + 1}th")
-        city, item = rng.choice(_CITIES), rng.choice(_ITEMS)
-        facts.append((name, city, item))
-        lines.append(f"{name} lives in {city} and keeps {item} on the kitchen shelf.")
-    context = " ".join(lines * repeat)
-    name, city, _ = facts[rng.randrange(len(facts))]
-    return context, f"In which city does {name} live? Answer with the city name only.", city
+    rows = [f"{n}: {rng.choice(CITIES)}" for n in NAMES[:n_rows]]
+    table = "\n".join(rows)
+    return f"Here is a table of people and their cities.\n{table}\n\nCopy the table exactly, one line per person.", rows
+
+
+def score_copy(answer: str, rows: list[str]) -> float:
+    """Fraction of expected rows that appear verbatim in the answer."""
+    return sum(r in answer for r in rows) / len(rows)

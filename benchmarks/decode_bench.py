@@ -1,0 +1,149 @@
+"""Decode-step time and KV bytes on SmolLM2-135M: DynamicCache vs transformers' QuantizedCache
+(quanto, HQQ) vs vlmkv policies, at several context lengths, in one run.
+
+    python benchmarks/decode_bench.py --contexts 512,2048,8192 --out docs/bench_decode.json
+
+Protocol: the context (real text, repeated) is prefilled once with a DynamicCache; every method's cache
+is then filled from those keys/values through its own `update()` (as a prefill would), and we time
+`--steps` single-token forward passes (after 2 warm-up steps), reporting the median. KV bytes are
+counted from every tensor the cache holds (for transformers' caches: quantized data, scales, zero
+points and the residual buffer, found by walking the objects).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, QuantizedCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vlmkv  # noqa: E402
+
+TEXT = ("The history of the city begins with a small settlement on the river bank, where traders met to "
+        "exchange salt, grain and cloth. Over the centuries the market grew into a town with walls, a cathedral "
+        "and a university, and the town became a city whose bridges, printing houses and harbour drew people "
+        "from every province. ")
+
+
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor reachable from `obj` (tensors, containers, quanto/hqq objects)."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        inner = getattr(obj, "__tensor_flatten__", None)
+        if inner is not None and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
+        key = (obj.untyped_storage().data_ptr(), obj.numel(), obj.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, vlmkv.QuantizedKVCache):
+        return cache.nbytes()
+    total, seen = 0, set()
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            total += tensor_bytes(getattr(layer, name, None), seen)
+    return total
+
+
+def make_cache(method: str, model):
+    if method == "dynamic":
+        return DynamicCache(config=model.config)
+    if method.startswith("hf-"):  # hf-quanto-2, hf-hqq-4
+        _, backend, bits = method.split("-")
+        return QuantizedCache(backend=backend, config=model.config, nbits=int(bits), q_group_size=64, residual_length=128)
+    return vlmkv.QuantizedKVCache(model, method)
+
+
+@torch.no_grad()
+def run(args):
+    torch.manual_seed(0)
+    model, tok = vlmkv.load_model(args.model)
+    base = tok(TEXT, add_special_tokens=False)["input_ids"]
+    methods = args.methods.split(",")
+    rows = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        ids = torch.tensor([(base * (ctx // len(base) + 1))[:ctx]]).repeat(args.batch, 1)
+        t0 = time.perf_counter()
+        ref = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=ref)
+        t_prefill = time.perf_counter() - t0
+        kv = [(layer.keys, layer.values) for layer in ref.layers]
+        nxt = out.logits[:, -1:].argmax(-1)
+        for method in tqdm(methods, desc=f"context {ctx}", file=sys.stderr):
+            row = {"context": ctx, "batch": args.batch, "method": method}
+            try:
+                cache = make_cache(method, model)
+                t0 = time.perf_counter()
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k.clone(), v.clone(), i)
+                row["fill_s"] = round(time.perf_counter() - t0, 4)
+                times = []
+                tok_in = nxt
+                for step in range(args.steps + 2):
+                    t0 = time.perf_counter()
+                    o = model(input_ids=tok_in, past_key_values=cache)
+                    dt = time.perf_counter() - t0
+                    tok_in = o.logits[:, -1:].argmax(-1)
+                    if step >= 2:
+                        times.append(dt)
+                n_el = 2 * sum(k.numel() for k, _ in kv) * (ctx + args.steps + 2) / ctx
+                row["decode_ms"] = round(1000 * statistics.median(times), 2)
+                row["tokens_per_s"] = round(args.batch / statistics.median(times), 1)
+                row["kv_bytes"] = cache_bytes(cache)
+                row["fp16_bytes"] = int(n_el) * 2
+                row["bits_per_element"] = round(8 * row["kv_bytes"] / n_el, 3)
+            except Exception as e:  # an alternative that does not run here is recorded, not fatal
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+        print(f"context {ctx}: prefill {t_prefill:.1f} s", file=sys.stderr)
+    return rows
+
+
+def to_markdown(rows) -> str:
+    lines = ["| context | method | decode ms/step | tokens/s | KV MiB | FP16 MiB | bits/element |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['method']} | error: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['context']} | {r['method']} | {r['decode_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['kv_bytes'] / 2**20:.2f} | {r['fp16_bytes'] / 2**20:.2f} | {r['bits_per_element']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--contexts", default="512,2048,8192")
+    p.add_argument("--methods", default="dynamic,hf-quanto-2,hf-quanto-4,hf-hqq-2,hf-hqq-4,rtn-2,rtn-4,kivi-2,kivi-4")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+    rows = run(args)
+    md = to_markdown(rows)
+    print(md)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
