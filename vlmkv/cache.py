@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .policies import PrefillContext, get_policy
 from .policies.base import Policy, PAD, TEXT
+from .quant import fwht
 from .storage import LayerStore
 
 
@@ -58,6 +59,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.store
+        if self.cache.rotate_keys:
+            # keys are stored (and attended) Hadamard-rotated; the attention function rotates the query
+            key_states = fwht(key_states)
+            self.cache.attn_flags[self.layer_idx][0] = True
         if store.length == 0:
             ctx = self.cache.prefill_context(self.layer_idx, key_states, value_states)
             plan = self.cache.policy.plan_prefill(ctx)
@@ -65,7 +70,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             store.prefill(key_states, value_states, plan.bits, plan.residual)
             self.cache._record_plan(self.layer_idx, plan)
             return key_states, value_states
-        rule = self.cache.policy.decode_rule()
+        rule = self.cache.policy.decode_rule(self.layer_idx)
         store.append(key_states, value_states, rule.bits, rule.keep_recent, rule.flush_every)
         return store.materialize()
 
@@ -119,7 +124,7 @@ class QuantizedKVCache(Cache):
     policies see padding and token types at prefill.
     """
 
-    def __init__(self, model, policy: Policy | str = "fp16", **options):
+    def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, **options):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
@@ -134,9 +139,27 @@ class QuantizedKVCache(Cache):
         self.layer_stats: dict[int, dict] = {}  # per-layer data hooks collect (e.g. massive activations)
         self.plans: dict[int, dict] = {}
         self._hooks = []
+        self.attn_flags = None  # per layer, set by HadamardAttention: "rotate the next query"
+        self.rotate_keys = bool(self.policy.hadamard_keys)
+        if self.rotate_keys and self.model is None:
+            raise ValueError(f"model must be a torch module for {self.policy.name} (Hadamard keys need the attention "
+                             f"function installed), got {type(model).__name__!r}")
+        self.adapter = None
+        full_cfg = getattr(model, "config", model)
+        try:
+            from .models.modality import adapter_for
+
+            self.adapter = adapter_for(full_cfg, tokenizer)
+        except ValueError:
+            if self.policy.needs_modality:
+                raise
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
-            self.policy.install(self.model, self)
+            try:
+                self._hooks.extend(self.policy.install(self.model, self))
+            except Exception:
+                self.close()
+                raise
 
     # ---------------------------------------------------------------- model hooks
     def _record_inputs(self, module, args, kwargs):
@@ -147,20 +170,24 @@ class QuantizedKVCache(Cache):
         am = kwargs.get("attention_mask")
         if torch.is_tensor(am) and am.dim() == 2:
             self.inputs["attention_mask"] = am
-        for key in ("image_grid_thw", "pixel_values", "mm_token_type_ids", "token_type_ids"):
+        for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "token_type_ids", "position_ids"):
             if key in kwargs and kwargs[key] is not None:
                 self.inputs[key] = kwargs[key]
+        if self.adapter is not None and torch.is_tensor(ids) and ids.dim() == 2:
+            extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
+            spans = self.adapter.label(ids, self.inputs.get("attention_mask"), **extra)
+            self.inputs["token_types"] = spans.token_types.to(ids.device)
+            self.inputs["frame_ids"] = spans.frame_ids.to(ids.device)
         self.layer_stats = {}
         self.plans = {}
         return None
 
     def close(self) -> None:
-        """Remove every hook this cache (and its policy) put on the model."""
-        for h in self._hooks:
+        """Remove every hook, attention function and folded weight this cache (and its policy) put on the model."""
+        for h in reversed(self._hooks):
             h.remove()
         self._hooks = []
-        if self.model is not None:
-            self.policy.uninstall(self.model, self)
+        self.rotate_keys = False
 
     def __enter__(self):
         return self

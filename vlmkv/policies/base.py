@@ -90,8 +90,6 @@ class Policy:
     `decode_rule` and `spec`; everything else (storage, packing, flushing) is the cache's."""
 
     name: ClassVar[str] = "base"
-    #: where keys are stored rotated by a Walsh-Hadamard transform (the attention rotates queries)
-    hadamard_keys: ClassVar[bool] = False
     #: store unquantized tokens in the model's dtype even when it is float32 (only the fp16 reference)
     keep_model_dtype: ClassVar[bool] = False
 
@@ -111,20 +109,27 @@ class Policy:
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         raise NotImplementedError
 
-    def decode_rule(self) -> DecodeRule:
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
         return DecodeRule()
 
     def spec(self, bits: int, kind: str, head_dim: int) -> QuantSpec:
         """Quantizer settings for `kind` ('key' or 'value') tokens stored at `bits`."""
         raise NotImplementedError
 
-    # Hooks for policies that need the model (pivot detection, Hadamard attention). The cache calls
-    # `install` when it is built from a model and `uninstall` on close().
-    def install(self, model, cache) -> None:
-        return None
+    #: whether plan_prefill reads token modality labels (the cache then requires a family adapter)
+    needs_modality: ClassVar[bool] = False
 
-    def uninstall(self, model, cache) -> None:
-        return None
+    @property
+    def hadamard_keys(self) -> bool:
+        """Whether keys are stored Walsh-Hadamard-rotated (the attention then rotates queries)."""
+        return False
+
+    def install(self, model, cache) -> list:
+        """Put what this policy needs on `model` (hooks, attention function, folded weights).
+
+        Returns objects with a `remove()` method; the cache calls them on `close()`. The base installs nothing.
+        """
+        return []
 
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) if dataclasses.is_dataclass(self) else ""

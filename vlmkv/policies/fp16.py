@@ -19,7 +19,7 @@ class FP16Policy(Policy):
 
         return BitPlan(uniform_plan(ctx, 16), residual=ctx.seq_len)
 
-    def decode_rule(self) -> DecodeRule:
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
         return DecodeRule(bits=16, keep_recent=0, flush_every=None)
 
     def spec(self, bits, kind, head_dim):

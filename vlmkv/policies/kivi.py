@@ -41,7 +41,7 @@ class KIVIPolicy(Policy):
         # KIVI quantizes the first S - (S mod R) prompt tokens and keeps the rest in full precision.
         return BitPlan(uniform_plan(ctx, self.bits), residual=ctx.seq_len % self.residual_length)
 
-    def decode_rule(self) -> DecodeRule:
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
         return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length)
 
     def spec(self, bits, kind, head_dim):

@@ -31,7 +31,7 @@ class RTNPolicy(Policy):
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         return BitPlan(uniform_plan(ctx, self.bits), residual=0)
 
-    def decode_rule(self) -> DecodeRule:
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
         return DecodeRule(bits=self.bits, keep_recent=0, flush_every=1)
 
     def spec(self, bits, kind, head_dim):
