@@ -49,8 +49,8 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         policy, hd = self.cache.policy, key_states.shape[-1]
-        full = self.dtype
-        if self.dtype == torch.float32 and not policy.keep_model_dtype:
+        full = self.cache.residual_dtype or self.dtype
+        if self.cache.residual_dtype is None and self.dtype == torch.float32 and not policy.keep_model_dtype:
             full = torch.float16  # "16 bits" is 16 bits of memory, also for a float32 model
         self.store = LayerStore(lambda bits, kind: policy.spec(bits, kind, hd), self.dtype, self.device, full)
         self.is_initialized = True
@@ -118,14 +118,20 @@ class QuantizedKVCache(Cache):
 
     model:   the Hugging Face model (or its config) the cache will be used with.
     policy:  a `Policy` or a registered name (`"kivi"`, `"rtn-2"`...); `**options` go to `get_policy`.
+    tokenizer: optional; lets modality adapters label vision marker tokens (e.g. Idefics3's <global-img>).
+    residual_dtype: dtype of unquantized ("16-bit") tokens; None = the model's, or float16 for a float32 model.
 
     Policies that need hooks on the model install them here and remove them on `close()` or at the end
     of a `with` block. A forward pre-hook records the prompt's `input_ids`/`attention_mask` so that
     policies see padding and token types at prefill.
     """
 
-    def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, **options):
+    def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
+                 **options):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
+        if residual_dtype is not None and not isinstance(residual_dtype, torch.dtype):
+            raise ValueError(f"residual_dtype must be a torch.dtype or None, got {residual_dtype!r}")
+        self.residual_dtype = residual_dtype
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
         cfg = text_config(model)

@@ -1,0 +1,266 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vlmkv
+from vlmkv import QuantizedKVCache, get_policy
+from vlmkv.models.hooks import decoder_layers
+from vlmkv.models.modality import IMAGE, PAD, TEXT, label_tokens, list_families
+from vlmkv.policies.base import PrefillContext
+
+from tiny_vlms import FAMILIES
+
+_BUILT = {}
+
+
+def family(name):
+    """Tiny VLMs are built once per session."""
+    if name not in _BUILT:
+        _BUILT[name] = FAMILIES[name]()
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_spans_multi_image_padded_batch(name):
+    model, inputs, types, frames = family(name)
+    spans = label_tokens(model.config, inputs["input_ids"], inputs["attention_mask"])
+    assert torch.equal(spans.token_types, types)
+    assert torch.equal(spans.frame_ids, frames)
+    assert int(spans.frame_ids.max()) == 1  # two images per row
+    assert (spans.token_types == PAD).sum() > 0
+
+
+def test_families_registered():
+    assert {"llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"} <= set(list_families())
+
+
+def test_unknown_family_error_names_how_to_add():
+    from transformers import PretrainedConfig
+
+    cfg = PretrainedConfig()
+    cfg.model_type = "mystery_vl"
+    cfg.vision_config = PretrainedConfig()
+    with pytest.raises(ValueError, match=r"vlmkv/models/families/mystery_vl\.py"):
+        label_tokens(cfg, torch.tensor([[1, 2, 3]]))
+
+
+def test_text_only_model_is_all_text(tiny_llama, padded_batch):
+    ids, mask = padded_batch
+    spans = label_tokens(tiny_llama.config, ids, mask)
+    assert set(spans.token_types[mask.bool()].tolist()) == {TEXT}
+    assert (spans.token_types[~mask.bool()] == PAD).all()
+
+
+def test_qwen2_video_frames_split_by_grid():
+    from vlmkv.models.modality import adapter_for
+
+    model, *_ = family("qwen2_vl")
+    n = 4  # 4x4 patches merged 2x2 per frame, 3 frames
+    ids = torch.tensor([[5, 292] + [291] * (3 * n) + [293, 7]])
+    spans = adapter_for(model.config).label(ids, None, video_grid_thw=torch.tensor([[3, 4, 4]]))
+    assert spans.frame_ids[0, 2:2 + 3 * n].tolist() == [0] * n + [1] * n + [2] * n
+
+
+# ---------------------------------------------------------------- pivots (massive activations)
+
+def _planted_llama(plant_ids, flat=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        emb = m.model.embed_tokens.weight
+        if flat:
+            emb.copy_(torch.sign(torch.randn_like(emb)))  # every |activation| equal: nothing stands out
+        for t in plant_ids:
+            emb[t, 7] = 5000.0  # one massive channel, as measured on SmolLM2 (~25,000 vs median ~2)
+    return m
+
+
+def test_planted_massive_activations_become_pivots():
+    m = _planted_llama([40, 41])
+    ids = torch.tensor([[3, 4, 40, 5, 6, 7, 41, 8, 9, 10, 11, 12]])
+    pol = get_policy("akvq-vl", recent=0, wht=False)
+    with QuantizedKVCache(m, pol) as cache, torch.no_grad():
+        m(input_ids=ids, past_key_values=cache)
+        ratio = cache.layer_stats[0]["massive_activation"]
+        assert ratio[0, 2] > 100 and ratio[0, 6] > 100
+        bits = cache.plans[0]["bits"][0]
+        assert bits[2] == 16 and bits[6] == 16
+        assert int((bits == 16).sum()) == 2
+
+
+def test_no_pivots_invented_on_flat_stream():
+    m = _planted_llama([], flat=True)
+    ids = torch.randint(3, 60, (2, 30), generator=torch.Generator().manual_seed(0))
+    with QuantizedKVCache(m, get_policy("akvq-vl", recent=0, wht=False)) as cache, torch.no_grad():
+        m(input_ids=ids, past_key_values=cache)
+        assert not (cache.plans[0]["bits"] == 16).any()
+
+
+def test_pivot_mask_threshold_and_count():
+    pol = get_policy("akvq-vl", num_pivots=3, pivot_threshold=100.0)
+    ratio = torch.ones(2, 20)
+    ratio[0, [0, 5, 9, 12]] = torch.tensor([900.0, 300.0, 5000.0, 150.0])
+    ratio[1, 4] = 99.0  # below the threshold
+    ctx = PrefillContext(keys=torch.zeros(2, 1, 20, 8), values=torch.zeros(2, 1, 20, 8), massive_activation=ratio)
+    mask = pol.pivot_mask(ctx)
+    assert mask[0].nonzero().flatten().tolist() == [0, 5, 9]
+    assert not mask[1].any()
+
+
+@torch.no_grad()
+def test_smollm2_pivots_are_not_only_the_first_token(smollm2):
+    """Measured here: massive activations on SmolLM2-135M sit on the first token and, in layers 1-9,
+    on other positions too."""
+    model, tok = smollm2
+    x = tok(["Here is a table.\nAlice: Lisbon\nBruno: Oslo\nChen: Oslo\n\nCopy the table."], return_tensors="pt")
+    with QuantizedKVCache(model, get_policy("akvq-vl", recent=0)) as cache:
+        model(**x, past_key_values=cache)
+        piv = {l: (cache.plans[l]["bits"][0] == 16).nonzero().flatten().tolist() for l in range(30)}
+        ratios = [float(cache.layer_stats[l]["massive_activation"].max()) for l in range(30)]
+    assert max(ratios) > 1000
+    assert any(p and p != [0] for p in piv.values())
+    assert all(len(p) <= 15 for p in piv.values())
+
+
+# ---------------------------------------------------------------- Hadamard equivalence
+
+def _decode(model, inputs, cache, steps=16):
+    out = model(**inputs, past_key_values=cache)
+    logits = [out.logits[:, -1]]
+    mask = inputs["attention_mask"]
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits, 1)
+
+
+def _unquantized_wht():
+    # everything stays in the full-precision window: only the transforms act
+    return get_policy("akvq-vl", recent=100000, pivots=True, wht=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_hadamard_keys_and_folded_values_leave_logits_unchanged(which, tiny_llama, padded_batch, request):
+    if which == "tiny":
+        model = tiny_llama
+        ids, mask = padded_batch
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    else:
+        model, tok = request.getfixturevalue("smollm2")
+        inputs = dict(tok(["The quick brown fox jumps over the lazy dog", "Paris is"], return_tensors="pt", padding=True))
+    ref = _decode(model, inputs, DynamicCache(config=model.config))
+    w_before = [(l.self_attn.v_proj.weight, l.self_attn.o_proj.weight) for l in decoder_layers(model)]
+    with QuantizedKVCache(model, _unquantized_wht(), residual_dtype=torch.float32) as cache:
+        assert model.config._attn_implementation == "vlmkv_wht_sdpa"
+        assert decoder_layers(model)[0].self_attn.v_proj.weight is not w_before[0][0]  # folded
+        got = _decode(model, inputs, cache)
+        stored = cache.layers[0].store.res_k
+    # float error of a fp32 forward through rotated weights: far below one logit unit
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 1e-5 * scale + 1e-4, float((got - ref).abs().max())
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # undone cleanly: the original Parameters and attention implementation are back
+    assert model.config._attn_implementation == "sdpa"
+    for l, (wv, wo) in zip(decoder_layers(model), w_before):
+        assert l.self_attn.v_proj.weight is wv and l.self_attn.o_proj.weight is wo
+        assert not hasattr(l.self_attn, "_vlmkv_rotate_query")
+    assert torch.equal(_decode(model, inputs, DynamicCache(config=model.config)), ref)
+    assert stored is not None
+
+
+@torch.no_grad()
+def test_keys_are_stored_rotated(tiny_llama):
+    from vlmkv.quant import fwht
+
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref = DynamicCache(config=tiny_llama.config)
+    tiny_llama(input_ids=ids, past_key_values=ref)
+    with QuantizedKVCache(tiny_llama, _unquantized_wht(), residual_dtype=torch.float32) as cache:
+        tiny_llama(input_ids=ids, past_key_values=cache)
+        k = cache.layers[1].store.res_k
+    assert torch.allclose(k, fwht(ref.layers[1].keys), atol=1e-4)
+
+
+# ---------------------------------------------------------------- end to end on every family
+
+def _expected_bytes(cache) -> int:
+    """Bytes the plan implies: per token and kv head, K and V each take D*b/8 code bytes plus a fp16 scale and
+    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map and the residual bit map."""
+    total = 0
+    for layer in cache.layers:
+        st = layer.store
+        for bits, seg in st.segments.items():
+            t = seg.k.codes if bits < 16 else seg.k
+            b, h, n = t.shape[:3]
+            d = cache.head_dim
+            g = min(128, d)
+            per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)
+            total += 2 * b * h * n * per_tok + (0 if seg.index is None else seg.index.numel() * 4)
+        if st.res_k is not None:
+            total += 2 * st.res_k.numel() * 2 + st.res_bits.numel() * 2
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@torch.no_grad()
+def test_akvq_generate_on_every_family(name):
+    model, inputs, types, _ = family(name)
+    pol = get_policy("akvq-vl", recent=4, flush_every=2, num_pivots=2)
+    with QuantizedKVCache(model, pol) as cache:
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        assert out.shape[0] == 2
+        plan = cache.plans[0]["bits"]
+        # visual tokens at 2 bits (or 16 as pivots), text at 4 (or 16)
+        assert set(plan[types == IMAGE].tolist()) <= {2, 16} and 2 in set(plan[types == IMAGE].tolist())
+        assert set(plan[types == TEXT].tolist()) <= {4, 16}
+        assert cache.nbytes() == _expected_bytes(cache)
+        assert 2.0 < cache.bits_per_element() < 16.0
+
+
+@torch.no_grad()
+def test_ablation_switches_change_stored_bits(tiny_llama, padded_batch):
+    ids, mask = padded_batch
+    ids, mask = ids[:1], mask[:1]  # no padding (padding is stored at the low width)
+
+    def run(**opts):
+        pol = get_policy("akvq-vl", recent=8, num_pivots=3, pivot_threshold=1.5, **opts)
+        with QuantizedKVCache(tiny_llama, pol) as cache:
+            tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            widths = {l: set(cache.plans[l]["bits"].unique().tolist()) for l in range(2)}
+            return cache, widths, cache.layers[0].store
+
+    cache, w, st = run()
+    assert cache.rotate_keys is False  # closed
+    assert w[0] == {4, 16} and w[1] == {4, 16}  # text-only model: text at 4, pivots at 16
+    assert st.residual_len == 8
+    _, w, _ = run(wht=False)
+    assert w[0] == {4, 16}
+    _, w, _ = run(text_4bit=False)
+    assert w[0] == {2, 16}
+    _, w, st = run(pivots=False)
+    assert w[0] == {4} and st.residual_len == 0  # no pivots, no recent window
+    _, w, _ = run(wht=False, text_4bit=False, pivots=False)  # = RTN INT2 (clip 0.8)
+    assert w[0] == {2} and w[1] == {2}
+    _, w, _ = run(tsa_layers=1)  # TSA treatment in layer 0, PSA in layer 1
+    assert w[0] == {4} and w[1] == {2, 16}
+
+
+def test_akvq_bad_input():
+    with pytest.raises(ValueError, match="low_bits"):
+        get_policy("akvq-vl", low_bits=3)
+    with pytest.raises(ValueError, match="recent"):
+        get_policy("akvq-vl", recent=-1)
+    with pytest.raises(ValueError, match="low_clip"):
+        get_policy("akvq-vl", low_clip=1.5)
+    with pytest.raises(ValueError, match="num_pivots"):
+        get_policy("akvq-vl", num_pivots=-2)
+    with pytest.raises(ValueError, match="model"):
+        QuantizedKVCache(vlmkv.load_model.__module__ and _planted_llama([]).config, "akvq-vl")
