@@ -264,3 +264,31 @@ def test_akvq_bad_input():
         get_policy("akvq-vl", num_pivots=-2)
     with pytest.raises(ValueError, match="model"):
         QuantizedKVCache(vlmkv.load_model.__module__ and _planted_llama([]).config, "akvq-vl")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_inspect_attention_on_every_family(name, tmp_path):
+    from vlmkv.analysis.attention_patterns import inspect_attention, plot_attention
+    from vlmkv.cache import text_config
+
+    model, inputs, types, _ = family(name)
+    single = {k: (v[:1] if torch.is_tensor(v) and v.shape[0] == 2 and k != "pixel_values" else v) for k, v in inputs.items()}
+    # keep row 0's images only where pixel_values are per row
+    if name in ("idefics3", "smolvlm"):
+        single["pixel_values"] = inputs["pixel_values"][:1]
+    elif name == "llava":
+        single["pixel_values"] = inputs["pixel_values"][:2]
+    elif name == "llava_onevision":
+        single["pixel_values"] = inputs["pixel_values"][:2]
+        single["image_sizes"] = inputs["image_sizes"][:2]
+    elif name == "qwen2_vl":
+        n = int(inputs["image_grid_thw"][:2].prod(-1).sum())
+        single["pixel_values"] = inputs["pixel_values"][:n]
+        single["image_grid_thw"] = inputs["image_grid_thw"][:2]
+    impl = text_config(model)._attn_implementation
+    rep, maps = inspect_attention(model, single)
+    assert text_config(model)._attn_implementation == impl
+    assert rep.n_visual == int((types[0] == IMAGE).sum()) and rep.num_layers == 2
+    assert len(rep.text[0]) == rep.num_heads and len(rep.visual[0]) == rep.num_heads
+    assert set(rep.table_i()) == {"TSA layers", "PSA layers"}
+    assert all(p.stat().st_size > 0 for p in plot_attention(rep, maps, tmp_path, bin_size=2))

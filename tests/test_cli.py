@@ -7,7 +7,7 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for sub in ("generate", "demo", "list"):
+    for sub in ("generate", "demo", "inspect", "list"):
         assert sub in out
 
 
@@ -38,3 +38,17 @@ def test_option_parsing():
 
     p = _policy_from_args(args)
     assert p.group_size == 32
+
+
+def test_inspect_on_smollm2(smollm2, tmp_path, capsys):
+    assert main(["inspect", "--model", "smollm2-135m", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PSA layers" in out
+    for f in ("attention_maps.png", "attention_received.png", "attention_report.json", "attention_report.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    import json
+
+    rep = json.loads((tmp_path / "attention_report.json").read_text())
+    assert rep["n_visual"] == 0 and rep["num_layers"] == 30
+    # text-only: the modality split is empty, pivots are not (and not only position 0)
+    assert any(p and p != [0] for p in rep["pivots"].values())

@@ -125,6 +125,36 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def build_inputs(proc, prompt: str, images: list[str] | None = None):
+    """Chat-formatted inputs for a tokenizer (text) or a processor (images + text)."""
+    if not images:
+        tok = getattr(proc, "tokenizer", proc)
+        return dict(_chat_inputs(tok, [prompt], True))
+    from PIL import Image
+
+    pics = [Image.open(p).convert("RGB") for p in images]
+    content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": prompt}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return dict(proc(text=text, images=pics, return_tensors="pt"))
+
+
+def cmd_inspect(args) -> int:
+    from . import load_model
+    from .analysis.attention_patterns import inspect_attention, plot_attention
+    from .eval.prompts import copy_table_prompt
+
+    model, proc = load_model(args.model)
+    prompt = args.prompt or copy_table_prompt()[0]
+    inputs = build_inputs(proc, prompt, args.image)
+    tok = getattr(proc, "tokenizer", proc)
+    rep, maps = inspect_attention(model, inputs, tokenizer=tok, num_pivots=args.num_pivots,
+                                  pivot_threshold=args.threshold)
+    print(rep.to_markdown())
+    files = rep.save(args.out) + plot_attention(rep, maps, args.out, bin_size=args.bin)
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_list(args) -> int:
     from .policies import get_policy, list_policies
 
@@ -140,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmkv",
         description="Cut the KV cache of Hugging Face (vision-)language models to 2-4 bits. "
-                    "Methods: fp16 (reference), rtn, kivi (see `vlmkv list`).",
+                    "Methods: fp16 (reference), rtn, kivi, akvq-vl (see `vlmkv list`).",
         epilog="Example: vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt 'Why is the sky blue?'",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=24, help="teacher-forced decode steps for top-1/KL")
     d.add_argument("--seed", type=int, default=2, help="which random table")
     d.set_defaults(func=cmd_demo)
+
+    ins = sub.add_parser("inspect", help="attention patterns: text / visual / pivot attention per layer and head, "
+                                        "TSA/PSA layers, heat maps",
+                         description="Measure what AKVQ-VL relies on (seed 002, Section III-A): per layer and head, the "
+                                     "average attention received by text, visual and pivot tokens (eager attention), a "
+                                     "TSA/PSA classification per layer like Table I, and heat maps like Figures 1 and 3.")
+    ins.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face id or local path (LLM or VLM)")
+    ins.add_argument("--prompt", default=None, help="user message (default: the demo's copy-table prompt)")
+    ins.add_argument("--image", action="append", help="image file for a VLM; repeatable")
+    ins.add_argument("--num-pivots", type=int, default=15)
+    ins.add_argument("--threshold", type=float, default=100.0, help="massive activation: max|h| / median|h| at least this")
+    ins.add_argument("--bin", type=int, default=8, help="tokens per heat-map cell")
+    ins.add_argument("--out", default="out/inspect", help="directory for the report and PNGs")
+    ins.set_defaults(func=cmd_inspect)
 
     ls = sub.add_parser("list", help="list registered methods and their options",
                         description="List every registered KV-cache method with its default options.")

@@ -73,12 +73,14 @@ def resolve(name_or_path: str) -> str:
 
 def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | None = None, device: str = "cpu",
                attn_implementation: str | None = None, **kwargs):
-    """Load `(model, tokenizer)`.
+    """Load `(model, tokenizer)`, or `(model, processor)` for a vision-language model.
 
     name_or_path: an embedded name (`smollm2-135m`), a Hugging Face id or a local directory.
     dtype: defaults to float32 on CPU and float16 on GPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .modality import has_vision
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"name_or_path must be a model name or path, got {name_or_path!r}")
@@ -90,6 +92,11 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | No
     extra = dict(kwargs)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    if has_vision(AutoConfig.from_pretrained(path)):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+        return model, AutoProcessor.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path)
