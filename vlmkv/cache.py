@@ -151,6 +151,7 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"model must be a torch module for {self.policy.name} (Hadamard keys need the attention "
                              f"function installed), got {type(model).__name__!r}")
         self.adapter = None
+        self.span_override = None
         full_cfg = getattr(model, "config", model)
         try:
             from .models.modality import adapter_for
@@ -179,7 +180,9 @@ class QuantizedKVCache(Cache):
         for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "token_type_ids", "position_ids"):
             if key in kwargs and kwargs[key] is not None:
                 self.inputs[key] = kwargs[key]
-        if self.adapter is not None and torch.is_tensor(ids) and ids.dim() == 2:
+        if self.span_override is not None:
+            self.inputs["token_types"], self.inputs["frame_ids"] = self.span_override
+        elif self.adapter is not None and torch.is_tensor(ids) and ids.dim() == 2:
             extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
             spans = self.adapter.label(ids, self.inputs.get("attention_mask"), **extra)
             self.inputs["token_types"] = spans.token_types.to(ids.device)
@@ -187,6 +190,18 @@ class QuantizedKVCache(Cache):
         self.layer_stats = {}
         self.plans = {}
         return None
+
+    def set_spans(self, token_types: torch.Tensor | None, frame_ids: torch.Tensor | None = None) -> None:
+        """Use these modality labels (int8 `[B, S]`, long `[B, S]`) for the next prefill instead of the
+        family adapter's, e.g. to treat spans of a text model's prompt as "visual" windows in experiments."""
+        if token_types is None:
+            self.span_override = None
+            return
+        if token_types.dim() != 2:
+            raise ValueError(f"token_types must be [batch, seq], got shape {tuple(token_types.shape)!r}")
+        if frame_ids is None:
+            frame_ids = torch.full(token_types.shape, -1, dtype=torch.long, device=token_types.device)
+        self.span_override = (token_types.to(torch.int8), frame_ids.long())
 
     def close(self) -> None:
         """Remove every hook, attention function and folded weight this cache (and its policy) put on the model."""

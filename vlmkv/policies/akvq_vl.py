@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import QuantSpec
+from .pivots import pivot_mask
 from .base import (IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip,
                    check_positive, effective_group, register_policy)
 
@@ -91,20 +92,8 @@ class AKVQVLPolicy(Policy):
 
     # ------------------------------------------------------------------ planning
     def pivot_mask(self, ctx: PrefillContext) -> torch.Tensor:
-        """bool `[B, S]`: the up-to-`num_pivots` tokens per row with the largest massive-activation ratio
-        at or above `pivot_threshold` (padding excluded)."""
-        B, S = ctx.batch_size, ctx.seq_len
-        mask = torch.zeros(B, S, dtype=torch.bool, device=ctx.keys.device)
-        ratio = ctx.massive_activation
-        if ratio is None or self.num_pivots == 0:
-            return mask
-        ratio = ratio.to(ctx.keys.device).float().clone()
-        if ctx.attention_mask is not None:
-            ratio[~ctx.attention_mask] = 0
-        k = min(self.num_pivots, S)
-        vals, idx = ratio.topk(k, dim=1)
-        mask.scatter_(1, idx, vals >= self.pivot_threshold)
-        return mask
+        """bool `[B, S]`: this layer's pivot tokens (see `pivots.pivot_mask`)."""
+        return pivot_mask(ctx, self.num_pivots, self.pivot_threshold)
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         layer = ctx.layer_idx

@@ -132,7 +132,8 @@ class Policy:
         return []
 
     def describe(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) if dataclasses.is_dataclass(self) else ""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr) \
+            if dataclasses.is_dataclass(self) else ""
         return f"{self.name}({fields})"
 
 
@@ -186,6 +187,18 @@ def get_policy(name: str, **options) -> Policy:
     if not isinstance(name, str):
         raise ValueError(f"name must be a policy name, got {name!r}")
     key = name.strip().lower()
+    if "+" in key:
+        # composition: "windowquant+wht+pivots" wraps the base policy (options go to it)
+        from .compose import WRAPPERS
+
+        base, *wraps = key.split("+")
+        for w in wraps:
+            if w not in WRAPPERS:
+                raise ValueError(f"name's wrappers must be among {sorted(WRAPPERS)}, got {w!r} in {name!r}")
+        policy = get_policy(base, **options)
+        for w in wraps:
+            policy = WRAPPERS[w](policy)
+        return policy
     if key not in _REGISTRY and "-" in key:
         base, _, suffix = key.rpartition("-")
         if base in _REGISTRY and suffix.isdigit():
@@ -194,7 +207,7 @@ def get_policy(name: str, **options) -> Policy:
     if key not in _REGISTRY:
         raise ValueError(f"name must be one of {list_policies()}, got {name!r}")
     cls = _REGISTRY[key]
-    valid = {f.name for f in dataclasses.fields(cls)}
+    valid = {f.name for f in dataclasses.fields(cls) if f.init and f.repr}
     unknown = set(options) - valid
     if unknown:
         raise ValueError(f"options for policy {key!r} must be among {sorted(valid)}, got {sorted(unknown)!r}")

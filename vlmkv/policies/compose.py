@@ -1,0 +1,108 @@
+"""Wrapper policies that add one AKVQ-VL component to any policy (combine by wrapping, not inheriting).
+
+    get_policy("windowquant+wht+pivots", budget=3.0)
+    == WithPivots(WithHadamard(WindowQuantPolicy(budget=3.0)))
+
+`wht`:    keys stored Walsh-Hadamard-rotated, query rotated online, H folded into W_V / W_O.
+`pivots`: tokens carrying massive activations (up to 15 per layer) kept at 16 bits, on top of whatever
+          the inner policy planned (their bytes come on top of the inner policy's budget).
+"""
+from __future__ import annotations
+
+from .base import BitPlan, DecodeRule, Policy, PrefillContext
+from .pivots import pivot_mask
+
+
+class PolicyWrapper(Policy):
+    """Delegates everything to `inner`; subclasses change one thing."""
+
+    suffix = "wrap"
+
+    def __init__(self, inner: Policy):
+        if not isinstance(inner, Policy):
+            raise ValueError(f"inner must be a Policy, got {inner!r}")
+        self.inner = inner
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.inner.name}+{self.suffix}"
+
+    @property
+    def needs_modality(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_modality
+
+    @property
+    def keep_model_dtype(self) -> bool:  # type: ignore[override]
+        return self.inner.keep_model_dtype
+
+    @property
+    def hadamard_keys(self) -> bool:
+        return self.inner.hadamard_keys
+
+    def validate(self, head_dim: int) -> None:
+        self.inner.validate(head_dim)
+
+    def bit_widths(self):
+        return self.inner.bit_widths()
+
+    def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
+        return self.inner.plan_prefill(ctx)
+
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
+        return self.inner.decode_rule(layer_idx)
+
+    def spec(self, bits, kind, head_dim):
+        return self.inner.spec(bits, kind, head_dim)
+
+    def install(self, model, cache) -> list:
+        return self.inner.install(model, cache)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}+{self.suffix}"
+
+    def __getattr__(self, item):
+        # options of the wrapped policy (e.g. `.budget`) stay readable through the wrapper
+        if item == "inner":
+            raise AttributeError(item)
+        return getattr(self.inner, item)
+
+
+class WithHadamard(PolicyWrapper):
+    suffix = "wht"
+
+    @property
+    def hadamard_keys(self) -> bool:
+        return True
+
+    def install(self, model, cache) -> list:
+        from ..attention import HadamardAttention
+
+        out = self.inner.install(model, cache)
+        if not self.inner.hadamard_keys:
+            out.append(HadamardAttention(model, cache, fold_values=True))
+        return out
+
+
+class WithPivots(PolicyWrapper):
+    suffix = "pivots"
+
+    def __init__(self, inner: Policy, num_pivots: int = 15, threshold: float = 100.0):
+        super().__init__(inner)
+        self.num_pivots = num_pivots
+        self.threshold = threshold
+
+    def bit_widths(self):
+        return tuple(sorted(set(self.inner.bit_widths()) | {16}))
+
+    def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
+        plan = self.inner.plan_prefill(ctx)
+        plan.bits[pivot_mask(ctx, self.num_pivots, self.threshold)] = 16
+        return plan
+
+    def install(self, model, cache) -> list:
+        from ..models.hooks import MassiveActivationHooks
+
+        return self.inner.install(model, cache) + [MassiveActivationHooks(model, cache)]
+
+
+WRAPPERS = {"wht": WithHadamard, "pivots": WithPivots}
