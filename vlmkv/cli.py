@@ -85,7 +85,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-DEMO_METHODS = "fp16,rtn-4,rtn-2,kivi-2"
+DEMO_METHODS = "fp16,rtn-4,rtn-2,kivi-2,akvq-vl"
 
 
 def cmd_demo(args) -> int:

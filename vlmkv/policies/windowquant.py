@@ -6,7 +6,7 @@ Per layer, at prefill:
   1. windows: the visual tokens of each image/frame form one window (`window_size=None`), or runs of
      `window_size` tokens that never cross an image boundary;
   2. similarity: each window's mean token score against the text prompt that follows the visual tokens
-     (`scorer`: "key_cosine", the default, or "key_attention"; `windows.token_scores`);
+     (`scorer`: "key_attention", the default, "key_cosine", or "random" as a control; `windows.token_scores`);
   3. bit search: widths from `candidates` (default 8/4/2) assigned window by window, highest score first,
      monotone in score, so that the visual tokens average at most `budget` bits per element counted
      from bytes (codes, scales, zero points and the slot map);
@@ -39,7 +39,7 @@ class WindowQuantPolicy(Policy):
     budget: float = 3.0
     candidates: tuple = (8, 4, 2)
     window_size: int | None = None
-    scorer: str = "key_cosine"
+    scorer: str = "key_attention"
     text_bits: int = 8
     recent: int = 32
     group_size: int = 128

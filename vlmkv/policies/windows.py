@@ -12,7 +12,7 @@ import torch
 
 from .base import IMAGE, PAD
 
-SCORERS = ("key_cosine", "key_attention")
+SCORERS = ("key_cosine", "key_attention", "random")
 
 
 def window_ids(token_types: torch.Tensor, frame_ids: torch.Tensor | None, window_size: int | None) -> torch.Tensor:
@@ -63,6 +63,7 @@ def token_scores(keys: torch.Tensor, prompt: torch.Tensor, visual: torch.Tensor,
     key_attention: softmax attention over the visual tokens with the prompt's keys as queries
                    (k_p . k_t / sqrt(D)), averaged over prompt tokens and heads, times the number of
                    visual tokens (so 1.0 means "average share").
+    random:        a control for ablations: uniform noise from a fixed seed, unrelated to the prompt.
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
@@ -74,7 +75,10 @@ def token_scores(keys: torch.Tensor, prompt: torch.Tensor, visual: torch.Tensor,
         if not p.any() or not v.any():
             continue
         kp, kv = k[b][:, p], k[b][:, v]  # [H, P, D], [H, V, D]
-        if scorer == "key_cosine":
+        if scorer == "random":
+            g = torch.Generator().manual_seed(int(v.sum()) + b)
+            s = torch.rand(int(v.sum()), generator=g).to(keys.device)
+        elif scorer == "key_cosine":
             s = torch.nn.functional.cosine_similarity(kv, kp.mean(1, keepdim=True), dim=-1).mean(0)
         else:
             att = torch.softmax(kp @ kv.transpose(1, 2) / math.sqrt(D), dim=-1)  # [H, P, V]
