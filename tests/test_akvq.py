@@ -292,3 +292,20 @@ def test_inspect_attention_on_every_family(name, tmp_path):
     assert len(rep.text[0]) == rep.num_heads and len(rep.visual[0]) == rep.num_heads
     assert set(rep.table_i()) == {"TSA layers", "PSA layers"}
     assert all(p.stat().st_size > 0 for p in plot_attention(rep, maps, tmp_path, bin_size=2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+def test_manual_decode_matches_generate(name):
+    """Hand-written decode steps (teacher forcing) with explicit position ids — M-RoPE deltas for Qwen2-VL —
+    give generate()'s greedy tokens."""
+    from vlmkv.eval.fidelity import teacher_forced_logits
+
+    model, inputs, *_ = family(name)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with QuantizedKVCache(model, "fp16") as cache:
+        gen = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    cont = gen[:, inputs["input_ids"].shape[1]:]
+    with QuantizedKVCache(model, get_policy("akvq-vl", recent=100000), residual_dtype=torch.float32) as cache:
+        logits = teacher_forced_logits(model, inputs["input_ids"], inputs["attention_mask"], cache, cont, **extra)
+    assert torch.equal(logits.argmax(-1), cont)

@@ -10,17 +10,25 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import QuantizedKVCache
+from ..models.positions import decode_position_ids, prefill_position_ids
 
 
 @torch.no_grad()
-def teacher_forced_logits(model, input_ids, attention_mask, cache, continuation):
-    """Logits `[B, T, V]` of prefill-last + each of the T-1 fed continuation tokens."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+def teacher_forced_logits(model, input_ids, attention_mask, cache, continuation, **inputs):
+    """Logits `[B, T, V]` of prefill-last + each of the T-1 fed continuation tokens.
+
+    `inputs` go to the prefill only (pixel_values, image_grid_thw, mm_token_type_ids...). Position ids
+    follow `generate()`'s (padding-aware; M-RoPE deltas for Qwen2-VL)."""
+    pos = prefill_position_ids(model, attention_mask)
+    extra = {} if pos is None or inputs else {"position_ids": pos}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                **inputs, **extra)
     logits = [out.logits[:, -1]]
     am = attention_mask
     for t in range(continuation.shape[1] - 1):
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-        out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, past_key_values=cache, use_cache=True)
+        out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, past_key_values=cache, use_cache=True,
+                    position_ids=decode_position_ids(model, am))
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1).float()
 
