@@ -159,7 +159,7 @@ def test_hadamard_keys_and_folded_values_leave_logits_unchanged(which, tiny_llam
     ref = _decode(model, inputs, DynamicCache(config=model.config))
     w_before = [(l.self_attn.v_proj.weight, l.self_attn.o_proj.weight) for l in decoder_layers(model)]
     with QuantizedKVCache(model, _unquantized_wht(), residual_dtype=torch.float32) as cache:
-        assert model.config._attn_implementation == "vlmkv_wht_sdpa"
+        assert model.config._attn_implementation == "vlmkv_sdpa"
         assert decoder_layers(model)[0].self_attn.v_proj.weight is not w_before[0][0]  # folded
         got = _decode(model, inputs, cache)
         stored = cache.layers[0].store.res_k
@@ -171,7 +171,7 @@ def test_hadamard_keys_and_folded_values_leave_logits_unchanged(which, tiny_llam
     assert model.config._attn_implementation == "sdpa"
     for l, (wv, wo) in zip(decoder_layers(model), w_before):
         assert l.self_attn.v_proj.weight is wv and l.self_attn.o_proj.weight is wo
-        assert not hasattr(l.self_attn, "_vlmkv_rotate_query")
+        assert not hasattr(l.self_attn, "_vlmkv_note")
     assert torch.equal(_decode(model, inputs, DynamicCache(config=model.config)), ref)
     assert stored is not None
 
@@ -238,7 +238,7 @@ def test_ablation_switches_change_stored_bits(tiny_llama, padded_batch):
             return cache, widths, cache.layers[0].store
 
     cache, w, st = run()
-    assert cache.rotate_keys is False  # closed
+    assert cache.closed and cache.notes is None
     assert w[0] == {4, 16} and w[1] == {4, 16}  # text-only model: text at 4, pivots at 16
     assert st.residual_len == 8
     _, w, _ = run(wht=False)

@@ -1,46 +1,133 @@
-"""Attention with Walsh-Hadamard-rotated keys (AKVQ-VL, Figures 6 and 7 of seed 002).
+"""The attention side of the cache: registered attention functions that read precision segments, and
+Walsh-Hadamard-rotated keys (AKVQ-VL, Figures 6 and 7 of seed 002).
 
-Keys: the cache stores K' = K H (after RoPE; H the normalized Hadamard matrix, symmetric and
-orthogonal), and the registered attention function rotates the query the same way, so
-Q' K'^T = Q H H^T K^T = Q K^T and attention is unchanged.
+`CacheAttention(model, cache)` (installed by every `QuantizedKVCache` built from a model, removed on
+`close()`) registers `vlmkv_sdpa` / `vlmkv_eager` with transformers' `AttentionInterface` (and the matching
+mask functions with `AttentionMaskInterface`: without them masks silently become None) and selects it for
+the language model only (VLMs keep their vision tower's implementation). Per decoder layer, the cache
+leaves two notes for the next attention call of that layer:
 
-Values: H is folded offline into the weights, per head: W_V,h <- H W_V,h (rows of head h's output),
-b_V,h <- b_V,h H, and W_O <- W_O blockdiag(H, ..., H) over the query heads (GQA: every query head reads
-rotated values of its kv head, and undoes it in its own columns of W_O). Then V' = V H is what the cache
-stores, o' = o H per head, and o' W_O'^T = o W_O^T.
+* `rotate`: the keys it returned are Hadamard-rotated, so the query is rotated too (fwht(q)):
+  Q' K'^T = Q H H^T K^T = Q K^T, attention unchanged;
+* `pending`: a decode step (one query token) over a cache holding quantized segments: instead of
+  materializing the whole float K/V, the attention reads each segment in chunks, dequantizes a chunk,
+  and merges partial softmaxes by log-sum-exp (flash-decoding style; the torch twin of a fused kernel).
+  Masks are read through each segment's slot map, so reordered tokens keep their padding.
 
-`HadamardAttention(model, cache).remove()` (called by `cache.close()`) puts the original weight
-Parameters and the original attention implementation back; nothing lasts after it.
+Values: `FoldedValues` folds H into the weights, per head: W_V,h <- H W_V,h, b_V,h <- b_V,h H, and
+W_O <- W_O blockdiag(H, ..., H) over the query heads (GQA: every query head reads rotated values of its kv
+head and undoes it in its own columns of W_O). Then V' = V H is cached, o' = o H per head, and
+o' W_O'^T = o W_O^T. `remove()` puts the original Parameter objects back.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from .models.hooks import attention_modules, text_config
-from .quant import fwht, hadamard_matrix
+from .quant import QTensor, dequantize, fwht, hadamard_matrix
 
 _REGISTERED = False
-NAMES = {"sdpa": "vlmkv_wht_sdpa", "eager": "vlmkv_wht_eager"}
+NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
+CHUNK_TOKENS = 2048  # dequantized chunk: large enough to amortize op dispatch, small enough to stay in cache
+
+
+@dataclass
+class LayerNote:
+    layer_idx: int
+    rotate: bool = False
+    pending: object = None  # a LayerStore whose segments this call must read
 
 
 def _base_attention(module, impl: str):
     if impl == "eager":
-        mod = sys.modules[type(module).__module__]
-        return getattr(mod, "eager_attention_forward")
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward
 
 
+def _allowed(mask: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
+    """bool `[B, L + 1]` from the model's mask for a one-token query (last column: filler, never allowed)."""
+    out = torch.ones(B, L + 1, dtype=torch.bool, device=device)
+    out[:, L] = False
+    if mask is not None:
+        m = mask[:, 0, -1, :L] if mask.dim() == 4 else mask[:, -1, :L]
+        out[:, :L] = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return out
+
+
+def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch.Tensor:
+    """Decode attention over a `LayerStore`, segment by segment, without materializing the cache.
+
+    query: `[B, Hq, 1, D]` (already rotated if the keys are). Returns `[B, 1, Hq, D]` (as
+    transformers' sdpa_attention_forward), equal to softmax(q K^T * scaling + mask) V over all cached
+    tokens in slot order, up to float summation order.
+    """
+    B, Hq, _, D = query.shape
+    L = store.length
+    allowed = _allowed(mask, B, L, query.device)
+    parts = []
+    Hkv = None
+
+    def piece(k, v, ok):
+        nonlocal Hkv
+        Hkv = k.shape[1]
+        q = query.float().view(B, Hkv, Hq // Hkv, D)
+        s = torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling
+        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+        e = torch.exp(s - m)
+        parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
+
+    cs = store.channel_scales
+    for seg in store.segments.values():
+        n = seg.n
+        step = CHUNK_TOKENS
+        if isinstance(seg.k, QTensor):
+            for qt in (seg.k, seg.v):  # chunks end on per-channel group boundaries
+                if qt.spec.axis == "channel":
+                    step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
+        for s0 in range(0, n, step):
+            s1 = min(n, s0 + step)
+            if isinstance(seg.k, QTensor):
+                k, v = dequantize(seg.k.slice_tokens(s0, s1)), dequantize(seg.v.slice_tokens(s0, s1))
+                if cs is not None:
+                    k, v = k * cs[0].to(k.dtype), v * cs[1].to(v.dtype)
+            else:
+                k, v = seg.k[:, :, s0:s1], seg.v[:, :, s0:s1]
+            if seg.index is None:
+                ok = allowed[:, seg.start + s0:seg.start + s1]
+            else:
+                idx = seg.index[:, s0:s1].long()
+                ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
+            piece(k, v, ok)
+    r = store.residual_len
+    if r:
+        piece(store.res_k, store.res_v, allowed[:, L - r:L])
+    m = torch.stack([p[0] for p in parts]).amax(0)
+    den = sum(p[1] * torch.exp(p[0] - m) for p in parts)
+    num = sum(p[2] * torch.exp(p[0] - m) for p in parts)
+    out = (num / den).view(B, Hq, 1, D).to(query.dtype)
+    return out.transpose(1, 2).contiguous()
+
+
 def _make_attention(impl: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        flag = getattr(module, "_vlmkv_rotate_query", None)
-        if flag is not None and flag[0]:
-            # the cache just returned Hadamard-rotated keys for this layer: rotate the query too
-            query = fwht(query)
-            flag[0] = False
+        note = getattr(module, "_vlmkv_note", None)
+        if note is not None:
+            if note.rotate:
+                query = fwht(query)  # the cache returned Hadamard-rotated keys for this layer
+                note.rotate = False
+            store, note.pending = note.pending, None
+            if store is not None:
+                plain = not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks"))
+                if plain and query.shape[2] == 1 and kwargs.get("dropout", 0.0) == 0.0:
+                    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                    return segment_attention(query, store, attention_mask, scaling), None
+                key, value = store.materialize()  # anything unusual: the plain path over the full cache
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = NAMES[impl]
     return attention
@@ -56,12 +143,12 @@ def register() -> None:
 
     for impl, name in NAMES.items():
         AttentionInterface.register(name, _make_attention(impl))
-        # without a mask function registered under the same name, masks silently become None
         AttentionMaskInterface.register(name, sdpa_mask if impl == "sdpa" else eager_mask)
     _REGISTERED = True
 
 
 def _set_impl(model, name: str) -> None:
+    """Select an attention implementation for the language model only."""
     cfg = model.config
     if cfg is text_config(model):
         model.set_attn_implementation(name)
@@ -73,38 +160,44 @@ def _set_impl(model, name: str) -> None:
         model.set_attn_implementation(sub)
 
 
-class HadamardAttention:
-    """Installs rotated-key attention on `model` for `cache` (and folds H into W_V/W_O if `fold_values`)."""
+class CacheAttention:
+    """Installs the vlmkv attention functions on `model` for `cache`; `remove()` restores the original."""
 
-    def __init__(self, model, cache, fold_values: bool = True):
+    def __init__(self, model, cache):
         register()
         self.model = model
         self.orig_impl = text_config(model)._attn_implementation or "sdpa"
         impl = "eager" if self.orig_impl == "eager" else "sdpa"
         self.modules = attention_modules(model)
-        self.saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter | None]] = []
-        for m in self.modules:
-            m._vlmkv_rotate_query = [False]
-        cache.attn_flags = [m._vlmkv_rotate_query for m in self.modules]
-        if fold_values:
-            self._fold()
+        cache.notes = []
+        for i, m in enumerate(self.modules):
+            m._vlmkv_note = LayerNote(i)
+            cache.notes.append(m._vlmkv_note)
         _set_impl(model, NAMES[impl])
 
-    @torch.no_grad()
-    def _fold(self):
+    def remove(self) -> None:
         for m in self.modules:
-            d = m.head_dim
-            v, o = m.v_proj, m.o_proj
-            h = hadamard_matrix(d, torch.float64, v.weight.device)
-            wv = v.weight.double().view(-1, d, v.weight.shape[-1])  # [H_kv, D, hidden]
-            new_v = torch.einsum("ij,hjk->hik", h, wv).reshape(v.weight.shape)
-            wo = o.weight.double().view(o.weight.shape[0], -1, d)  # [hidden, H_q, D]
-            new_o = (wo @ h).reshape(o.weight.shape)
-            self._swap(v, "weight", new_v.to(v.weight.dtype))
-            self._swap(o, "weight", new_o.to(o.weight.dtype))
-            if v.bias is not None:
-                new_b = (v.bias.double().view(-1, d) @ h).reshape(v.bias.shape)
-                self._swap(v, "bias", new_b.to(v.bias.dtype))
+            if hasattr(m, "_vlmkv_note"):
+                del m._vlmkv_note
+        _set_impl(self.model, self.orig_impl)
+
+
+class FoldedValues:
+    """Folds the Hadamard matrix into W_V and W_O of every attention module (see module docstring)."""
+
+    def __init__(self, model):
+        self.saved: list = []
+        with torch.no_grad():
+            for m in attention_modules(model):
+                d = m.head_dim
+                v, o = m.v_proj, m.o_proj
+                h = hadamard_matrix(d, torch.float64, v.weight.device)
+                wv = v.weight.double().view(-1, d, v.weight.shape[-1])  # [H_kv, D, hidden]
+                self._swap(v, "weight", torch.einsum("ij,hjk->hik", h, wv).reshape(v.weight.shape).to(v.weight.dtype))
+                wo = o.weight.double().view(o.weight.shape[0], -1, d)  # [hidden, H_q, D]
+                self._swap(o, "weight", (wo @ h).reshape(o.weight.shape).to(o.weight.dtype))
+                if v.bias is not None:
+                    self._swap(v, "bias", (v.bias.double().view(-1, d) @ h).reshape(v.bias.shape).to(v.bias.dtype))
 
     def _swap(self, module, name, tensor):
         self.saved.append((module, name, getattr(module, name)))
@@ -114,7 +207,8 @@ class HadamardAttention:
         for module, name, param in reversed(self.saved):
             setattr(module, name, param)
         self.saved = []
-        for m in self.modules:
-            if hasattr(m, "_vlmkv_rotate_query"):
-                del m._vlmkv_rotate_query
-        _set_impl(self.model, self.orig_impl)
+
+
+def install_hadamard(model, cache) -> list:
+    """What a policy with Hadamard keys installs: the value fold (key rotation is the cache's job)."""
+    return [FoldedValues(model)]

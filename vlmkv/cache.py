@@ -59,19 +59,28 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.store
+        if self.cache.closed and self.cache.rotate_keys:
+            raise ValueError("cache is closed: its keys are stored Hadamard-rotated for attention functions that "
+                             "were removed; build a new QuantizedKVCache, got a write after close()")
+        note = self.cache.notes[self.layer_idx] if self.cache.notes else None
         if self.cache.rotate_keys:
             # keys are stored (and attended) Hadamard-rotated; the attention function rotates the query
             key_states = fwht(key_states)
-            self.cache.attn_flags[self.layer_idx][0] = True
+            note.rotate = True
         if store.length == 0:
             ctx = self.cache.prefill_context(self.layer_idx, key_states, value_states)
             plan = self.cache.policy.plan_prefill(ctx)
             self.cache.check_plan(plan, ctx)
-            store.prefill(key_states, value_states, plan.bits, plan.residual)
+            store.prefill(key_states, value_states, plan.bits, plan.residual, plan.channel_scales)
             self.cache._record_plan(self.layer_idx, plan)
             return key_states, value_states
         rule = self.cache.policy.decode_rule(self.layer_idx)
         store.append(key_states, value_states, rule.bits, rule.keep_recent, rule.flush_every)
+        if note is not None and self.cache.segment_attention and key_states.shape[-2] == 1 and store.segments:
+            # the registered attention reads the segments directly; hand it the store, not a float copy
+            note.pending = store
+            r = store.residual_len
+            return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
         return store.materialize()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -120,6 +129,8 @@ class QuantizedKVCache(Cache):
     policy:  a `Policy` or a registered name (`"kivi"`, `"rtn-2"`...); `**options` go to `get_policy`.
     tokenizer: optional; lets modality adapters label vision marker tokens (e.g. Idefics3's <global-img>).
     residual_dtype: dtype of unquantized ("16-bit") tokens; None = the model's, or float16 for a float32 model.
+    segment_attention: decode steps read the packed segments chunk by chunk in the registered attention
+             function (`vlmkv/attention.py`) instead of materializing float K/V; False = always materialize.
 
     Policies that need hooks on the model install them here and remove them on `close()` or at the end
     of a `with` block. A forward pre-hook records the prompt's `input_ids`/`attention_mask` so that
@@ -127,7 +138,7 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
-                 **options):
+                 segment_attention: bool = True, **options):
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
         if residual_dtype is not None and not isinstance(residual_dtype, torch.dtype):
             raise ValueError(f"residual_dtype must be a torch.dtype or None, got {residual_dtype!r}")
@@ -145,8 +156,11 @@ class QuantizedKVCache(Cache):
         self.layer_stats: dict[int, dict] = {}  # per-layer data hooks collect (e.g. massive activations)
         self.plans: dict[int, dict] = {}
         self._hooks = []
-        self.attn_flags = None  # per layer, set by HadamardAttention: "rotate the next query"
+        self.closed = False
+        self.notes = None  # per layer, set by CacheAttention: what the next attention call must do
+        self.segment_attention = segment_attention
         self.rotate_keys = bool(self.policy.hadamard_keys)
+        segment_attention = bool(segment_attention)
         if self.rotate_keys and self.model is None:
             raise ValueError(f"model must be a torch module for {self.policy.name} (Hadamard keys need the attention "
                              f"function installed), got {type(model).__name__!r}")
@@ -163,6 +177,10 @@ class QuantizedKVCache(Cache):
         if self.model is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
             try:
+                if self.rotate_keys or (segment_attention and not self.policy.keep_model_dtype):
+                    from .attention import CacheAttention
+
+                    self._hooks.append(CacheAttention(self.model, self))
                 self._hooks.extend(self.policy.install(self.model, self))
             except Exception:
                 self.close()
@@ -208,7 +226,8 @@ class QuantizedKVCache(Cache):
         for h in reversed(self._hooks):
             h.remove()
         self._hooks = []
-        self.rotate_keys = False
+        self.notes = None
+        self.closed = True
 
     def __enter__(self):
         return self

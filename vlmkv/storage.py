@@ -107,6 +107,7 @@ class LayerStore:
         self.res_v: torch.Tensor | None = None
         self.res_bits: torch.Tensor | None = None  # int16 [B, r]
         self.length = 0  # slots held (quantized + residual)
+        self.channel_scales: tuple | None = None  # (k, v) divisors [B, H, 1, D] applied to quantized tokens
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -115,8 +116,9 @@ class LayerStore:
 
     def nbytes(self) -> int:
         """Every byte held: packed codes, scales, zero points, index maps, residual buffer and its bit map."""
+        cs = sum(_nbytes(t) for t in self.channel_scales) if self.channel_scales else 0
         return (sum(s.nbytes() for s in self.segments.values())
-                + _nbytes(self.res_k) + _nbytes(self.res_v) + _nbytes(self.res_bits))
+                + _nbytes(self.res_k) + _nbytes(self.res_v) + _nbytes(self.res_bits) + cs)
 
     def num_elements(self) -> int:
         """Key + value elements of the cached slots (what FP16 would store at 2 bytes each)."""
@@ -178,14 +180,19 @@ class LayerStore:
             if b == 16:
                 seg = Segment(16, kk.to(self.full_dtype).contiguous(), vv.to(self.full_dtype).contiguous(), index, start)
             else:
+                if self.channel_scales is not None:
+                    sk, sv = self.channel_scales
+                    kk, vv = kk / sk.to(kk.dtype), vv / sv.to(vv.dtype)
                 seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
             if b in self.segments:
                 self.segments[b].append(seg)
             else:
                 self.segments[b] = seg
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int) -> None:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int,
+                channel_scales: tuple | None = None) -> None:
         """First write: commit all but the last `residual` tokens, keep those in the buffer."""
+        self.channel_scales = channel_scales
         n = k.shape[-2]
         if not 0 <= residual <= n:
             raise ValueError(f"residual must be in [0, {n}], got {residual!r}")
@@ -239,6 +246,8 @@ class LayerStore:
         for seg in self.segments.values():
             dk, dv = seg.dequantized(self.dtype)
             dk, dv = dk.to(self.dtype), dv.to(self.dtype)
+            if self.channel_scales is not None and seg.bits < 16:
+                dk, dv = dk * self.channel_scales[0].to(self.dtype), dv * self.channel_scales[1].to(self.dtype)
             if seg.index is None:
                 kbuf[:, :, seg.start:seg.start + seg.n] = dk
                 vbuf[:, :, seg.start:seg.start + seg.n] = dv
@@ -284,5 +293,7 @@ class LayerStore:
         """Apply a batch-dimension op to every stored tensor (beam reorder, repeat, select)."""
         for seg in self.segments.values():
             seg.map(fn)
+        if self.channel_scales is not None:
+            self.channel_scales = tuple(fn(t) for t in self.channel_scales)
         if self.res_k is not None:
             self.res_k, self.res_v, self.res_bits = fn(self.res_k), fn(self.res_v), fn(self.res_bits)

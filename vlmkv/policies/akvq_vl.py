@@ -80,14 +80,14 @@ class AKVQVLPolicy(Policy):
         return tuple(sorted({self.low_bits, self.text_bits}))
 
     def install(self, model, cache) -> list:
-        from ..attention import HadamardAttention
+        from ..attention import install_hadamard
         from ..models.hooks import MassiveActivationHooks
 
         out = []
         if self.pivots and self.num_pivots > 0:
             out.append(MassiveActivationHooks(model, cache))
         if self.wht:
-            out.append(HadamardAttention(model, cache, fold_values=True))
+            out.extend(install_hadamard(model, cache))
         return out
 
     # ------------------------------------------------------------------ planning

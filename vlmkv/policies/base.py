@@ -64,10 +64,14 @@ class BitPlan:
     bits:     int `[B, S]`, the bit-width (2, 4, 8 or 16) each token is stored at.
     residual: the last `residual` tokens wait in the full-precision residual buffer and are quantized
               later (to their planned bits) by the decode rule's flushes; 0 commits everything now.
+    channel_scales: see below; fixed at prefill for the layer's whole life.
     """
 
     bits: torch.Tensor
     residual: int = 0
+    #: optional per-channel divisors (keys, values), each `[B, H, 1, D]`: quantized tokens are stored as
+    #: x / s and read back as x' * s (SmoothQuant); powers of two keep the round trip exact
+    channel_scales: tuple | None = None
 
 
 @dataclass(frozen=True)

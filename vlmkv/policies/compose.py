@@ -75,11 +75,11 @@ class WithHadamard(PolicyWrapper):
         return True
 
     def install(self, model, cache) -> list:
-        from ..attention import HadamardAttention
+        from ..attention import install_hadamard
 
         out = self.inner.install(model, cache)
         if not self.inner.hadamard_keys:
-            out.append(HadamardAttention(model, cache, fold_values=True))
+            out.extend(install_hadamard(model, cache))
         return out
 
 

@@ -92,6 +92,19 @@ class QTensor:
         """Apply `fn` (an index/cat op along the leading dims) to every stored tensor."""
         return QTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.spec, self.d, self.dtype)
 
+    def slice_tokens(self, start: int, stop: int) -> "QTensor":
+        """Tokens [start, stop) as a QTensor sharing storage; for per-channel groups both ends must fall on
+        group boundaries (the scales then slice by group)."""
+        if self.spec.axis == "channel":
+            g = self.spec.group_size
+            if start % g or (stop % g and stop != self.n):
+                raise ValueError(f"start/stop must be multiples of group_size={g} for per-channel groups, got {(start, stop)!r}")
+            gs, ge = start // g, -(-stop // g)
+            return QTensor(self.codes[..., start:stop, :], self.scale[..., gs:ge, :], self.zero[..., gs:ge, :],
+                           self.spec, self.d, self.dtype)
+        return QTensor(self.codes[..., start:stop, :], self.scale[..., start:stop, :], self.zero[..., start:stop, :],
+                       self.spec, self.d, self.dtype)
+
     @staticmethod
     def cat(parts: list["QTensor"], dim: int = -2) -> "QTensor":
         """Concatenate along the token dimension without touching the codes (no requantization)."""
@@ -147,18 +160,40 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
 
 
+_LUTS: dict = {}
+
+
+def _code_lut(bits: int, device) -> torch.Tensor:
+    """float32 `[256, 8 // bits]`: the codes packed in each possible byte (unpacking by table lookup is one
+    gather instead of shift, mask and convert passes)."""
+    key = (bits, str(device))
+    if key not in _LUTS:
+        per = 8 // bits
+        byte = torch.arange(256)
+        _LUTS[key] = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).float().to(device)
+    return _LUTS[key]
+
+
 def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Equation (4): `scale * (Q - zero)`, returned as `[..., n, d]` in `dtype` (default: the input's)."""
+    """Equation (4): `scale * (Q - zero)`, returned as `[..., n, d]` in `dtype` (default: the input's).
+
+    Computed as `Q * scale + (-zero * scale)` with the codes unpacked by table lookup; equal to
+    `(unpack_bits(codes) - zero) * scale` up to float rounding of the fused multiply-add.
+    """
     spec = qt.spec
-    q = unpack_bits(qt.codes, spec.bits, qt.d).float()
     g = spec.group_size
-    *lead, n, d = q.shape
+    lead, n, d = qt.codes.shape[:-2], qt.codes.shape[-2], qt.d
+    lut = _code_lut(spec.bits, qt.codes.device)
+    # index_select on flat indices: ~3x faster on CPU than advanced indexing lut[codes]
+    q = lut.index_select(0, qt.codes.reshape(-1).long()).view(*lead, n, -1)  # [..., n, bytes * per]
+    if q.shape[-1] != d:
+        q = q[..., :d]
     scale = qt.scale.float()
-    zero = qt.zero.float()
+    bias = -qt.zero.float() * scale
     if spec.axis == "token":
-        out = (q.view(*lead, n, d // g, g) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        out = torch.addcmul(bias.unsqueeze(-1), q.reshape(*lead, n, d // g, g), scale.unsqueeze(-1))
     else:
-        out = (q.view(*lead, n // g, g, d) - zero.unsqueeze(-2)) * scale.unsqueeze(-2)
+        out = torch.addcmul(bias.unsqueeze(-2), q.reshape(*lead, n // g, g, d), scale.unsqueeze(-2))
     return out.reshape(*lead, n, d).to(dtype or qt.dtype)
 
 

@@ -1,0 +1,44 @@
+import torch
+
+from vlmkv import QuantizedKVCache, get_policy
+from vlmkv.policies.smoothquant import smoothing_scales
+from vlmkv.quant import QuantSpec
+from vlmkv.storage import LayerStore
+
+
+def test_smoothing_is_an_exact_identity_before_quantization():
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 40, 32) * torch.logspace(-2, 2, 32)  # channels of very different ranges
+    v = torch.randn(2, 3, 40, 32)
+    sk, sv = smoothing_scales(k, 0.5), smoothing_scales(v, 0.5)
+    assert torch.equal(torch.log2(sk.float()), torch.round(torch.log2(sk.float())))  # powers of two
+    assert torch.equal((k / sk.float()) * sk.float(), k) and torch.equal((v / sv.float()) * sv.float(), v)
+    # through the storage: 16-bit "quantization" of the smoothed tokens reads back exactly
+    store = LayerStore(lambda b, kind: QuantSpec(b, 32), torch.float32, "cpu", full_dtype=torch.float32)
+    store.prefill(k, v, torch.full((2, 40), 16), 0, (sk, sv))
+    kk, vv = store.materialize()
+    assert torch.equal(kk, k) and torch.equal(vv, v)
+
+
+def test_smoothing_flattens_channel_outliers_and_helps_quantization():
+    torch.manual_seed(0)
+    k = torch.randn(1, 1, 256, 64)
+    k[..., 3] *= 40  # an outlier channel, as in real keys
+    err = {}
+    for name, scales in (("plain", None), ("smooth", (smoothing_scales(k, 0.5), smoothing_scales(k, 0.5)))):
+        store = LayerStore(lambda b, kind: QuantSpec(b, 64), torch.float32, "cpu")
+        store.prefill(k, k, torch.full((1, 256), 4), 0, scales)
+        kk, _ = store.materialize()
+        err[name] = float(((kk - k) ** 2).mean())
+    assert err["smooth"] < err["plain"] / 2
+
+
+@torch.no_grad()
+def test_smoothquant_bytes_include_the_divisors(tiny_llama, padded_batch):
+    ids, mask = padded_batch
+    with QuantizedKVCache(tiny_llama, get_policy("smoothquant", bits=4)) as cache:
+        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        st = cache.layers[0].store
+        assert st.channel_scales[0].shape == (2, 2, 1, 32)
+        seg = st.segments[4]
+        assert st.nbytes() == seg.nbytes() + 2 * (2 * 2 * 32 * 2) + 2 * 0  # + two fp16 [B, H, 1, D] divisors

@@ -1,0 +1,63 @@
+"""`smoothquant`: SmoothQuant applied to the KV cache, as seed 002's baseline (Xiao et al., 2023,
+"SmoothQuant"; seed 002, Section IV-A: "we apply SmoothQuant to scale the Keys and Values, with the
+parameter alpha set to 0.5").
+
+Per layer, kv head and channel c, from the prefill keys (and values): s_c = max_t |X_{t,c}|^alpha, rounded
+to a power of two. Quantized tokens are stored as X / s (per-token asymmetric groups, as `rtn`) and read
+back as X' * s, so channel outliers are flattened before quantization and the transform itself is exact
+(division and multiplication by a power of two lose nothing). The partner side of SmoothQuant's formula
+(max |W|^(1-alpha); for keys that would be the query) is taken as 1: the cache sees keys and values only.
+The divisors cost 2 x H x D fp16 values per row and layer, counted in `nbytes()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import QuantSpec
+from .base import (BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_positive,
+                   effective_group, register_policy, uniform_plan)
+
+
+def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, H, 1, D]` float16 powers of two: 2^round(log2(max_t |x| ^ alpha)) over the unmasked tokens.
+
+    x: `[B, H, S, D]`; mask: bool `[B, S]` (False on padding) or None.
+    """
+    a = x.detach().abs().float()
+    if mask is not None:
+        a = a * mask[:, None, :, None].to(a.dtype)
+    m = a.amax(dim=2, keepdim=True).clamp_min(1e-4) ** alpha
+    return torch.exp2(torch.round(torch.log2(m))).clamp(2.0 ** -14, 2.0 ** 14).to(torch.float16)
+
+
+@register_policy
+@dataclass
+class SmoothQuantPolicy(Policy):
+    name = "smoothquant"
+    bits: int = 2
+    alpha: float = 0.5
+    group_size: int = 128
+    clip_ratio: float = 1.0
+
+    def __post_init__(self):
+        check_bits(self.bits, (2, 4, 8))
+        check_positive(self.group_size, "group_size")
+        check_clip(self.clip_ratio)
+        if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+
+    def bit_widths(self):
+        return (self.bits,)
+
+    def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
+        scales = (smoothing_scales(ctx.keys, self.alpha, ctx.attention_mask),
+                  smoothing_scales(ctx.values, self.alpha, ctx.attention_mask))
+        return BitPlan(uniform_plan(ctx, self.bits), residual=0, channel_scales=scales)
+
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
+        return DecodeRule(bits=self.bits, keep_recent=0, flush_every=1)
+
+    def spec(self, bits, kind, head_dim):
+        return QuantSpec(bits, effective_group(self.group_size, head_dim), self.clip_ratio, "token")
