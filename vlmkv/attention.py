@@ -31,7 +31,8 @@ from .quant import QTensor, dequantize, fwht, hadamard_matrix
 
 _REGISTERED = False
 NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
-CHUNK_TOKENS = 2048  # dequantized chunk: large enough to amortize op dispatch, small enough to stay in cache
+CHUNK_TOKENS = 1024  # the least tokens a chunk holds; a chunk grows to CHUNK_ELEMENTS decoded values
+CHUNK_ELEMENTS = 1 << 22  # 16 MB of float codes per chunk: amortizes op dispatch, bounds the scratch memory
 
 
 @dataclass
@@ -59,6 +60,42 @@ def _allowed(mask: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
     return out
 
 
+def _codes(qt: QTensor) -> torch.Tensor:
+    """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied)."""
+    from .quant.uniform import _code_lut
+
+    lut = _code_lut(qt.spec.bits, qt.codes.device)
+    c = lut.index_select(0, qt.codes.reshape(-1).long()).view(*qt.codes.shape[:-1], -1)
+    return c if c.shape[-1] == qt.d else c[..., :qt.d]
+
+
+def qk_from_codes(q: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """Scores q . k for per-token-group keys without dequantizing: with k = s (c - z) per group g,
+    q . k = sum_g s_g (q_g . c_g) - s_g z_g sum(q_g). q: `[B, H, r, D]` float; returns `[B, H, r, n]`."""
+    c = _codes(qt)
+    B, H, n, D = c.shape
+    ng = qt.scale.shape[-1]
+    s = qt.scale.float()  # [B, H, n, ng]
+    b = -qt.zero.float() * s
+    qg = q.view(B, H, q.shape[2], ng, D // ng)
+    qc = torch.einsum("bhrkg,bhnkg->bhrnk", qg, c.view(B, H, n, ng, D // ng))
+    return (qc * s[:, :, None]).sum(-1) + torch.einsum("bhrk,bhnk->bhrn", qg.sum(-1), b)
+
+
+def pv_from_codes(p: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """sum_n p_n v_n for per-token-group values without dequantizing (v = s (c - z) per group).
+    p: `[B, H, r, n]` float; returns `[B, H, r, D]`."""
+    c = _codes(qt)
+    B, H, n, D = c.shape
+    ng = qt.scale.shape[-1]
+    s = qt.scale.float()
+    b = -qt.zero.float() * s
+    w = p[..., None] * s[:, :, None]  # [B, H, r, n, ng]
+    out = torch.einsum("bhrnk,bhnkg->bhrkg", w, c.view(B, H, n, ng, D // ng))
+    out = out + torch.einsum("bhrn,bhnk->bhrk", p, b)[..., None]
+    return out.reshape(B, H, p.shape[2], D)
+
+
 def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch.Tensor:
     """Decode attention over a `LayerStore`, segment by segment, without materializing the cache.
 
@@ -83,26 +120,48 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
 
     cs = store.channel_scales
+
+    def piece_codes(kq, vq, ok):
+        # scores and weighted values straight from the codes (one table lookup pass each, no dequantized copy)
+        nonlocal Hkv
+        Hkv = kq.codes.shape[1]
+        q = query.float().view(B, Hkv, Hq // Hkv, D)
+        if cs is not None:
+            q = q * cs[0].float()
+        s = qk_from_codes(q, kq) * scaling
+        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+        e = torch.exp(s - m)
+        o = pv_from_codes(e, vq)
+        if cs is not None:
+            o = o * cs[1].float()
+        parts.append((m, e.sum(-1, keepdim=True), o))
+
     for seg in store.segments.values():
         n = seg.n
-        step = CHUNK_TOKENS
+        B_, H_ = (seg.k.codes if isinstance(seg.k, QTensor) else seg.k).shape[:2]
+        step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, B_ * H_ * D)) if CHUNK_TOKENS >= 1024 else CHUNK_TOKENS
         if isinstance(seg.k, QTensor):
             for qt in (seg.k, seg.v):  # chunks end on per-channel group boundaries
                 if qt.spec.axis == "channel":
                     step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
+        on_codes = isinstance(seg.k, QTensor) and seg.k.spec.axis == "token" and seg.v.spec.axis == "token"
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
+            if seg.index is None:
+                ok = allowed[:, seg.start + s0:seg.start + s1]
+            else:
+                idx = seg.index[:, s0:s1].long()
+                ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
+            if on_codes:
+                piece_codes(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
+                continue
             if isinstance(seg.k, QTensor):
                 k, v = dequantize(seg.k.slice_tokens(s0, s1)), dequantize(seg.v.slice_tokens(s0, s1))
                 if cs is not None:
                     k, v = k * cs[0].to(k.dtype), v * cs[1].to(v.dtype)
             else:
                 k, v = seg.k[:, :, s0:s1], seg.v[:, :, s0:s1]
-            if seg.index is None:
-                ok = allowed[:, seg.start + s0:seg.start + s1]
-            else:
-                idx = seg.index[:, s0:s1].long()
-                ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
             piece(k, v, ok)
     r = store.residual_len
     if r:
