@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import QuantSpec
-from .base import (BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_positive,
-                   effective_group, register_policy, uniform_plan)
+from .base import BitPlan, PrefillContext, register_policy
+from .rtn import RTNPolicy
 
 
 def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,30 +33,20 @@ def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = 
 
 @register_policy
 @dataclass
-class SmoothQuantPolicy(Policy):
+class SmoothQuantPolicy(RTNPolicy):
+    """RTN (per-token groups, quantized at once) on smoothed keys and values."""
+
     name = "smoothquant"
     bits: int = 2
     alpha: float = 0.5
-    group_size: int = 128
-    clip_ratio: float = 1.0
 
     def __post_init__(self):
-        check_bits(self.bits, (2, 4, 8))
-        check_positive(self.group_size, "group_size")
-        check_clip(self.clip_ratio)
+        super().__post_init__()
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
 
-    def bit_widths(self):
-        return (self.bits,)
-
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
-        scales = (smoothing_scales(ctx.keys, self.alpha, ctx.attention_mask),
-                  smoothing_scales(ctx.values, self.alpha, ctx.attention_mask))
-        return BitPlan(uniform_plan(ctx, self.bits), residual=0, channel_scales=scales)
-
-    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
-        return DecodeRule(bits=self.bits, keep_recent=0, flush_every=1)
-
-    def spec(self, bits, kind, head_dim):
-        return QuantSpec(bits, effective_group(self.group_size, head_dim), self.clip_ratio, "token")
+        plan = super().plan_prefill(ctx)
+        plan.channel_scales = (smoothing_scales(ctx.keys, self.alpha, ctx.attention_mask),
+                               smoothing_scales(ctx.values, self.alpha, ctx.attention_mask))
+        return plan
