@@ -61,15 +61,19 @@ def cmd_generate(args) -> int:
 
     policy = _policy_from_args(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device)
+    model, proc = load_model(args.model, device=args.device)
     t_load = time.perf_counter() - t0
-    inputs = _chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
+    tok = getattr(proc, "tokenizer", proc)
+    if args.image:
+        inputs = {k: (v.to(args.device) if hasattr(v, "to") else v) for k, v in build_inputs(proc, args.prompt, args.image).items()}
+    else:
+        inputs = _chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
     if args.temperature > 0:
         gen.update(temperature=args.temperature, top_p=args.top_p)
-    with QuantizedKVCache(model, policy) as cache:
+    with QuantizedKVCache(model, policy, tokenizer=tok) as cache:
         t0 = time.perf_counter()
         out = model.generate(**inputs, past_key_values=cache, pad_token_id=tok.pad_token_id, **gen)
         dt = time.perf_counter() - t0
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=int, default=None, help="bit-width for methods that take one (2, 4 or 8)")
     g.add_argument("--option", action="append", metavar="NAME=VALUE", help="other method option, e.g. group_size=64; repeatable")
     g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--image", action="append", help="image file for a vision-language model; repeatable")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=0.95)
