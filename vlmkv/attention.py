@@ -70,13 +70,22 @@ def _codes(qt: QTensor) -> torch.Tensor:
 
 
 def qk_from_codes(q: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    """Scores q . k for per-token-group keys without dequantizing: with k = s (c - z) per group g,
-    q . k = sum_g s_g (q_g . c_g) - s_g z_g sum(q_g). q: `[B, H, r, D]` float; returns `[B, H, r, n]`."""
+    """Scores q . k without dequantizing. Per-token groups: with k = s (c - z) per group g,
+    q . k = sum_g s_g (q_g . c_g) - s_g z_g sum(q_g); per-channel groups (KIVI keys): see below.
+    q: `[B, H, r, D]` float; returns `[B, H, r, n]`."""
     c = _codes(qt)
     B, H, n, D = c.shape
-    ng = qt.scale.shape[-1]
-    s = qt.scale.float()  # [B, H, n, ng]
+    s = qt.scale.float()
     b = -qt.zero.float() * s
+    if qt.spec.axis == "channel":
+        # per-channel groups of G tokens: k_td = c_td s_gd + b_gd, so q . k_t = (q * s_g) . c_t + q . b_g
+        G = qt.spec.group_size
+        ng = n // G
+        qs = q[:, :, :, None, :] * s[:, :, None]  # [B, H, r, ng, D]
+        sc = torch.einsum("bhrkd,bhkgd->bhrkg", qs, c.view(B, H, ng, G, D))
+        sc = sc + torch.einsum("bhrd,bhkd->bhrk", q, b)[..., None]
+        return sc.reshape(B, H, q.shape[2], n)
+    ng = qt.scale.shape[-1]  # per-token groups: s, b are [B, H, n, ng]
     qg = q.view(B, H, q.shape[2], ng, D // ng)
     qc = torch.einsum("bhrkg,bhnkg->bhrnk", qg, c.view(B, H, n, ng, D // ng))
     return (qc * s[:, :, None]).sum(-1) + torch.einsum("bhrk,bhnk->bhrn", qg.sum(-1), b)
@@ -145,7 +154,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             for qt in (seg.k, seg.v):  # chunks end on per-channel group boundaries
                 if qt.spec.axis == "channel":
                     step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
-        on_codes = isinstance(seg.k, QTensor) and seg.k.spec.axis == "token" and seg.v.spec.axis == "token"
+        on_codes = isinstance(seg.k, QTensor) and seg.v.spec.axis == "token"
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
             if seg.index is None:
