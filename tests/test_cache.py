@@ -134,7 +134,7 @@ def test_kivi_never_quantizes_incomplete_channel_groups(tiny_llama):
 
 def test_history_is_never_requantized():
     """Flushing appends codes: everything stored before stays byte-identical."""
-    spec = lambda bits, kind: QuantSpec(bits, 32, 1.0, "channel" if kind == "key" else "token")
+    spec = lambda bits, kind, d=None: QuantSpec(bits, 32, 1.0, "channel" if kind == "key" else "token")
     store = LayerStore(spec, torch.float32, "cpu")
     torch.manual_seed(0)
     k, v = torch.randn(2, 2, 64, 32), torch.randn(2, 2, 64, 32)
@@ -150,7 +150,7 @@ def test_history_is_never_requantized():
 def test_mixed_plan_rows_differ_and_slot_order_is_kept():
     """Per-row plans with different counts per width: filler pads the shorter rows, materialize() returns
     every token at its own slot; 16-bit tokens come back exactly."""
-    spec = lambda bits, kind: QuantSpec(bits, 16, 1.0, "token")
+    spec = lambda bits, kind, d=None: QuantSpec(bits, 16, 1.0, "token")
     store = LayerStore(spec, torch.float32, "cpu")
     torch.manual_seed(0)
     k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)

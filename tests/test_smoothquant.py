@@ -14,7 +14,7 @@ def test_smoothing_is_an_exact_identity_before_quantization():
     assert torch.equal(torch.log2(sk.float()), torch.round(torch.log2(sk.float())))  # powers of two
     assert torch.equal((k / sk.float()) * sk.float(), k) and torch.equal((v / sv.float()) * sv.float(), v)
     # through the storage: 16-bit "quantization" of the smoothed tokens reads back exactly
-    store = LayerStore(lambda b, kind: QuantSpec(b, 32), torch.float32, "cpu", full_dtype=torch.float32)
+    store = LayerStore(lambda b, kind, d=None: QuantSpec(b, 32), torch.float32, "cpu", full_dtype=torch.float32)
     store.prefill(k, v, torch.full((2, 40), 16), 0, (sk, sv))
     kk, vv = store.materialize()
     assert torch.equal(kk, k) and torch.equal(vv, v)
@@ -26,7 +26,7 @@ def test_smoothing_flattens_channel_outliers_and_helps_quantization():
     k[..., 3] *= 40  # an outlier channel, as in real keys
     err = {}
     for name, scales in (("plain", None), ("smooth", (smoothing_scales(k, 0.5), smoothing_scales(k, 0.5)))):
-        store = LayerStore(lambda b, kind: QuantSpec(b, 64), torch.float32, "cpu")
+        store = LayerStore(lambda b, kind, d=None: QuantSpec(b, 64), torch.float32, "cpu")
         store.prefill(k, k, torch.full((1, 256), 4), 0, scales)
         kk, _ = store.materialize()
         err[name] = float(((kk - k) ** 2).mean())
@@ -42,3 +42,34 @@ def test_smoothquant_bytes_include_the_divisors(tiny_llama, padded_batch):
         assert st.channel_scales[0].shape == (2, 2, 1, 32)
         seg = st.segments[4]
         assert st.nbytes() == seg.nbytes() + 2 * (2 * 2 * 32 * 2) + 2 * 0  # + two fp16 [B, H, 1, D] divisors
+
+
+def test_skvq_reordering_is_a_permutation_undone_exactly():
+    from vlmkv.policies.skvq import range_order
+    from vlmkv.storage import _flatten, _unflatten
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 20, 16) * torch.rand(3, 1, 16) * 10
+    perm = range_order(k, None)
+    assert sorted(perm.tolist()) == list(range(48))  # a permutation of the 3 x 16 channels
+    assert torch.equal(_unflatten(_flatten(k, perm), perm, 3), k)
+    # through the storage at 16 bits: exact; at 8 bits: every channel back in its place, within half a step
+    store = LayerStore(lambda b, kind, d: QuantSpec(b, min(16, d)), torch.float32, "cpu", full_dtype=torch.float32)
+    store.prefill(k, k, torch.full((2, 20), 8), 0, None, (perm, perm))
+    kk, _ = store.materialize()
+    assert kk.shape == k.shape and (kk - k).abs().max() < 0.1
+    assert store.segments[8].k.codes.shape == (2, 1, 20, 48)
+
+
+@torch.no_grad()
+def test_skvq_groups_similar_ranges_and_keeps_sinks(tiny_llama):
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with QuantizedKVCache(tiny_llama, get_policy("skvq", window=8, sinks=5)) as cache:
+        tiny_llama(input_ids=ids, past_key_values=cache)
+        bits = cache.plans[0]["bits"][0]
+        assert bits[:5].tolist() == [16] * 5 and set(bits[5:].tolist()) == {2}
+        st = cache.layers[0].store
+        assert st.residual_len == 8 and st.channel_perm[0].shape == (2 * 32,)
+        assert st.segments[2].k.codes.shape[1] == 1  # heads flattened: groups of 64 over 2 heads x 32 channels
+        out = tiny_llama(input_ids=ids[:, :1], past_key_values=cache)
+        assert torch.isfinite(out.logits).all()

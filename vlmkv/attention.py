@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .models.hooks import attention_modules, text_config
-from .quant import QTensor, dequantize, fwht, hadamard_matrix
+from .quant import QTensor, fwht, hadamard_matrix
 
 _REGISTERED = False
 NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
@@ -148,13 +148,14 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
 
     for seg in store.segments.values():
         n = seg.n
-        B_, H_ = (seg.k.codes if isinstance(seg.k, QTensor) else seg.k).shape[:2]
-        step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, B_ * H_ * D)) if CHUNK_TOKENS >= 1024 else CHUNK_TOKENS
+        t = seg.k.codes if isinstance(seg.k, QTensor) else seg.k
+        per_token = t.shape[1] * (seg.k.d if isinstance(seg.k, QTensor) else t.shape[-1])
+        step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, t.shape[0] * per_token)) if CHUNK_TOKENS >= 1024 else CHUNK_TOKENS
         if isinstance(seg.k, QTensor):
             for qt in (seg.k, seg.v):  # chunks end on per-channel group boundaries
                 if qt.spec.axis == "channel":
                     step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
-        on_codes = isinstance(seg.k, QTensor) and seg.v.spec.axis == "token"
+        on_codes = isinstance(seg.k, QTensor) and seg.v.spec.axis == "token" and store.channel_perm is None
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
             if seg.index is None:
@@ -165,12 +166,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             if on_codes:
                 piece_codes(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
                 continue
-            if isinstance(seg.k, QTensor):
-                k, v = dequantize(seg.k.slice_tokens(s0, s1)), dequantize(seg.v.slice_tokens(s0, s1))
-                if cs is not None:
-                    k, v = k * cs[0].to(k.dtype), v * cs[1].to(v.dtype)
-            else:
-                k, v = seg.k[:, :, s0:s1], seg.v[:, :, s0:s1]
+            k, v = store.read(seg, s0, s1)
             piece(k, v, ok)
     r = store.residual_len
     if r:

@@ -48,11 +48,11 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        policy, hd = self.cache.policy, key_states.shape[-1]
+        policy = self.cache.policy
         full = self.cache.residual_dtype or self.dtype
         if self.cache.residual_dtype is None and self.dtype == torch.float32 and not policy.keep_model_dtype:
             full = torch.float16  # "16 bits" is 16 bits of memory, also for a float32 model
-        self.store = LayerStore(lambda bits, kind: policy.spec(bits, kind, hd), self.dtype, self.device, full)
+        self.store = LayerStore(lambda bits, kind, d: policy.spec(bits, kind, d), self.dtype, self.device, full)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -71,7 +71,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             ctx = self.cache.prefill_context(self.layer_idx, key_states, value_states)
             plan = self.cache.policy.plan_prefill(ctx)
             self.cache.check_plan(plan, ctx)
-            store.prefill(key_states, value_states, plan.bits, plan.residual, plan.channel_scales)
+            store.prefill(key_states, value_states, plan.bits, plan.residual, plan.channel_scales, plan.channel_perm)
             self.cache._record_plan(self.layer_idx, plan)
             return key_states, value_states
         rule = self.cache.policy.decode_rule(self.layer_idx)

@@ -31,11 +31,24 @@ import torch
 
 from .quant import QTensor, QuantSpec, dequantize, quantize
 
-SpecFn = Callable[[int, str], QuantSpec]
+SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def _flatten(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """`[B, H, n, D]` -> `[B, 1, n, H * D]` with the channels permuted by `perm` (channel c of head h is h*D + c)."""
+    B, H, n, D = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B, n, H * D).index_select(-1, perm.long().to(x.device)).unsqueeze(1)
+
+
+def _unflatten(x: torch.Tensor, perm: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `_flatten`: `[B, 1, n, H * D]` -> `[B, H, n, D]`."""
+    B, _, n, HD = x.shape
+    y = x.squeeze(1).index_select(-1, torch.argsort(perm.long().to(x.device)))
+    return y.view(B, n, heads, HD // heads).permute(0, 2, 1, 3)
 
 
 @dataclass
@@ -94,7 +107,8 @@ class Segment:
 class LayerStore:
     """One layer's quantized KV storage.
 
-    spec_fn(bits, kind) gives the quantizer for `kind` in {"key", "value"} at `bits` < 16.
+    spec_fn(bits, kind, d) gives the quantizer for `kind` in {"key", "value"} at `bits` < 16, for rows of d
+    channels (the head dimension, or H * D when a channel permutation flattens the heads).
     """
 
     def __init__(self, spec_fn: SpecFn, dtype: torch.dtype, device, full_dtype: torch.dtype | None = None):
@@ -108,6 +122,8 @@ class LayerStore:
         self.res_bits: torch.Tensor | None = None  # int16 [B, r]
         self.length = 0  # slots held (quantized + residual)
         self.channel_scales: tuple | None = None  # (k, v) divisors [B, H, 1, D] applied to quantized tokens
+        self.channel_perm: tuple | None = None  # (k, v) int16 [H * D] permutations of quantized tokens' channels
+        self.num_heads: int | None = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -117,6 +133,7 @@ class LayerStore:
     def nbytes(self) -> int:
         """Every byte held: packed codes, scales, zero points, index maps, residual buffer and its bit map."""
         cs = sum(_nbytes(t) for t in self.channel_scales) if self.channel_scales else 0
+        cs += sum(_nbytes(t) for t in self.channel_perm) if self.channel_perm else 0
         return (sum(s.nbytes() for s in self.segments.values())
                 + _nbytes(self.res_k) + _nbytes(self.res_v) + _nbytes(self.res_bits) + cs)
 
@@ -127,7 +144,7 @@ class LayerStore:
         elif self.segments:
             s = next(iter(self.segments.values()))
             t = s.k.codes if isinstance(s.k, QTensor) else s.k
-            b, h, d = t.shape[0], t.shape[1], (s.k.d if isinstance(s.k, QTensor) else t.shape[-1])
+            b, h, d = t.shape[0], t.shape[1], (s.k.d if isinstance(s.k, QTensor) else t.shape[-1])  # h*d is per token
         else:
             return 0
         return 2 * b * h * self.length * d
@@ -149,12 +166,15 @@ class LayerStore:
         k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}.
         """
         B, H, n, D = k.shape
+        if self.num_heads is None:
+            self.num_heads = H
         if n == 0:
             return
         for b in sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
             sel = bits == b
-            kspec = self.spec_fn(b, "key") if b != 16 else None
-            vspec = self.spec_fn(b, "value") if b != 16 else None
+            d_q = H * D if self.channel_perm is not None else D  # channels a quantized token carries
+            kspec = self.spec_fn(b, "key", d_q) if b != 16 else None
+            vspec = self.spec_fn(b, "value", d_q) if b != 16 else None
             mult = 1
             for s in (kspec, vspec):
                 if s is not None and s.axis == "channel":
@@ -183,6 +203,8 @@ class LayerStore:
                 if self.channel_scales is not None:
                     sk, sv = self.channel_scales
                     kk, vv = kk / sk.to(kk.dtype), vv / sv.to(vv.dtype)
+                if self.channel_perm is not None:
+                    kk, vv = _flatten(kk, self.channel_perm[0]), _flatten(vv, self.channel_perm[1])
                 seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
             if b in self.segments:
                 self.segments[b].append(seg)
@@ -190,9 +212,11 @@ class LayerStore:
                 self.segments[b] = seg
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int,
-                channel_scales: tuple | None = None) -> None:
+                channel_scales: tuple | None = None, channel_perm: tuple | None = None) -> None:
         """First write: commit all but the last `residual` tokens, keep those in the buffer."""
         self.channel_scales = channel_scales
+        self.num_heads = k.shape[1]
+        self.channel_perm = None if channel_perm is None else tuple(p.to(torch.int16) for p in channel_perm)
         n = k.shape[-2]
         if not 0 <= residual <= n:
             raise ValueError(f"residual must be in [0, {n}], got {residual!r}")
@@ -238,16 +262,13 @@ class LayerStore:
         any_t = self.res_k if self.res_k is not None else None
         seg0 = next(iter(self.segments.values()))
         ref = seg0.k.codes if isinstance(seg0.k, QTensor) else seg0.k
-        B, H = ref.shape[:2]
-        D = seg0.k.d if isinstance(seg0.k, QTensor) else seg0.k.shape[-1]
+        B, H = ref.shape[0], self.num_heads
+        D = (seg0.k.d if isinstance(seg0.k, QTensor) else seg0.k.shape[-1]) * ref.shape[1] // H
         dev = ref.device if any_t is None else any_t.device
         kbuf = torch.empty(B, H, L + 1, D, dtype=self.dtype, device=dev)  # column L takes filler
         vbuf = torch.empty_like(kbuf)
         for seg in self.segments.values():
-            dk, dv = seg.dequantized(self.dtype)
-            dk, dv = dk.to(self.dtype), dv.to(self.dtype)
-            if self.channel_scales is not None and seg.bits < 16:
-                dk, dv = dk * self.channel_scales[0].to(self.dtype), dv * self.channel_scales[1].to(self.dtype)
+            dk, dv = self.read(seg)
             if seg.index is None:
                 kbuf[:, :, seg.start:seg.start + seg.n] = dk
                 vbuf[:, :, seg.start:seg.start + seg.n] = dv
@@ -261,6 +282,20 @@ class LayerStore:
             kbuf[:, :, L - r:L] = self.res_k
             vbuf[:, :, L - r:L] = self.res_v
         return kbuf[:, :, :L], vbuf[:, :, :L]
+
+    def read(self, seg: Segment, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [start, stop) of a segment as float `[B, H, n, D]` in the model dtype, every transform undone."""
+        stop = seg.n if stop is None else stop
+        if not isinstance(seg.k, QTensor):
+            return seg.k[:, :, start:stop].to(self.dtype), seg.v[:, :, start:stop].to(self.dtype)
+        dk = dequantize(seg.k.slice_tokens(start, stop), self.dtype)
+        dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
+        if self.channel_perm is not None:
+            h = self.num_heads
+            dk, dv = _unflatten(dk, self.channel_perm[0], h), _unflatten(dv, self.channel_perm[1], h)
+        if self.channel_scales is not None:
+            dk, dv = dk * self.channel_scales[0].to(self.dtype), dv * self.channel_scales[1].to(self.dtype)
+        return dk, dv
 
     # ------------------------------------------------------------------ editing
     def crop(self, new_length: int) -> None:

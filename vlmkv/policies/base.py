@@ -72,6 +72,9 @@ class BitPlan:
     #: optional per-channel divisors (keys, values), each `[B, H, 1, D]`: quantized tokens are stored as
     #: x / s and read back as x' * s (SmoothQuant); powers of two keep the round trip exact
     channel_scales: tuple | None = None
+    #: optional channel permutations (keys, values), each long `[H * D]` over a token's channels of all kv
+    #: heads: quantized tokens are stored flattened across heads, permuted, grouped along H * D (SKVQ)
+    channel_perm: tuple | None = None
 
 
 @dataclass(frozen=True)
