@@ -27,7 +27,7 @@ from vlmkv.eval.fidelity import fidelity  # noqa: E402
 from vlmkv.eval.prompts import CITIES, copy_table_prompt, score_copy  # noqa: E402
 
 ROWS = [
-    ("rtn-4", {}), ("rtn-2", {}), ("kivi-2", {}),
+    ("rtn-4", {}), ("rtn-2", {}), ("kivi-2", {}), ("smoothquant-2", {}), ("skvq", {}),
     ("RTN INT2 (akvq-vl, all switches off)", {"wht": False, "text_4bit": False, "pivots": False}),
     ("+ WHT", {"wht": True, "text_4bit": False, "pivots": False}),
     ("+ WHT + text 4-bit", {"wht": True, "text_4bit": True, "pivots": False}),
@@ -52,7 +52,7 @@ def long_prompt(paragraphs: int = 12, seed: int = 0) -> str:
 
 
 def policy(name, opts):
-    if name.startswith(("rtn", "kivi")):
+    if name.startswith(("rtn", "kivi", "smoothquant", "skvq")):
         return name
     return vlmkv.get_policy("akvq-vl", **opts)
 
@@ -63,6 +63,7 @@ def main():
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--paragraphs", type=int, default=12)
     p.add_argument("--out", default=None)
+    p.add_argument("--only", default=None, help="comma-separated method labels to run (default: all)")
     args = p.parse_args()
     model, tok = vlmkv.load_model("smollm2-135m")
     x = _chat_inputs(tok, [long_prompt(args.paragraphs)], True)
@@ -71,7 +72,8 @@ def main():
     print(f"fidelity prompt: {x['input_ids'].shape[1]} tokens; copy prompt: {xc['input_ids'].shape[1]} tokens",
           file=sys.stderr)
     results = []
-    for label, opts in tqdm(ROWS, file=sys.stderr):
+    rows_to_run = [r for r in ROWS if not args.only or r[0] in args.only.split(",")]
+    for label, opts in tqdm(rows_to_run, file=sys.stderr):
         pol = policy(label, opts)
         fid = fidelity(model, x["input_ids"], x["attention_mask"], [pol], steps=args.steps)
         r = next(iter(fid.values()))

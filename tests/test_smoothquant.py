@@ -73,3 +73,8 @@ def test_skvq_groups_similar_ranges_and_keeps_sinks(tiny_llama):
         assert st.segments[2].k.codes.shape[1] == 1  # heads flattened: groups of 64 over 2 heads x 32 channels
         out = tiny_llama(input_ids=ids[:, :1], past_key_values=cache)
         assert torch.isfinite(out.logits).all()
+
+
+def test_skvq_group_falls_back_to_a_divisor():
+    p = get_policy("skvq")
+    assert p._group(192) == 96 and p._group(4096) == 128 and p._group(64) == 64

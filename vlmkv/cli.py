@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmkv",
         description="Cut the KV cache of Hugging Face (vision-)language models to 2-4 bits. "
-                    "Methods: fp16 (reference), rtn, kivi, akvq-vl (see `vlmkv list`).",
+                    "Methods: fp16 (reference), rtn, kivi, smoothquant, skvq, akvq-vl, windowquant, and wrappers "
+                    "such as windowquant+wht+pivots (see `vlmkv list`).",
         epilog="Example: vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt 'Why is the sky blue?'",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,17 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate an answer with the chosen KV-cache method and report the cache's real "
                                    "memory (counted from stored bytes) against FP16, and the time taken.")
     g.add_argument("--model", default="smollm2-135m", help="embedded name (smollm2-135m), Hugging Face id or local path")
-    g.add_argument("--method", default="kivi", help="registered method name, e.g. fp16, rtn, kivi, rtn-2 (see `vlmkv list`)")
+    g.add_argument("--method", default="kivi", help="registered method name, e.g. fp16, rtn-2, kivi, akvq-vl, "
+                                                     "windowquant+wht (see `vlmkv list`)")
     g.add_argument("--bits", type=int, default=None, help="bit-width for methods that take one (2, 4 or 8)")
     g.add_argument("--option", action="append", metavar="NAME=VALUE", help="other method option, e.g. group_size=64; repeatable")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--image", action="append", help="image file for a vision-language model; repeatable")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold when sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="compare methods on the embedded model: answers, KV bytes, fidelity, time",

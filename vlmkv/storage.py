@@ -44,10 +44,11 @@ def _flatten(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).reshape(B, n, H * D).index_select(-1, perm.long().to(x.device)).unsqueeze(1)
 
 
-def _unflatten(x: torch.Tensor, perm: torch.Tensor, heads: int) -> torch.Tensor:
-    """Inverse of `_flatten`: `[B, 1, n, H * D]` -> `[B, H, n, D]`."""
+def _unflatten(x: torch.Tensor, perm: torch.Tensor, heads: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `_flatten`: `[B, 1, n, H * D]` -> `[B, H, n, D]` (`inverse`: argsort(perm), if known)."""
     B, _, n, HD = x.shape
-    y = x.squeeze(1).index_select(-1, torch.argsort(perm.long().to(x.device)))
+    inv = inverse if inverse is not None else torch.argsort(perm.long().to(x.device))
+    y = x.squeeze(1).index_select(-1, inv.to(x.device))
     return y.view(B, n, heads, HD // heads).permute(0, 2, 1, 3)
 
 
@@ -124,6 +125,7 @@ class LayerStore:
         self.channel_scales: tuple | None = None  # (k, v) divisors [B, H, 1, D] applied to quantized tokens
         self.channel_perm: tuple | None = None  # (k, v) int16 [H * D] permutations of quantized tokens' channels
         self.num_heads: int | None = None
+        self._inverse_perm: tuple | None = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -291,8 +293,10 @@ class LayerStore:
         dk = dequantize(seg.k.slice_tokens(start, stop), self.dtype)
         dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
         if self.channel_perm is not None:
-            h = self.num_heads
-            dk, dv = _unflatten(dk, self.channel_perm[0], h), _unflatten(dv, self.channel_perm[1], h)
+            if self._inverse_perm is None:  # derived, not stored: computed once per layer
+                self._inverse_perm = tuple(torch.argsort(p.long()) for p in self.channel_perm)
+            h, (ik, iv) = self.num_heads, self._inverse_perm
+            dk, dv = _unflatten(dk, self.channel_perm[0], h, ik), _unflatten(dv, self.channel_perm[1], h, iv)
         if self.channel_scales is not None:
             dk, dv = dk * self.channel_scales[0].to(self.dtype), dv * self.channel_scales[1].to(self.dtype)
         return dk, dv

@@ -10,8 +10,9 @@ cache in FP16 and uses a channel reordering technique"; window 128 and group 128
   calibrated clip search is replaced by a fixed `clip_ratio`).
 * Full precision for the first `sinks` tokens (attention sinks, 5) and a sliding window of the last
   `window` tokens (128); tokens leaving the window are quantized in blocks of `flush_every`.
-Group 128 spans heads when the head dimension is smaller (SmolLM2: 3 heads x 64), which is what makes the
-reordering matter: with one group per head, reordering inside it would change nothing.
+Group 128 spans heads when the head dimension is smaller, which is what makes the reordering matter: with
+one group per head, reordering inside it would change nothing. When 128 does not divide the H x D channels,
+the largest divisor below it is used (SmolLM2: 3 heads x 64 = 192 channels, groups of 96).
 """
 from __future__ import annotations
 
@@ -64,9 +65,10 @@ class SKVQPolicy(Policy):
         return (self.key_bits,)
 
     def _group(self, channels: int) -> int:
+        """group_size, or the largest divisor of the token's channels (H x D) not above it (192 -> 96)."""
         g = min(self.group_size, channels)
-        if channels % g:
-            raise ValueError(f"group_size must divide the {channels} channels of a token's kv heads, got {self.group_size!r}")
+        while channels % g:
+            g -= 1
         return g
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
