@@ -7,7 +7,7 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for sub in ("generate", "demo", "inspect", "list"):
+    for sub in ("generate", "demo", "inspect", "eval", "make-data", "list"):
         assert sub in out
 
 

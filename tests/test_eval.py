@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from vlmkv.cli import main
+from vlmkv.eval.milebench import Sample, list_tasks, load_task, score, write_task
+from vlmkv.eval.synthetic import TASKS, make_dataset
+
+from test_vlm_cli import local_llava  # noqa: F401  (fixture)
+
+
+def test_milebench_round_trip_and_scoring(tmp_path):
+    (tmp_path / "T" / "images").mkdir(parents=True)
+    write_task(tmp_path, "T", ["Answer."], [
+        {"sample_id": 1, "context": "A {image#1} then {image#2}. Which?", "images_path": ["a.png", "b.png"],
+         "choice_list": ["red", "blue"], "response": "blue"},
+        {"sample_id": 2, "context": "No images here.", "images_path": [], "response": "Paris"},
+    ])
+    assert list_tasks(tmp_path) == ["T"]
+    s1, s2 = load_task(tmp_path, "T")
+    kinds = [k for k, _ in s1.segments()]
+    assert kinds == ["text", "text", "image", "text", "image", "text", "text"]
+    assert s1.images[1].name == "b.png" and s1.instruction == "Answer."
+    assert score("B", s1) and score("B. blue", s1) and score("The answer is B", s1) and score("blue", s1)
+    assert not score("A", s1) and not score("red", s1) and not score("red or blue", s1)
+    assert score("It is Paris.", s2) and not score("London", s2)
+
+
+def test_synthetic_data_in_milebench_format(tmp_path):
+    make_dataset(tmp_path, TASKS, samples=3, frames=6, seed=1)
+    assert list_tasks(tmp_path) == sorted(TASKS)
+    for t in TASKS:
+        raw = json.loads((tmp_path / t / f"{t}.json").read_text())
+        assert len(raw["data"]) == 3 and raw["meta_data"]["task_instruction"]
+        for s in load_task(tmp_path, t):
+            assert len(s.images) == 6 and all(p.exists() for p in s.images)
+            assert s.answer in s.choices
+            assert score(f"{'ABCD'[s.choices.index(s.answer)]}.", s)
+    # deterministic
+    make_dataset(tmp_path / "again", TASKS, samples=3, frames=6, seed=1)
+    assert (tmp_path / "Counting" / "Counting.json").read_text() == (tmp_path / "again" / "Counting" / "Counting.json").read_text()
+
+
+def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa: F811
+    d, _ = local_llava
+    assert main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "FrameColour,Counting", "--samples", "2",
+                 "--frames", "4"]) == 0
+    assert main(["eval", "--model", str(d), "--data", str(tmp_path / "data"), "--methods", "fp16,rtn-2",
+                 "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| fp16 | Counting | 2 |" in out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("fp16", "rtn-2") for t in ("Counting", "FrameColour")}
+    fp = [r for r in rows if r["method"] == "fp16"]
+    assert all(r["kl"] == pytest.approx(0.0, abs=1e-6) and r["top1"] == 1.0 for r in fp)
+    assert all(r["bits_per_element"] < 16 for r in rows if r["method"] == "rtn-2")
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("method,task,n,accuracy")
+    assert (tmp_path / "out" / "accuracy_vs_bits.png").stat().st_size > 0
