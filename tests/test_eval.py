@@ -56,3 +56,32 @@ def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa:
     assert all(r["bits_per_element"] < 16 for r in rows if r["method"] == "rtn-2")
     assert (tmp_path / "out" / "results.csv").read_text().startswith("method,task,n,accuracy")
     assert (tmp_path / "out" / "accuracy_vs_bits.png").stat().st_size > 0
+
+
+def test_presets_and_sweep_end_to_end(local_llava, tmp_path, capsys):  # noqa: F811
+    d, _ = local_llava
+    data = tmp_path / "data"
+    main(["make-data", "--out", str(data), "--tasks", "StateChange", "--samples", "2", "--frames", "4"])
+    assert main(["eval", "--model", str(d), "--data", str(data), "--preset", "akvq-ablation", "--limit", "2",
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "abl")]) == 0
+    out = capsys.readouterr().out
+    assert "+ Adaptive quantization based on PSA" in out and "| Delta |" in out
+    assert main(["eval", "--model", str(d), "--data", str(data), "--sweep", "pivots=0,5", "--limit", "2",
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "sw")]) == 0
+    csv_text = (tmp_path / "sw" / "sweep_num_pivots" / "results.csv").read_text().splitlines()
+    assert csv_text[0].startswith("method,task") and len(csv_text) == 3
+    assert (tmp_path / "sw" / "sweep_num_pivots" / "sweep_num_pivots.png").stat().st_size > 0
+
+
+def test_sweep_parsing_and_table2_layout():
+    from vlmkv.eval.presets import parse_sweep, preset_methods, table2_markdown
+    from vlmkv.eval.runner import Row
+
+    assert parse_sweep("clip=0.6:1.0:0.1") == ("low_clip", [0.6, 0.7, 0.8, 0.9, 1.0])
+    assert parse_sweep("recent=0,32,64") == ("recent", [0, 32, 64])
+    assert [l for l, _ in preset_methods("akvq-table2")] == ["FP16", "RTN (INT4)", "RTN (INT2)", "SmoothQuant", "KIVI",
+                                                             "SKVQ", "AKVQ-VL"]
+    md = table2_markdown([Row("FP16", "OE", 2, 0.5, 32.0, 1.0, 0.0, 1.0), Row("FP16", "ST", 2, 1.0, 32.0, 1.0, 0.0, 1.0)])
+    assert "| FP16 | 32.00 | 50.0 | 100.0 |" in md
+    with pytest.raises(ValueError, match="sweep"):
+        parse_sweep("nope=1,2")

@@ -173,12 +173,30 @@ def cmd_eval(args) -> int:
     from .eval.milebench import list_tasks
     from .eval.runner import evaluate, table, write_outputs
 
+    from .eval import presets
+
     model, proc = load_model(args.model, device=args.device)
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
-    methods = [m for m in args.methods.split(",") if m]
-    rows = evaluate(model, proc, args.data, tasks, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
-    print(table(rows))
-    files = write_outputs(rows, args.out)
+    files = []
+    if args.sweep:
+        for spec in args.sweep:
+            option, methods = presets.sweep_methods(spec)
+            values = [float(m[0].split("=")[1]) for m in methods]
+            rows = evaluate(model, proc, args.data, tasks, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
+            print(table(rows))
+            out = f"{args.out}/sweep_{option}"
+            files += write_outputs(rows, out)
+            presets.plot_sweep(rows, option, [int(v) if v == int(v) else v for v in values], f"{out}/sweep_{option}.png")
+            files.append(f"{out}/sweep_{option}.png")
+    else:
+        methods = presets.preset_methods(args.preset) if args.preset else [m for m in args.methods.split(",") if m]
+        rows = evaluate(model, proc, args.data, tasks, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
+        print(table(rows))
+        if args.preset == "akvq-table2":
+            print("\n" + presets.table2_markdown(rows))
+        elif args.preset == "akvq-ablation":
+            print("\n" + presets.ablation_markdown(rows))
+        files += write_outputs(rows, args.out)
     print("\nwrote " + ", ".join(str(f) for f in files))
     return 0
 
@@ -266,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="Hugging Face VLM id or local path")
     ev.add_argument("--data", required=True, help="MileBench-format root directory")
     ev.add_argument("--methods", default="fp16,rtn-4,rtn-2,kivi-2,smoothquant-2,akvq-vl,windowquant")
+    ev.add_argument("--preset", choices=["akvq-table2", "akvq-ablation"], default=None,
+                    help="the seed's Table II grid or Table III ablation (overrides --methods)")
+    ev.add_argument("--sweep", action="append", metavar="NAME=VALUES",
+                    help="AKVQ-VL knob sweep like Fig. 8: clip=0.6:1.0:0.1, text_clip=..., recent=0,32,64,128,256, "
+                         "pivots=0,5,10,15,20; repeatable; writes CSV and a PNG line plot per sweep")
     ev.add_argument("--tasks", default=None, help="comma-separated (default: every task under --data)")
     ev.add_argument("--limit", type=int, default=None, help="samples per task")
     ev.add_argument("--max-new-tokens", type=int, default=8)

@@ -49,8 +49,9 @@ def build_sample_inputs(proc, sample: Sample) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, proc, data_root, tasks: list[str], methods: list[str], limit: int | None = None,
+def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8) -> list[Row]:
+    """methods: names (`"rtn-2"`) or (label, Policy) pairs."""
     tok = getattr(proc, "tokenizer", proc)
     samples = [s for t in tasks for s in load_task(data_root, t, limit)]
     prepared = [build_sample_inputs(proc, s) for s in samples]
@@ -61,9 +62,10 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list[str], limit
                                  min_new_tokens=2, pad_token_id=tok.pad_token_id)
         refs.append(out[:, inp["input_ids"].shape[1]:])
     rows = []
-    for m in methods:
+    for entry in methods:
+        label, m = (entry, entry) if isinstance(entry, str) else entry
         per_task: dict[str, list] = {}
-        for s, inp, ref in tqdm(list(zip(samples, prepared, refs)), desc=m):
+        for s, inp, ref in tqdm(list(zip(samples, prepared, refs)), desc=label):
             with QuantizedKVCache(model, m, tokenizer=tok) as cache:
                 out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
@@ -80,7 +82,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list[str], limit
             per_task.setdefault(s.task, []).append((score(ans, s), bpe, nb, kl, top1))
         for t, vals in per_task.items():
             n = len(vals)
-            rows.append(Row(m, t, n, sum(v[0] for v in vals) / n, sum(v[1] for v in vals) / n,
+            rows.append(Row(label, t, n, sum(v[0] for v in vals) / n, sum(v[1] for v in vals) / n,
                             sum(v[2] for v in vals) / n / 2**20, sum(v[3] for v in vals) / n, sum(v[4] for v in vals) / n))
     return rows
 
