@@ -199,7 +199,8 @@ def _expected_bytes(cache) -> int:
         st = layer.store
         for bits, seg in st.segments.items():
             t = seg.k.codes if bits < 16 else seg.k
-            b, h, n = t.shape[:3]
+            b, h = t.shape[:2]
+            n = seg.capacity  # spare capacity is held, so it counts
             d = cache.head_dim
             g = min(128, d)
             per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)

@@ -19,8 +19,8 @@ Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
 that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
 policy keeps the model's dtype whatever it is, so that it stays bit-identical to `DynamicCache`.
 
-Segments grow by appending packed codes (`torch.cat`); nothing already quantized is ever dequantized
-and quantized again.
+Segments grow by writing packed codes into spare capacity (grown by a small margin when full); nothing
+already quantized is ever dequantized and quantized again, and a decode step never copies a segment.
 """
 from __future__ import annotations
 
@@ -52,23 +52,85 @@ def _unflatten(x: torch.Tensor, perm: torch.Tensor, heads: int, inverse: torch.T
     return y.view(B, n, heads, HD // heads).permute(0, 2, 1, 3)
 
 
+def _rows(t: QTensor | torch.Tensor, tokens: int, part: str) -> int:
+    """Rows along dim -2 that `tokens` tokens occupy in `part` ('codes' or 'meta') of a stored tensor."""
+    if isinstance(t, QTensor) and part == "meta" and t.spec.axis == "channel":
+        return tokens // t.spec.group_size
+    return tokens
+
+
+def _parts(t: QTensor | torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(t, QTensor):
+        return [("codes", t.codes), ("meta", t.scale), ("meta", t.zero)]
+    return [("codes", t)]
+
+
+def _grown(buf: QTensor | torch.Tensor, used: int, cap: int):
+    """A copy of `buf` with room for `cap` tokens, its first `used` tokens kept."""
+    out = []
+    for part, x in _parts(buf):
+        y = x.new_empty(*x.shape[:-2], _rows(buf, cap, part), x.shape[-1])
+        r = _rows(buf, used, part)
+        y[..., :r, :] = x[..., :r, :]
+        out.append(y)
+    if isinstance(buf, QTensor):
+        return QTensor(out[0], out[1], out[2], buf.spec, buf.d, buf.dtype)
+    return out[0]
+
+
+def _write(buf, src, at: int) -> None:
+    """Copy all of `src` into `buf` starting at token `at`."""
+    for (part, x), (_, y) in zip(_parts(buf), _parts(src)):
+        r = _rows(buf, at, part)
+        x[..., r:r + y.shape[-2], :] = y
+
+
+def _capacity(buf) -> int:
+    if isinstance(buf, QTensor) and buf.spec.axis == "channel":
+        return buf.scale.shape[-2] * buf.spec.group_size
+    return (buf.codes if isinstance(buf, QTensor) else buf).shape[-2]
+
+
 @dataclass
 class Segment:
-    """Tokens of one bit-width of one layer. k, v: QTensor (bits < 16) or raw `[B, H, n, D]` tensors."""
+    """Tokens of one bit-width of one layer.
+
+    kb, vb: storage buffers, QTensor (bits < 16) or raw `[B, H, capacity, D]` tensors, of which the first
+    `count` tokens are used (`k`, `v` are views of them). Appends write in place and grow the buffers by a
+    margin (max(16 tokens, 1/64 of the segment)) only when full, so decode steps never copy the segment;
+    the spare capacity is counted in `nbytes()` (at most ~1.6% of a long segment).
+    """
 
     bits: int
-    k: QTensor | torch.Tensor
-    v: QTensor | torch.Tensor
+    kb: QTensor | torch.Tensor
+    vb: QTensor | torch.Tensor
     index: torch.Tensor | None  # int32 [B, n] slot of each stored token, -1 for filler; None: contiguous
     start: int = 0  # first slot when index is None
+    count: int = -1
+
+    def __post_init__(self):
+        if self.count < 0:
+            self.count = _capacity(self.kb)
 
     @property
     def n(self) -> int:
-        return self.k.n if isinstance(self.k, QTensor) else self.k.shape[-2]
+        return self.count
+
+    @property
+    def k(self):
+        return self.kb.slice_tokens(0, self.count) if isinstance(self.kb, QTensor) else self.kb[:, :, :self.count]
+
+    @property
+    def v(self):
+        return self.vb.slice_tokens(0, self.count) if isinstance(self.vb, QTensor) else self.vb[:, :, :self.count]
+
+    @property
+    def capacity(self) -> int:
+        return _capacity(self.kb)
 
     def nbytes(self) -> int:
         total = _nbytes(self.index)
-        for t in (self.k, self.v):
+        for t in (self.kb, self.vb):
             total += t.nbytes() if isinstance(t, QTensor) else _nbytes(t)
         return total
 
@@ -81,26 +143,30 @@ class Segment:
 
     def map(self, fn) -> None:
         """Apply a batch-dimension op (index_select, repeat_interleave, ...) to everything."""
-        self.k = self.k.map(fn) if isinstance(self.k, QTensor) else fn(self.k)
-        self.v = self.v.map(fn) if isinstance(self.v, QTensor) else fn(self.v)
+        self.kb = self.kb.map(fn) if isinstance(self.kb, QTensor) else fn(self.kb)
+        self.vb = self.vb.map(fn) if isinstance(self.vb, QTensor) else fn(self.vb)
         if self.index is not None:
             self.index = fn(self.index)
 
     def append(self, other: "Segment") -> None:
         contiguous = self.index is None and other.index is None and other.start == self.start + self.n
         if not contiguous:
-            b = (self.k.codes if isinstance(self.k, QTensor) else self.k).shape[0]
-            dev = self.k.codes.device if isinstance(self.k, QTensor) else self.k.device
+            b = (self.kb.codes if isinstance(self.kb, QTensor) else self.kb).shape[0]
+            dev = self.kb.codes.device if isinstance(self.kb, QTensor) else self.kb.device
             self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
-        if isinstance(self.k, QTensor):
-            self.k = QTensor.cat([self.k, other.k])
-            self.v = QTensor.cat([self.v, other.v])
-        else:
-            self.k = torch.cat([self.k, other.k], dim=-2)
-            self.v = torch.cat([self.v, other.v], dim=-2)
+        need = self.count + other.n
+        if need > self.capacity:
+            cap = need + max(16, self.count // 64)
+            if isinstance(self.kb, QTensor) and self.kb.spec.axis == "channel":
+                g = self.kb.spec.group_size
+                cap = -(-cap // g) * g
+            self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
+        _write(self.kb, other.kb, self.count)
+        _write(self.vb, other.vb, self.count)
+        self.count = need
 
     def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.k, QTensor):
+        if isinstance(self.kb, QTensor):
             return dequantize(self.k, dtype), dequantize(self.v, dtype)
         return self.k, self.v
 
