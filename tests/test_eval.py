@@ -85,3 +85,29 @@ def test_sweep_parsing_and_table2_layout():
     assert "| FP16 | 32.00 | 50.0 | 100.0 |" in md
     with pytest.raises(ValueError, match="sweep"):
         parse_sweep("nope=1,2")
+
+
+def test_eval_data_parallel_with_accelerate_on_two_cpu_processes(local_llava, tmp_path):  # noqa: F811
+    """`accelerate launch --num_processes 2 --cpu` splits the samples between processes and gathers them:
+    the table equals a single-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    d, _ = local_llava
+    data = tmp_path / "data"
+    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "4", "--frames", "4"])
+    common = ["eval", "--model", str(d), "--data", str(data), "--methods", "fp16,rtn-2", "--max-new-tokens", "2"]
+    main(common + ["--out", str(tmp_path / "single")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "vlmkv.cli", *common, "--out", str(tmp_path / "dp")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    dp = json.loads((tmp_path / "dp" / "results.json").read_text())
+    assert [(x["method"], x["task"], x["n"]) for x in dp] == [(x["method"], x["task"], x["n"]) for x in single]
+    assert all(x["n"] == 4 for x in dp)
+    for a, b in zip(single, dp):
+        assert a["accuracy"] == b["accuracy"] and abs(a["kl"] - b["kl"]) < 1e-5

@@ -170,34 +170,40 @@ def cmd_make_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import load_model
-    from .eval.milebench import list_tasks
-    from .eval.runner import evaluate, table, write_outputs
-
     from .eval import presets
+    from .eval.milebench import list_tasks
+    from .eval.runner import _distributed, evaluate, table, write_outputs
 
     model, proc = load_model(args.model, device=args.device)
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
+    state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
+    main_proc = state is None or state.is_main_process
+    run = lambda methods: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731
+                                   max_new_tokens=args.max_new_tokens)
     files = []
     if args.sweep:
         for spec in args.sweep:
             option, methods = presets.sweep_methods(spec)
-            values = [float(m[0].split("=")[1]) for m in methods]
-            rows = evaluate(model, proc, args.data, tasks, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
-            print(table(rows))
-            out = f"{args.out}/sweep_{option}"
-            files += write_outputs(rows, out)
-            presets.plot_sweep(rows, option, [int(v) if v == int(v) else v for v in values], f"{out}/sweep_{option}.png")
-            files.append(f"{out}/sweep_{option}.png")
+            rows = run(methods)
+            if main_proc:
+                print(table(rows))
+                out = f"{args.out}/sweep_{option}"
+                files += write_outputs(rows, out)
+                values = [presets.parse_sweep(spec)[1]][0]
+                presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
+                files.append(f"{out}/sweep_{option}.png")
     else:
         methods = presets.preset_methods(args.preset) if args.preset else [m for m in args.methods.split(",") if m]
-        rows = evaluate(model, proc, args.data, tasks, methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
-        print(table(rows))
-        if args.preset == "akvq-table2":
-            print("\n" + presets.table2_markdown(rows))
-        elif args.preset == "akvq-ablation":
-            print("\n" + presets.ablation_markdown(rows))
-        files += write_outputs(rows, args.out)
-    print("\nwrote " + ", ".join(str(f) for f in files))
+        rows = run(methods)
+        if main_proc:
+            print(table(rows))
+            if args.preset == "akvq-table2":
+                print("\n" + presets.table2_markdown(rows))
+            elif args.preset == "akvq-ablation":
+                print("\n" + presets.ablation_markdown(rows))
+            files += write_outputs(rows, args.out)
+    if main_proc:
+        print("\nwrote " + ", ".join(str(f) for f in files))
     return 0
 
 

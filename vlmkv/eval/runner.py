@@ -1,5 +1,8 @@
 """`vlmkv eval`: every method on MileBench-format tasks, with accuracy, bytes and fidelity in one table.
 
+Scale-out: run it under `accelerate launch --num_processes N` (GPUs or machines; `--cpu` for CPU processes):
+samples are split between processes and the results gathered (no home-made launcher).
+
 Per (method, task): accuracy (MileBench scoring), bits per element and KV MiB from `cache.nbytes()` at the
 end of each answer, and next-token KL / top-1 agreement against the `fp16` cache, teacher-forced on the
 fp16 answer tokens of the same sample. Deterministic (greedy decoding).
@@ -48,42 +51,68 @@ def build_sample_inputs(proc, sample: Sample) -> dict:
     return dict(proc(text=text, images=images or None, return_tensors="pt"))
 
 
+def _distributed():
+    """accelerate's process state when launched with `accelerate launch` on several processes, else None."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return None
+    state = PartialState()
+    return state if state.num_processes > 1 else None
+
+
 @torch.no_grad()
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8) -> list[Row]:
-    """methods: names (`"rtn-2"`) or (label, Policy) pairs."""
+    """methods: names (`"rtn-2"`) or (label, Policy) pairs.
+
+    Under `accelerate launch` with N processes, the samples are split between processes (each runs every
+    method on its share) and the per-sample records are gathered, so every process returns the same rows.
+    """
     tok = getattr(proc, "tokenizer", proc)
     samples = [s for t in tasks for s in load_task(data_root, t, limit)]
-    prepared = [build_sample_inputs(proc, s) for s in samples]
-    refs = []
-    for inp in tqdm(prepared, desc="fp16 reference"):
+    state = _distributed()
+    order = list(range(len(samples)))
+    if state is not None:
+        with state.split_between_processes(order) as mine:
+            order = list(mine)
+    records = []
+    entries = [(e, e) if isinstance(e, str) else e for e in methods]
+    for i in tqdm(order, desc="samples", disable=state is not None and not state.is_main_process):
+        s = samples[i]
+        inp = build_sample_inputs(proc, s)
+        extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
         with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
             out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                  min_new_tokens=2, pad_token_id=tok.pad_token_id)
-        refs.append(out[:, inp["input_ids"].shape[1]:])
-    rows = []
-    for entry in methods:
-        label, m = (entry, entry) if isinstance(entry, str) else entry
-        per_task: dict[str, list] = {}
-        for s, inp, ref in tqdm(list(zip(samples, prepared, refs)), desc=label):
+        ref = out[:, inp["input_ids"].shape[1]:]
+        with QuantizedKVCache(model, "fp16", tokenizer=tok) as c0:
+            lr = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c0, ref, **extra)
+        lp = lr.log_softmax(-1)
+        for label, m in entries:
             with QuantizedKVCache(model, m, tokenizer=tok) as cache:
                 out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
                 ans = tok.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
-            extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
-            with QuantizedKVCache(model, "fp16", tokenizer=tok) as c0:
-                lr = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c0, ref, **extra)
             with QuantizedKVCache(model, m, tokenizer=tok) as c1:
                 lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
-            lp, lqq = lr.log_softmax(-1), lq.log_softmax(-1)
-            kl = float((lp.exp() * (lp - lqq)).sum(-1).mean())
+            kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
             top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
-            per_task.setdefault(s.task, []).append((score(ans, s), bpe, nb, kl, top1))
-        for t, vals in per_task.items():
+            records.append((i, label, s.task, bool(score(ans, s)), bpe, nb, kl, top1))
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        records = sorted(gather_object(records))
+    rows = []
+    for label, _ in entries:
+        for t in dict.fromkeys(s.task for s in samples):
+            vals = [r for r in records if r[1] == label and r[2] == t]
+            if not vals:
+                continue
             n = len(vals)
-            rows.append(Row(label, t, n, sum(v[0] for v in vals) / n, sum(v[1] for v in vals) / n,
-                            sum(v[2] for v in vals) / n / 2**20, sum(v[3] for v in vals) / n, sum(v[4] for v in vals) / n))
+            rows.append(Row(label, t, n, sum(v[3] for v in vals) / n, sum(v[4] for v in vals) / n,
+                            sum(v[5] for v in vals) / n / 2**20, sum(v[6] for v in vals) / n, sum(v[7] for v in vals) / n))
     return rows
 
 
