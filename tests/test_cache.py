@@ -226,7 +226,7 @@ def test_registry_and_shorthand():
     assert get_policy("kivi", bits=4).bits == 4
 
 
-@pytest.mark.parametrize("name", ["rtn-4", "kivi-2", "smoothquant-4", "akvq-vl", "windowquant"])
+@pytest.mark.parametrize("name", ["rtn-4", "kivi-2", "smoothquant-4", "skvq", "akvq-vl", "windowquant"])
 @torch.no_grad()
 def test_segment_attention_equals_materialized_attention(tiny_llama, padded_batch, name):
     """Decode attention read segment by segment (chunks, log-sum-exp merge, masks through slot maps) equals
@@ -239,6 +239,8 @@ def test_segment_attention_equals_materialized_attention(tiny_llama, padded_batc
         opts["budget"] = 8.0
     if name == "kivi-2":
         opts = {"residual_length": 16, "group_size": 8}
+    if name == "skvq":
+        opts = {"window": 4, "flush_every": 2, "group_size": 16, "key_bits": 4, "value_bits": 4}
     old = att.CHUNK_TOKENS
     att.CHUNK_TOKENS = 16  # several chunks per segment
     try:

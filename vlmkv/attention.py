@@ -146,6 +146,28 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             o = o * cs[1].float()
         parts.append((m, e.sum(-1, keepdim=True), o))
 
+    def piece_codes_permuted(kq, vq, ok):
+        # SKVQ: tokens stored flattened across kv heads with permuted channels. Each query head becomes a
+        # query over all H*D channels (zeros outside its own head), permuted the same way, so scores come
+        # straight from the codes; the weighted values are un-permuted and each head keeps its own channels.
+        nonlocal Hkv
+        Hkv = store.num_heads
+        r = Hq // Hkv
+        pk, pv = (p.long().to(query.device) for p in store.channel_perm)
+        q = query.float().view(B, Hkv, r, D)
+        full = torch.zeros(B, Hkv, r, Hkv, D, device=query.device)
+        for h in range(Hkv):
+            full[:, h, :, h] = q[:, h]
+        qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
+        s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
+        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+        e = torch.exp(s - m)
+        o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order
+        o = o.index_select(-1, torch.argsort(pv)).view(B, Hkv, r, Hkv, D)
+        o = torch.stack([o[:, h, :, h] for h in range(Hkv)], dim=1)
+        parts.append((m, e.sum(-1, keepdim=True), o))
+
     for seg in store.segments.values():
         n = seg.n
         t = seg.k.codes if isinstance(seg.k, QTensor) else seg.k
@@ -156,6 +178,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
                 if qt.spec.axis == "channel":
                     step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
         on_codes = isinstance(seg.k, QTensor) and seg.v.spec.axis == "token" and store.channel_perm is None
+        # permuted (SKVQ) segments: the codes path costs H x more products, worth it for few kv heads
+        on_codes_perm = (isinstance(seg.k, QTensor) and store.channel_perm is not None and seg.k.spec.axis == "token"
+                         and seg.v.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
             if seg.index is None:
@@ -165,6 +190,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
                 ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
             if on_codes:
                 piece_codes(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
+                continue
+            if on_codes_perm:
+                piece_codes_permuted(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
                 continue
             k, v = store.read(seg, s0, s1)
             piece(k, v, ok)
