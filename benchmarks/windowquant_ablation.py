@@ -76,7 +76,7 @@ def make_policy(name, opts, budget):
 def part1(model, tok, args):
     text = long_prompt(args.paragraphs)
     paras = text.split("\n\n")
-    table_head, rows_text = paras[-2], None
+
     pieces = paras[:-2] + paras[-2].split("\n")[1:]  # reports, then each table row
     x, types, frames = spans_for(tok, text, pieces)
     msg, rows = copy_table_prompt()

@@ -1,12 +1,9 @@
-from dataclasses import dataclass
-
 import pytest
 import torch
 from transformers import DynamicCache
 
 import vlmkv
 from vlmkv import QuantizedKVCache, get_policy, list_policies
-from vlmkv.policies.base import BitPlan, DecodeRule, Policy
 from vlmkv.quant import QuantSpec
 from vlmkv.storage import LayerStore
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vlmkv.cli import main
-from vlmkv.eval.milebench import Sample, list_tasks, load_task, score, write_task
+from vlmkv.eval.milebench import list_tasks, load_task, score, write_task
 from vlmkv.eval.synthetic import TASKS, make_dataset
 
 from test_vlm_cli import local_llava  # noqa: F401  (fixture)

@@ -5,7 +5,7 @@ from transformers import DynamicCache
 from vlmkv import QuantizedKVCache, get_policy
 from vlmkv.models.modality import IMAGE, PAD, TEXT
 from vlmkv.policies.base import PrefillContext
-from vlmkv.policies.windows import bits_cost, greedy_search, prompt_mask, token_scores, window_ids
+from vlmkv.policies.windows import bits_cost, greedy_search, prompt_mask, window_ids
 from vlmkv.quant import dequantize, quantize
 
 from tiny_vlms import FAMILIES

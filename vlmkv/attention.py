@@ -116,10 +116,8 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     L = store.length
     allowed = _allowed(mask, B, L, query.device)
     parts = []
-    Hkv = None
 
     def piece(k, v, ok):
-        nonlocal Hkv
         Hkv = k.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         s = torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling
@@ -132,7 +130,6 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
 
     def piece_codes(kq, vq, ok):
         # scores and weighted values straight from the codes (one table lookup pass each, no dequantized copy)
-        nonlocal Hkv
         Hkv = kq.codes.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         if cs is not None:
@@ -150,7 +147,6 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         # SKVQ: tokens stored flattened across kv heads with permuted channels. Each query head becomes a
         # query over all H*D channels (zeros outside its own head), permuted the same way, so scores come
         # straight from the codes; the weighted values are un-permuted and each head keeps its own channels.
-        nonlocal Hkv
         Hkv = store.num_heads
         r = Hq // Hkv
         pk, pv = (p.long().to(query.device) for p in store.channel_perm)

@@ -79,7 +79,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         if note is not None and self.cache.segment_attention and key_states.shape[-2] == 1 and store.segments:
             # the registered attention reads the segments directly; hand it the store, not a float copy
             note.pending = store
-            r = store.residual_len
             return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
         return store.materialize()
 

@@ -165,10 +165,6 @@ class Segment:
         _write(self.vb, other.vb, self.count)
         self.count = need
 
-    def dequantized(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.kb, QTensor):
-            return dequantize(self.k, dtype), dequantize(self.v, dtype)
-        return self.k, self.v
 
 
 class LayerStore:
@@ -327,12 +323,11 @@ class LayerStore:
         if not self.segments:
             return self.res_k.to(self.dtype), self.res_v.to(self.dtype)
         L = self.length
-        any_t = self.res_k if self.res_k is not None else None
         seg0 = next(iter(self.segments.values()))
         ref = seg0.k.codes if isinstance(seg0.k, QTensor) else seg0.k
         B, H = ref.shape[0], self.num_heads
         D = (seg0.k.d if isinstance(seg0.k, QTensor) else seg0.k.shape[-1]) * ref.shape[1] // H
-        dev = ref.device if any_t is None else any_t.device
+        dev = ref.device
         kbuf = torch.empty(B, H, L + 1, D, dtype=self.dtype, device=dev)  # column L takes filler
         vbuf = torch.empty_like(kbuf)
         for seg in self.segments.values():

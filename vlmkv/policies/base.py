@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -220,5 +220,3 @@ def get_policy(name: str, **options) -> Policy:
         raise ValueError(f"options for policy {key!r} must be among {sorted(valid)}, got {sorted(unknown)!r}")
     return cls(**options)
 
-
-PolicyFactory = Callable[..., Policy]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import pack_bits, packed_length, unpack_bits
+from .packing import pack_bits, packed_length
 
 SUPPORTED_BITS = (2, 4, 8, 16)
 AXES = ("token", "channel")
