@@ -183,13 +183,12 @@ def cmd_eval(args) -> int:
     files = []
     if args.sweep:
         for spec in args.sweep:
-            option, methods = presets.sweep_methods(spec)
+            option, values, methods = presets.sweep_methods(spec)
             rows = run(methods)
             if main_proc:
                 print(table(rows))
                 out = f"{args.out}/sweep_{option}"
                 files += write_outputs(rows, out)
-                values = [presets.parse_sweep(spec)[1]][0]
                 presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
                 files.append(f"{out}/sweep_{option}.png")
     else:

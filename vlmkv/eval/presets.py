@@ -50,9 +50,10 @@ def parse_sweep(spec: str) -> tuple[str, list]:
     return SWEEP_KEYS[key], values
 
 
-def sweep_methods(spec: str) -> tuple[str, list[tuple[str, object]]]:
+def sweep_methods(spec: str) -> tuple[str, list, list[tuple[str, object]]]:
+    """(akvq-vl option, its values, one labelled policy per value)."""
     option, values = parse_sweep(spec)
-    return option, [(f"akvq-vl {option}={v}", get_policy("akvq-vl", **{option: v})) for v in values]
+    return option, values, [(f"akvq-vl {option}={v}", get_policy("akvq-vl", **{option: v})) for v in values]
 
 
 def table2_markdown(rows) -> str:

@@ -76,7 +76,7 @@ class ModalityAdapter:
 
     def new_image_before(self, row_ids: list[int], start: int) -> bool:
         """Whether the visual run starting at `start` begins a new image (default: every run does).
-        Called once per run, in order; `start_row` is called before each row."""
+        Called once per run, in order; `start_row` is called before each row that has visual tokens."""
         return True
 
     def start_row(self) -> None:
@@ -100,6 +100,8 @@ class ModalityAdapter:
         if attention_mask is not None:
             types[attention_mask.detach().to("cpu") == 0] = PAD
         for b in range(B):
+            if not bool(vis[b].any()):
+                continue  # nothing visual in this row: no image runs to walk
             row = ids_cpu[b].tolist()
             v = vis[b].tolist()
             frame = -1

@@ -27,7 +27,7 @@ import torch
 from ..quant import QuantSpec
 from .pivots import pivot_mask
 from .base import (IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip,
-                   check_positive, effective_group, register_policy)
+                   check_nonneg, check_positive, effective_group, register_policy)
 
 
 @register_policy
@@ -56,14 +56,12 @@ class AKVQVLPolicy(Policy):
         check_clip(self.text_clip, "text_clip")
         check_positive(self.group_size, "group_size")
         check_positive(self.flush_every, "flush_every")
-        if not isinstance(self.recent, int) or self.recent < 0:
-            raise ValueError(f"recent must be an int >= 0, got {self.recent!r}")
-        if not isinstance(self.num_pivots, int) or self.num_pivots < 0:
-            raise ValueError(f"num_pivots must be an int >= 0, got {self.num_pivots!r}")
+        check_nonneg(self.recent, "recent")
+        check_nonneg(self.num_pivots, "num_pivots")
         if not self.pivot_threshold > 1:
             raise ValueError(f"pivot_threshold must be > 1 (a ratio to the median), got {self.pivot_threshold!r}")
-        if self.tsa_layers is not None and (not isinstance(self.tsa_layers, int) or self.tsa_layers < 0):
-            raise ValueError(f"tsa_layers must be None or an int >= 0, got {self.tsa_layers!r}")
+        if self.tsa_layers is not None:
+            check_nonneg(self.tsa_layers, "tsa_layers")
 
     # ------------------------------------------------------------------ switches
     @property

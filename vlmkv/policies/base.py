@@ -169,6 +169,11 @@ def check_positive(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_nonneg(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 _REGISTRY: dict[str, type[Policy]] = {}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import QuantSpec
-from .base import (PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_positive,
-                   register_policy, uniform_plan)
+from .base import (PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_nonneg,
+                   check_positive, register_policy, uniform_plan)
 
 
 def range_order(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -53,10 +53,8 @@ class SKVQPolicy(Policy):
         check_positive(self.group_size, "group_size")
         check_positive(self.flush_every, "flush_every")
         check_clip(self.clip_ratio)
-        for name in ("window", "sinks"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        check_nonneg(self.window, "window")
+        check_nonneg(self.sinks, "sinks")
 
     def validate(self, head_dim: int) -> None:
         return None  # groups run over H * D channels: checked at prefill, when H is known

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..quant import QuantSpec
-from .base import (IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_positive,
-                   effective_group, register_policy)
+from .base import (IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, check_bits, check_clip, check_nonneg,
+                   check_positive, effective_group, register_policy)
 from .windows import SCORERS, bits_cost, greedy_search, prompt_mask, token_scores, window_ids, window_scores
 
 
@@ -69,8 +69,7 @@ class WindowQuantPolicy(Policy):
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.granularity not in ("window", "token"):
             raise ValueError(f"granularity must be 'window' or 'token', got {self.granularity!r}")
-        if not isinstance(self.recent, int) or self.recent < 0:
-            raise ValueError(f"recent must be an int >= 0, got {self.recent!r}")
+        check_nonneg(self.recent, "recent")
         if not isinstance(self.budget, (int, float)) or self.budget <= 0:
             raise ValueError(f"budget must be a positive number of bits per element, got {self.budget!r}")
 
