@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
-from vlmkv.eval.synthetic import COLOURS, SHAPES, TASKS, _question  # noqa: E402
+from vlmkv.eval.synthetic import COLOURS, SHAPES, TASKS, make_question  # noqa: E402
 
 
 def example(rng, frames, task=None):
@@ -27,7 +27,7 @@ def example(rng, frames, task=None):
     clip = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(frames)]
     if task == "StateChange" and rng.random() < 0.5:
         clip[-1] = (clip[0][0], clip[-1][1])
-    q, choices, ans = _question(task, clip, rng)
+    q, choices, ans = make_question(task, clip, rng)
     body = "\n".join(f"Frame {k + 1}: {c} {s}" for k, (c, s) in enumerate(clip))
     opts = "\n".join(f"{string.ascii_uppercase[j]}. {c}" for j, c in enumerate(choices))
     msg = f"{body}\nQuestion: {q}\nOptions:\n{opts}\nAnswer with the option's letter."

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
 from vlmkv.cli import _chat_inputs  # noqa: E402
-from vlmkv.eval.synthetic import COLOURS, SHAPES, TASKS, _question  # noqa: E402
+from vlmkv.eval.synthetic import COLOURS, SHAPES, TASKS, make_question  # noqa: E402
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def main():
         ok = 0
         for _ in range(args.samples):
             clip = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(args.frames)]
-            q, choices, ans = _question(task, clip, rng)
+            q, choices, ans = make_question(task, clip, rng)
             frames = "\n".join(f"Frame {k + 1}: {c} {s}" for k, (c, s) in enumerate(clip))
             opts = "\n".join(f"{string.ascii_uppercase[j]}. {c}" for j, c in enumerate(choices))
             x = _chat_inputs(tok, [f"{frames}\nQuestion: {q}\nOptions:\n{opts}\nAnswer with the option's letter."], True)

@@ -7,7 +7,7 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for sub in ("generate", "demo", "inspect", "eval", "make-data", "list"):
+    for sub in ("generate", "demo", "inspect", "eval", "make-data", "list", "train-demo"):
         assert sub in out
 
 

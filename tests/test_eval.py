@@ -4,7 +4,7 @@ import pytest
 
 from vlmkv.cli import main
 from vlmkv.eval.milebench import list_tasks, load_task, score, write_task
-from vlmkv.eval.synthetic import TASKS, make_dataset
+from vlmkv.eval.synthetic import ANSWER_HINT, TASKS, make_dataset
 
 from test_vlm_cli import local_llava  # noqa: F401  (fixture)
 
@@ -21,6 +21,7 @@ def test_milebench_round_trip_and_scoring(tmp_path):
     kinds = [k for k, _ in s1.segments()]
     assert kinds == ["text", "text", "image", "text", "image", "text", "text"]
     assert s1.images[1].name == "b.png" and s1.instruction == "Answer."
+    assert s1.segments()[-1][1].endswith("Answer with the option's letter.")  # MileBench's own prompt
     assert score("B", s1) and score("B. blue", s1) and score("The answer is B", s1) and score("blue", s1)
     assert not score("A", s1) and not score("red", s1) and not score("red or blue", s1)
     assert score("It is Paris.", s2) and not score("London", s2)
@@ -35,6 +36,7 @@ def test_synthetic_data_in_milebench_format(tmp_path):
         for s in load_task(tmp_path, t):
             assert len(s.images) == 6 and all(p.exists() for p in s.images)
             assert s.answer in s.choices
+            assert s.segments()[-1][1].endswith(ANSWER_HINT)  # the demo VLM answers with the option text
             assert score(f"{'ABCD'[s.choices.index(s.answer)]}.", s)
     # deterministic
     make_dataset(tmp_path / "again", TASKS, samples=3, frames=6, seed=1)

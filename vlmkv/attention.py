@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .models.hooks import attention_modules, text_config
 from .quant import QTensor, fwht, hadamard_matrix
 
@@ -116,6 +117,10 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     L = store.length
     allowed = _allowed(mask, B, L, query.device)
     parts = []
+    kernels_on = kernels.available(query)
+
+    def use_kernel(kq, vq) -> bool:
+        return kernels_on and all(kernels.fits_decode(t, D) for t in (kq, vq))
 
     def piece(k, v, ok):
         Hkv = k.shape[1]
@@ -134,14 +139,19 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         if cs is not None:
             q = q * cs[0].float()
-        s = qk_from_codes(q, kq) * scaling
-        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
-        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-        e = torch.exp(s - m)
-        o = pv_from_codes(e, vq)
+        if use_kernel(kq, vq):  # GPU: one fused Triton pass (flash-decoding over the packed codes)
+            from .kernels.triton_kv import decode_partial
+
+            m, den, o = decode_partial(q, kq, vq, ok, scaling)
+        else:
+            s = qk_from_codes(q, kq) * scaling
+            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+            m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+            e = torch.exp(s - m)
+            o, den = pv_from_codes(e, vq), e.sum(-1, keepdim=True)
         if cs is not None:
             o = o * cs[1].float()
-        parts.append((m, e.sum(-1, keepdim=True), o))
+        parts.append((m, den, o))
 
     def piece_codes_permuted(kq, vq, ok):
         # SKVQ: tokens stored flattened across kv heads with permuted channels. Each query head becomes a

@@ -31,6 +31,7 @@ class Sample:
     images: list[Path] = field(default_factory=list)
     choices: list[str] | None = None
     answer: str = ""
+    answer_hint: str = "Answer with the option's letter."
 
     def segments(self) -> list[tuple[str, object]]:
         """The prompt as an ordered list of ("text", str) and ("image", Path) pieces: instruction, context with
@@ -49,7 +50,7 @@ class Sample:
             out.append(("text", self.context[pos:]))
         if self.choices:
             opts = "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(self.choices))
-            out.append(("text", f"\nOptions:\n{opts}\nAnswer with the option's letter."))
+            out.append(("text", f"\nOptions:\n{opts}\n{self.answer_hint}"))
         return out
 
 
@@ -65,7 +66,9 @@ def load_task(root, task: str, limit: int | None = None) -> list[Sample]:
     if not path.exists():
         raise ValueError(f"task must have {path}, got task {task!r} under {str(root)!r}")
     raw = json.loads(path.read_text())
-    instr = raw.get("meta_data", {}).get("task_instruction", [""])
+    meta = raw.get("meta_data", {})
+    instr = meta.get("task_instruction", [""])
+    hint = {"answer_hint": meta["answer_hint"]} if "answer_hint" in meta else {}
     out = []
     for item in raw["data"][:limit]:
         inst = item["task_instance"]
@@ -73,21 +76,24 @@ def load_task(root, task: str, limit: int | None = None) -> list[Sample]:
         out.append(Sample(task=task, sample_id=str(item["sample_id"]), instruction=instr[i] if i < len(instr) else "",
                           context=inst.get("context", ""),
                           images=[d / "images" / p for p in inst.get("images_path", [])],
-                          choices=inst.get("choice_list"), answer=str(item.get("response", ""))))
+                          choices=inst.get("choice_list"), answer=str(item.get("response", "")), **hint))
     return out
 
 
-def write_task(root, task: str, instructions: list[str], samples: list[dict]) -> Path:
+def write_task(root, task: str, instructions: list[str], samples: list[dict], answer_hint: str | None = None) -> Path:
     """Write `<root>/<task>/<task>.json`; each sample dict has sample_id, context, images_path, response and
-    optionally choice_list and task_instruction_id (images must already be under `<root>/<task>/images/`)."""
+    optionally choice_list and task_instruction_id (images must already be under `<root>/<task>/images/`).
+    `answer_hint` (an extension, kept in meta_data) replaces the line asking for the option's letter."""
     d = Path(root) / task
     d.mkdir(parents=True, exist_ok=True)
     data = [{"sample_id": s["sample_id"], "task_instruction_id": s.get("task_instruction_id", 0),
              "task_instance": {k: s[k] for k in ("context", "images_path", "choice_list") if k in s},
              "response": s["response"]} for s in samples]
     path = d / f"{task}.json"
-    path.write_text(json.dumps({"meta_data": {"task_instruction": instructions, "source": "vlmkv synthetic"},
-                                "data": data}, indent=1))
+    meta = {"task_instruction": instructions, "source": "vlmkv synthetic"}
+    if answer_hint is not None:
+        meta["answer_hint"] = answer_hint
+    path.write_text(json.dumps({"meta_data": meta, "data": data}, indent=1))
     return path
 
 

@@ -63,8 +63,9 @@ def _distributed():
 
 @torch.no_grad()
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
-             max_new_tokens: int = 8) -> list[Row]:
-    """methods: names (`"rtn-2"`) or (label, Policy) pairs.
+             max_new_tokens: int = 8, answers: list | None = None) -> list[Row]:
+    """methods: names (`"rtn-2"`) or (label, Policy) pairs. `answers`, when given, receives one dict per
+    (sample, method) of this process: sample_id, task, question, method, answer, truth, correct, bits.
 
     Under `accelerate launch` with N processes, the samples are split between processes (each runs every
     method on its share) and the per-sample records are gathered, so every process returns the same rows.
@@ -99,7 +100,11 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
             kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
             top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
-            records.append((i, label, s.task, bool(score(ans, s)), bpe, nb, kl, top1))
+            ok = bool(score(ans, s))
+            records.append((i, label, s.task, ok, bpe, nb, kl, top1))
+            if answers is not None:
+                answers.append({"sample_id": s.sample_id, "task": s.task, "question": s.context.rsplit("\n", 1)[-1],
+                                "method": label, "answer": ans.strip(), "truth": s.answer, "correct": ok, "bits": bpe})
     if state is not None:
         from accelerate.utils import gather_object
 

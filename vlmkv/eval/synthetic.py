@@ -15,7 +15,12 @@ SHAPES = ("circle", "square", "triangle")
 TASKS = ("ObjectExistence", "FrameColour", "WhichFrame", "Counting", "StateChange")
 
 
-def _draw(colour: str, shape: str, size: int = 64):
+INSTRUCTION = "Watch the frames of the clip and answer the question."
+ANSWER_HINT = "Answer with the option's text."  # the pocket VLM answers "red", not "A" (see models/pocket)
+
+
+def draw(colour: str, shape: str, size: int = 64):
+    """One frame: a `colour` `shape` centred on a light background, as a PIL RGB image of `size` x `size`."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size), (245, 245, 245))
@@ -31,7 +36,7 @@ def _draw(colour: str, shape: str, size: int = 64):
     return img
 
 
-def _question(task: str, clip: list[tuple[str, str]], rng: random.Random) -> tuple[str, list[str], str]:
+def make_question(task: str, clip: list[tuple[str, str]], rng: random.Random) -> tuple[str, list[str], str]:
     n = len(clip)
     if task == "ObjectExistence":
         present = rng.random() < 0.5
@@ -61,6 +66,22 @@ def _question(task: str, clip: list[tuple[str, str]], rng: random.Random) -> tup
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def sample_clip(rng: random.Random, task: str, frames: int = 8) -> tuple[list[tuple[str, str]], str, list[str], str]:
+    """One clip of `frames` (colour, shape) frames and its question: (clip, question, choices, answer)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    clip = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(frames)]
+    if task == "StateChange" and rng.random() < 0.5:
+        clip[-1] = (clip[0][0], clip[-1][1])
+    q, choices, ans = make_question(task, clip, rng)
+    return clip, q, choices, ans
+
+
+def context(frames: int, question: str) -> str:
+    """MileBench-style context: one "Frame k: {image#k}" line per frame, then the question."""
+    return "\n".join(f"Frame {k + 1}: {{image#{k + 1}}}" for k in range(frames)) + f"\nQuestion: {question}"
+
+
 def make_dataset(root, tasks=TASKS, samples: int = 20, frames: int = 8, seed: int = 0) -> list[str]:
     """Write `samples` clips per task under `root` in MileBench's format; returns the task names."""
     if frames < 4:
@@ -71,17 +92,13 @@ def make_dataset(root, tasks=TASKS, samples: int = 20, frames: int = 8, seed: in
         img_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for i in range(samples):
-            clip = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(frames)]
-            if task == "StateChange" and rng.random() < 0.5:
-                clip[-1] = (clip[0][0], clip[-1][1])
-            q, choices, ans = _question(task, clip, rng)
+            clip, q, choices, ans = sample_clip(rng, task, frames)
             names = []
             for k, (c, s) in enumerate(clip):
                 name = f"{i:04d}_{k}.png"
-                _draw(c, s).save(img_dir / name)
+                draw(c, s).save(img_dir / name)
                 names.append(name)
-            ctx = "\n".join(f"Frame {k + 1}: {{image#{k + 1}}}" for k in range(frames)) + f"\nQuestion: {q}"
-            rows.append({"sample_id": f"{task}_{i}", "context": ctx, "images_path": names, "choice_list": choices,
+            rows.append({"sample_id": f"{task}_{i}", "context": context(frames, q), "images_path": names, "choice_list": choices,
                          "response": ans})
-        write_task(root, task, ["Watch the frames of the clip and answer the question."], rows)
+        write_task(root, task, [INSTRUCTION], rows, answer_hint=ANSWER_HINT)
     return list(tasks)

@@ -65,9 +65,17 @@ def embedded_path(name: str) -> Path:
     return out
 
 
+# models assembled here from an embedded backbone plus weights trained in this repo
+BUILT_MODELS = {"pocket": "the demo VLM: SmolLM2-135M + a small CLIP ViT trained on synthetic clips (vlmkv/models/pocket)"}
+
+
 def resolve(name_or_path: str) -> str:
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_path(name_or_path))
+    if name_or_path in BUILT_MODELS:
+        from .pocket.model import pocket_path
+
+        return str(pocket_path(os.environ.get("VLMKV_POCKET_WEIGHTS") or None))
     return name_or_path
 
 
@@ -75,7 +83,9 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | No
                attn_implementation: str | None = None, **kwargs):
     """Load `(model, tokenizer)`, or `(model, processor)` for a vision-language model.
 
-    name_or_path: an embedded name (`smollm2-135m`), a Hugging Face id or a local directory.
+    name_or_path: an embedded name (`smollm2-135m`, or `pocket`, the demo VLM built on it; set
+    $VLMKV_POCKET_WEIGHTS to load another `pocket.safetensors` from `vlmkv train-demo`), a Hugging Face id or
+    a local directory.
     dtype: defaults to float32 on CPU and float16 on GPU.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,105 @@
+"""The pocket demo VLM: LoRA merge, loading from the committed weights, accuracy above the majority baseline
+(a smoke check; the full table is in docs/RESULTS.md), the training script end to end, and `vlmkv demo`."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from vlmkv.models.pocket.lora import LoRALinear, add_lora, lora_state, merge_lora, strip_lora
+
+
+def test_lora_forward_equals_merged_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    ref = [m.weight.detach().clone() for m in (net[0], net[2])]
+    names = add_lora(net, ("0", "2"), r=4, alpha=8)
+    assert names == ["0", "2"] and isinstance(net[0], LoRALinear)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        for m in (net[0], net[2]):
+            m.lora_B.normal_()
+    y = net(x)
+    state = lora_state(net)
+    plain = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    with torch.no_grad():
+        for dst, src, w in zip((plain[0], plain[2]), (net[0], net[2]), ref):
+            dst.weight.copy_(w)
+            dst.bias.copy_(src.base.bias)
+    assert merge_lora(plain, state) == 2
+    torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
+    strip_lora(net)
+    assert isinstance(net[0], nn.Linear)
+    torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rejects_bad_input():
+    with pytest.raises(ValueError, match="targets"):
+        add_lora(nn.Sequential(nn.Linear(2, 2)), ("q_proj",))
+    with pytest.raises(ValueError, match="r must"):
+        LoRALinear(nn.Linear(2, 2), r=0, alpha=1)
+    with pytest.raises(ValueError, match="linear"):
+        merge_lora(nn.Sequential(nn.ReLU()), {"0.lora_A": torch.zeros(1, 1), "0.lora_B": torch.zeros(1, 1)})
+
+
+@pytest.fixture(scope="module")
+def pocket():
+    import vlmkv
+
+    return vlmkv.load_model("pocket")
+
+
+def test_pocket_loads_offline_as_a_llava(pocket):
+    from vlmkv.models.modality import adapter_for
+    from vlmkv.models.pocket import TOKENS_PER_FRAME
+
+    model, proc = pocket
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert adapter_for(model.config, proc.tokenizer).tokens_per_image == TOKENS_PER_FRAME == 16
+
+
+def test_pocket_beats_the_majority_baseline_in_fp16(pocket, tmp_path):
+    from vlmkv.eval.runner import evaluate
+    from vlmkv.eval.synthetic import make_dataset
+
+    model, proc = pocket
+    tasks = ["FrameColour", "WhichFrame"]
+    make_dataset(tmp_path, tasks, samples=8, frames=8, seed=11)
+    answers = []
+    evaluate(model, proc, tmp_path, tasks, ["fp16"], answers=answers, max_new_tokens=4)
+    acc = sum(a["correct"] for a in answers) / len(answers)
+    # majority baseline with hindsight: the most frequent true answer of each task on this very set
+    majority = sum(Counter(a["truth"] for a in answers if a["task"] == t).most_common(1)[0][1] for t in tasks) / len(answers)
+    assert acc > majority, (acc, majority, answers)
+
+
+def test_train_demo_end_to_end_and_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    from vlmkv.models.pocket.config import TrainConfig
+    from vlmkv.models.pocket.model import build_untrained, load_trained
+    from vlmkv.models.pocket.train import train
+
+    cfg = TrainConfig(out=str(tmp_path), tasks=("FrameColour",), text_steps=1, align_steps=1, joint_steps=1, batch=1,
+                      eval_clips=1)
+    rec = train(cfg, log=lambda *_: None)
+    assert set(rec["stages"]) == {"text", "align", "joint"} and all(s["done"] for s in rec["stages"].values())
+    state = load_file(tmp_path / "pocket.safetensors")
+    assert any(k.startswith("vision_tower.") for k in state) and any(k.endswith("lora_A") for k in state)
+    model, _ = build_untrained()
+    load_trained(model, state)
+    # a second call finds every stage done and only rewrites the weights
+    again = train(cfg, log=lambda *_: None)
+    assert again["stages"] == json.loads((tmp_path / "train.json").read_text())["stages"] == rec["stages"]
+    with pytest.raises(ValueError, match="tasks"):
+        TrainConfig(tasks=("Nope",))
+
+
+def test_demo_on_pocket(pocket, tmp_path, capsys):
+    from vlmkv.cli import main
+
+    assert main(["demo", "--clips", "1", "--methods", "fp16,rtn-2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "truth:" in out and "fp16" in out and "rtn-2" in out and "KV KiB" in out
+    assert (tmp_path / "accuracy_vs_bits.png").exists() and (tmp_path / "answers.json").exists()

@@ -1,0 +1,36 @@
+"""Training options of the pocket demo VLM, apart from train.py so that the CLI builds its flags cheaply."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...eval.synthetic import TASKS
+
+
+@dataclass
+class TrainConfig:
+    out: str = "out/pocket-train"
+    tasks: tuple[str, ...] = TASKS
+    frames: int = 8
+    batch: int = 8
+    questions: int = 4  # question turns per training clip (the first as `vlmkv eval` asks it)
+    text_steps: int = 400
+    align_steps: int = 400
+    joint_steps: int = 300
+    lr: float = 5e-4
+    vision_lr: float = 1e-3
+    lora_r: int = 16
+    eval_clips: int = 32
+    seed: int = 0
+    init: str = ""  # start from this pocket.safetensors (e.g. an earlier run's) instead of fresh adapters
+    bf16: bool = True
+
+    def __post_init__(self):
+        for k in ("frames", "batch", "questions", "lora_r", "eval_clips"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        for k in ("text_steps", "align_steps", "joint_steps"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                raise ValueError(f"{k} must be a non-negative integer, got {getattr(self, k)!r}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")

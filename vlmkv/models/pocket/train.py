@@ -1,0 +1,265 @@
+"""Train the pocket demo VLM on synthetic clips (`vlmkv train-demo`): deterministic for a seed, resumable.
+
+Three stages, each one fixing what the feasibility probe (shared/notes/demo-vlm-probe.md) found missing:
+1. `text`: LoRA on SmolLM2 with the frames given as words ("Frame 3: red circle"), the eval's exact prompt,
+   loss on the answer tokens only. The backbone first learns the tasks themselves, answering with the option
+   text (mapping options to letters is the indirection the 135M model failed to learn).
+2. `align`: vision tower + projector regressed onto the backbone's own word embeddings: of a frame's 16
+   visual tokens, the first half onto the embedding of " <colour>", the second half onto " <shape>", so
+   visual tokens arrive reading like the words of stage 1. No language-model pass: seconds.
+3. `joint`: the real task, images in, LoRA + projector + vision tower trained together.
+
+Data are fresh random clips each step from `random.Random(f"{seed}-{stage}-{step}")`, so a resumed run
+sees the same batches; held-out clips come from a disjoint seed.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ...eval.milebench import Sample, score
+from ...eval.synthetic import ANSWER_HINT, COLOURS, INSTRUCTION, SHAPES, TASKS, make_question, context, draw, sample_clip
+from .config import TrainConfig
+from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, trained_state
+
+EVAL_SEED = 1_000_003
+
+
+_FRAMES: dict = {}
+
+
+def frame(colour: str, shape: str):
+    """The rendered frame (cached: there are only len(COLOURS) * len(SHAPES) distinct ones)."""
+    if (colour, shape) not in _FRAMES:
+        _FRAMES[colour, shape] = draw(colour, shape)
+    return _FRAMES[colour, shape]
+
+
+def messages(clip, question: str, choices: list[str], as_words: bool) -> list[dict]:
+    """The chat message `vlmkv eval` builds from the MileBench-format sample (see `Sample.segments`);
+    with `as_words`, each frame's image is replaced by the words "<colour> <shape>"."""
+    s = Sample(task="", sample_id="", instruction=INSTRUCTION, context=context(len(clip), question),
+               images=[Path(f"{k}") for k in range(len(clip))], choices=choices, answer_hint=ANSWER_HINT)
+    content = []
+    for kind, val in s.segments():
+        if kind == "image":
+            c, sh = clip[int(str(val))]
+            content.append({"type": "text", "text": f"{c} {sh}"} if as_words else {"type": "image"})
+        else:
+            content.append({"type": "text", "text": val})
+    return [{"role": "user", "content": content}]
+
+
+def _follow_up(question: str, choices: list[str]) -> dict:
+    """A later user turn about the same clip: the question and options, as `Sample.segments` words them."""
+    s = Sample(task="", sample_id="", instruction="", context=f"Question: {question}", choices=choices,
+               answer_hint=ANSWER_HINT)
+    return {"role": "user", "content": [{"type": "text", "text": "".join(v for _, v in s.segments())}]}
+
+
+def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task: str | None = None,
+               with_answer: bool = True):
+    """Left-padded batch: (inputs, labels, records), records = (task, clip, choices, answer) of each first question.
+
+    With answers, each clip carries `cfg.questions` question turns (the first exactly as `vlmkv eval` asks it,
+    the others as follow-up turns about the same clip: more supervised tokens per pass over the clip);
+    `labels` is -100 except on the answer tokens and their `<|im_end|>`. Without answers: one question,
+    ending in the generation prompt, and labels None.
+    """
+    tok = proc.tokenizer
+    texts, images, recs = [], [], []
+    for _ in range(cfg.batch):
+        t = task or rng.choice(cfg.tasks)
+        clip, q, choices, ans = sample_clip(rng, t, cfg.frames)
+        msgs = messages(clip, q, choices, as_words)
+        if with_answer:
+            msgs.append({"role": "assistant", "content": ans})
+            # StateChange is balanced only when the clip is drawn for it, so it is never a follow-up
+            others = [x for x in cfg.tasks if x != "StateChange"]
+            for _ in range(cfg.questions - 1 if others else 0):
+                fq, fc, fa = make_question(rng.choice(others), clip, rng)
+                msgs += [_follow_up(fq, fc), {"role": "assistant", "content": fa}]
+        texts.append(proc.apply_chat_template(msgs, add_generation_prompt=not with_answer))
+        if not as_words:
+            images += [frame(c, s) for c, s in clip]
+        recs.append((t, clip, choices, ans))
+    if as_words:
+        inputs = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    else:
+        inputs = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return inputs, (_answer_labels(tok, inputs["input_ids"]) if with_answer else None), recs
+
+
+def _answer_labels(tok, ids: torch.Tensor) -> torch.Tensor:
+    """-100 everywhere except the tokens after each `<|im_start|>assistant\n`, up to its `<|im_end|>`."""
+    head = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(ids, -100)
+    for b, row in enumerate(ids.tolist()):
+        i = 0
+        while i <= len(row) - len(head):
+            if row[i:i + len(head)] == head:
+                j = i + len(head)
+                while j < len(row) and row[j] != end:
+                    j += 1
+                labels[b, i + len(head):j + 1] = ids[b, i + len(head):j + 1]
+                i = j
+            i += 1
+    return labels
+
+
+def answer_loss(model, inputs: dict, labels: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Cross-entropy on the labelled (answer) tokens; the LM head runs on those positions only."""
+    sel = labels[:, 1:] != -100  # position p predicts token p + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.model(**inputs).last_hidden_state[:, :-1][sel]
+        logits = model.lm_head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][sel])
+
+
+@torch.no_grad()
+def heldout_accuracy(model, proc, cfg: TrainConfig, as_words: bool = False, clips: int | None = None,
+                     max_new_tokens: int = 4) -> dict[str, float]:
+    """Greedy answers on held-out clips, scored as `vlmkv eval` scores them (MileBench option matching)."""
+    model.eval()
+    tok = proc.tokenizer
+    res = {}
+    n = clips or cfg.eval_clips
+    for t in cfg.tasks:
+        rng, ok, done = random.Random(f"{EVAL_SEED}-{t}"), 0, 0
+        while done < n:
+            inputs, _, recs = make_batch(proc, rng, cfg, as_words, task=t, with_answer=False)
+            inputs.pop("position_ids")
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            for row, (_, _, choices, ans) in zip(out[:, inputs["input_ids"].shape[1]:], recs):
+                if done < n:
+                    pred = tok.decode(row, skip_special_tokens=True)
+                    ok += score(pred, Sample(task=t, sample_id="", instruction="", context="", choices=choices, answer=ans))
+                    done += 1
+        res[t] = ok / n
+    model.train()
+    return res
+
+
+def _align_targets(model, proc, clip_frames):
+    """[N, 16, 576]: half " <colour>" embedding, half " <shape>" embedding per frame."""
+    emb = model.model.language_model.embed_tokens.weight
+    tok = proc.tokenizer
+
+    def word(w):
+        return emb[tok(" " + w, add_special_tokens=False)["input_ids"][0]]
+
+    h = TOKENS_PER_FRAME // 2
+    return torch.stack([torch.stack([word(c)] * h + [word(s)] * (TOKENS_PER_FRAME - h)) for c, s in clip_frames]).detach()
+
+
+def _init_from(model, path: str) -> None:
+    """Load a `trained_state` file into a model whose backbone carries (unmerged) LoRA adapters."""
+    from safetensors.torch import load_file
+
+    from .lora import LoRALinear
+
+    state = {k: v.float() for k, v in load_file(path).items()}
+    lm = model.model.language_model
+    model.model.vision_tower.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("vision_tower.")})
+    model.model.multi_modal_projector.load_state_dict(
+        {k[22:]: v for k, v in state.items() if k.startswith("multi_modal_projector.")})
+    with torch.no_grad():
+        for n, m in lm.named_modules():
+            if isinstance(m, LoRALinear):
+                m.lora_A.copy_(state[f"language_model.{n}.lora_A"])
+                m.lora_B.copy_(state[f"language_model.{n}.lora_B"] / m.scale)  # stored already scaled
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run the stages not yet done under `cfg.out`; returns the run record (also written as train.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .lora import add_lora
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, proc = build_untrained(cfg.seed)
+    add_lora(model.model.language_model, LORA_TARGETS, r=cfg.lora_r, alpha=2.0 * cfg.lora_r)
+    if cfg.init:
+        _init_from(model, cfg.init)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    for p in lora + vision:
+        p.requires_grad_(True)
+    record_path = out / "train.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"config": asdict(cfg), "stages": {}}
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None:
+        model.load_state_dict(state["params"], strict=False)
+        log(f"resumed at stage {state['stage']} step {state['step']}")
+    model.train()
+
+    def run_stage(name: str, steps: int, params: list, lr: float, step_fn):
+        done = record["stages"].get(name, {}).get("done")
+        if done or steps == 0:
+            return
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        start = 0
+        if state is not None and state["stage"] == name:
+            opt.load_state_dict(state["opt"])
+            start = state["step"]
+        t0 = time.perf_counter() - (state["seconds"] if state is not None and state["stage"] == name else 0.0)
+        bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+        for step in bar:
+            for g in opt.param_groups:  # warm-up then cosine decay
+                g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            loss = step_fn(random.Random(f"{cfg.seed}-{name}-{step}"))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % 50 == 0 and step + 1 < steps:
+                torch.save({"stage": name, "step": step + 1, "seconds": time.perf_counter() - t0, "opt": opt.state_dict(),
+                            "params": {n: p for n, p in model.named_parameters() if p.requires_grad}}, ckpt)
+        secs = time.perf_counter() - t0
+        acc = heldout_accuracy(model, proc, cfg, as_words=name == "text") if name != "align" else None
+        record["stages"][name] = {"done": True, "steps": steps, "seconds": round(secs, 1), "final_loss": round(loss.item(), 4),
+                                  "heldout_accuracy": acc}
+        log(f"stage {name}: {steps} steps in {secs:.0f} s, loss {loss.item():.3f}, held-out {acc}")
+        torch.save({"stage": name + ":done", "step": steps, "seconds": secs, "opt": None,
+                    "params": {n: p for n, p in model.named_parameters() if p.requires_grad}}, ckpt)
+        save_file(trained_state(model), out / f"after_{name}.safetensors")
+        record_path.write_text(json.dumps(record, indent=1))
+
+    def text_step(rng):
+        inputs, labels, _ = make_batch(proc, rng, cfg, as_words=True)
+        return answer_loss(model, inputs, labels, cfg.bf16)
+
+    def align_step(rng):
+        fr = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(64)]
+        px = proc.image_processor([frame(c, s) for c, s in fr], return_tensors="pt")["pixel_values"]
+        feats = model.model.get_image_features(pixel_values=px).pooler_output
+        feats = torch.stack(list(feats))
+        tgt = _align_targets(model, proc, fr)
+        return ((feats - tgt) ** 2).sum(-1).mean() / (tgt ** 2).sum(-1).mean()
+
+    def joint_step(rng):
+        inputs, labels, _ = make_batch(proc, rng, cfg, as_words=False)
+        return answer_loss(model, inputs, labels, cfg.bf16)
+
+    run_stage("text", cfg.text_steps, lora, cfg.lr, text_step)
+    run_stage("align", cfg.align_steps, vision, cfg.vision_lr, align_step)
+    run_stage("joint", cfg.joint_steps, lora + vision, cfg.lr, joint_step)
+    save_file(trained_state(model), out / "pocket.safetensors")
+    record["threads"] = torch.get_num_threads()
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
