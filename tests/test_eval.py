@@ -60,14 +60,23 @@ def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa:
     assert (tmp_path / "out" / "accuracy_vs_bits.png").stat().st_size > 0
 
 
+def test_eval_writes_held_out_clips_when_no_data_is_given(local_llava, tmp_path, capsys):  # noqa: F811
+    d, _ = local_llava
+    assert main(["eval", "--model", str(d), "--methods", "fp16", "--tasks", "WhichFrame", "--limit", "1",
+                 "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "data-synthetic-1" / "WhichFrame" / "WhichFrame.json").exists()
+    assert "| fp16 | WhichFrame | 1 |" in capsys.readouterr().out
+
+
 def test_presets_and_sweep_end_to_end(local_llava, tmp_path, capsys):  # noqa: F811
     d, _ = local_llava
     data = tmp_path / "data"
     main(["make-data", "--out", str(data), "--tasks", "StateChange", "--samples", "2", "--frames", "4"])
     assert main(["eval", "--model", str(d), "--data", str(data), "--preset", "akvq-ablation", "--limit", "2",
-                 "--max-new-tokens", "2", "--out", str(tmp_path / "abl")]) == 0
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "abl"), "--methods", "kivi-2"]) == 0
     out = capsys.readouterr().out
     assert "+ Adaptive quantization based on PSA" in out and "| Delta |" in out
+    assert "| kivi-2 |" in out  # --methods adds to the preset
     assert main(["eval", "--model", str(d), "--data", str(data), "--sweep", "pivots=0,5", "--limit", "2",
                  "--max-new-tokens", "2", "--out", str(tmp_path / "sw")]) == 0
     csv_text = (tmp_path / "sw" / "sweep_num_pivots" / "results.csv").read_text().splitlines()

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -92,6 +93,7 @@ def cmd_generate(args) -> int:
 
 DEMO_METHODS = "fp16,rtn-4,rtn-2,kivi-2,akvq-vl"  # text model: the copy-table demo
 VLM_DEMO_METHODS = "fp16,akvq-vl,windowquant,kivi-2,rtn-2"  # a VLM (pocket by default): held-out clips
+EVAL_METHODS = "fp16,rtn-4,rtn-2,kivi-2,smoothquant-2,akvq-vl,windowquant"
 
 
 def cmd_demo(args) -> int:
@@ -189,6 +191,14 @@ def cmd_eval(args) -> int:
     from .eval.milebench import list_tasks
     from .eval.runner import _distributed, evaluate, table, write_outputs
 
+    if args.data is None:  # the demo VLM's own held-out clips, written once in MileBench's format
+        from .eval.synthetic import TASKS, make_dataset
+
+        n = args.limit or 100
+        args.data = f"{args.out}/data-synthetic-{n}"
+        if not all(Path(args.data, t, f"{t}.json").exists() for t in TASKS):
+            make_dataset(args.data, TASKS, samples=n, frames=8, seed=1)
+            print(f"wrote {n} held-out synthetic clips per task to {args.data}", flush=True)
     model, proc = load_model(args.model, device=args.device)
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
@@ -207,7 +217,8 @@ def cmd_eval(args) -> int:
                 presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
                 files.append(f"{out}/sweep_{option}.png")
     else:
-        methods = presets.preset_methods(args.preset) if args.preset else [m for m in args.methods.split(",") if m]
+        listed = [m for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
+        methods = (presets.preset_methods(args.preset) if args.preset else []) + listed
         rows = run(methods)
         if main_proc:
             print(table(rows))
@@ -337,9 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or `vlmkv make-data` output) with a vision-language model: per task accuracy, "
                                     "bits per element and KV MiB from bytes, next-token KL and top-1 agreement vs "
                                     "fp16; CSV, JSON, a table and a PNG.")
-    ev.add_argument("--model", required=True, help="Hugging Face VLM id or local path")
-    ev.add_argument("--data", required=True, help="MileBench-format root directory")
-    ev.add_argument("--methods", default="fp16,rtn-4,rtn-2,kivi-2,smoothquant-2,akvq-vl,windowquant")
+    ev.add_argument("--model", default="pocket", help="pocket (the demo VLM, default), a Hugging Face VLM id or local path")
+    ev.add_argument("--data", default=None, help="MileBench-format root directory (default: held-out synthetic "
+                                                 "clips, --limit per task or 100, written under --out)")
+    ev.add_argument("--methods", default=None, help=f"comma-separated (default {EVAL_METHODS}); with --preset: "
+                                                    "methods run after the preset's")
     ev.add_argument("--preset", choices=["akvq-table2", "akvq-ablation"], default=None,
                     help="the seed's Table II grid or Table III ablation (overrides --methods)")
     ev.add_argument("--sweep", action="append", metavar="NAME=VALUES",
