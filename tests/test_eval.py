@@ -51,6 +51,7 @@ def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa:
                  "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| fp16 | Counting | 2 |" in out
+    assert "| task | n | chance | majority |" in out and "| FrameColour | 2 | 0.25 |" in out
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {(r["method"], r["task"]) for r in rows} == {(m, t) for m in ("fp16", "rtn-2") for t in ("Counting", "FrameColour")}
     fp = [r for r in rows if r["method"] == "fp16"]

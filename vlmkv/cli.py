@@ -189,7 +189,7 @@ def cmd_eval(args) -> int:
     from . import load_model
     from .eval import presets
     from .eval.milebench import list_tasks
-    from .eval.runner import _distributed, evaluate, table, write_outputs
+    from .eval.runner import _distributed, baselines, evaluate, table, write_outputs
 
     if args.data is None:  # the demo VLM's own held-out clips, written once in MileBench's format
         from .eval.synthetic import TASKS, make_dataset
@@ -222,6 +222,7 @@ def cmd_eval(args) -> int:
         rows = run(methods)
         if main_proc:
             print(table(rows))
+            print("\n" + baselines(args.data, tasks, args.limit))
             if args.preset == "akvq-table2":
                 print("\n" + presets.table2_markdown(rows))
             elif args.preset == "akvq-ablation":

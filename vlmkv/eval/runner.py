@@ -163,3 +163,19 @@ def table(rows: list[Row]) -> str:
         lines.append(f"| {r.method} | {r.task} | {r.n} | {r.accuracy:.2f} | {r.bits_per_element:.2f} | {r.kv_mib:.2f} | "
                      f"{r.kl:.4f} | {r.top1:.3f} |")
     return "\n".join(lines)
+
+
+def baselines(data_root, tasks: list[str], limit: int | None = None) -> str:
+    """Markdown: per task, the accuracy of guessing (mean 1 / options) and of always giving the most frequent
+    true answer of that very set (majority with hindsight), the bars a model must clear."""
+    from collections import Counter
+
+    lines = ["| task | n | chance | majority |", "|---|---:|---:|---:|"]
+    for t in tasks:
+        ss = load_task(data_root, t, limit)
+        if not ss:
+            continue
+        chance = sum(1 / len(s.choices) if s.choices else 0.0 for s in ss) / len(ss)
+        major = Counter(s.answer for s in ss).most_common(1)[0][1] / len(ss)
+        lines.append(f"| {t} | {len(ss)} | {chance:.2f} | {major:.2f} |")
+    return "\n".join(lines)
