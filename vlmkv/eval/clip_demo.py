@@ -11,12 +11,15 @@ from .synthetic import TASKS, make_dataset
 DEMO_SEED = 7  # held out: training draws its clips from other seeds (models/pocket/train.py)
 
 
-def run_clip_demo(model, proc, methods: list[str], clips: int = 2, frames: int = 8, out: str = "out/demo",
+def run_clip_demo(model, proc, methods: list[str], clips: int = 3, frames: int = 8, out: str = "out/demo",
                   seed: int = DEMO_SEED, tasks: tuple[str, ...] = TASKS, print_fn=print) -> list:
     """Print one line per clip (each method's answer against the truth) and the summary table; write
     CSV/JSON/PNG under `out`. Returns the table rows."""
     if clips <= 0:
         raise ValueError(f"clips must be positive, got {clips!r}")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
     with tempfile.TemporaryDirectory() as root:
         make_dataset(root, tasks, samples=clips, frames=frames, seed=seed)
         answers: list[dict] = []
