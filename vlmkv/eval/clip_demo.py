@@ -2,6 +2,7 @@
 answer against the truth, accuracy, KV memory from `nbytes()` and fidelity, plus the accuracy-vs-bits plot."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,6 @@ def run_clip_demo(model, proc, methods: list[str], clips: int = 3, frames: int =
     for m, (n, acc, bits, mib) in tot.items():
         print_fn(f"{m:<14} {acc / n:>9.0%} {bits / n:>8.2f} {mib / n * 1024:>8.1f}")
     files = write_outputs(rows, out)
-    Path(out, "answers.json").write_text(__import__("json").dumps(answers, indent=1))
+    Path(out, "answers.json").write_text(json.dumps(answers, indent=1))
     print_fn("\nwrote " + ", ".join(str(f) for f in files + [Path(out, "answers.json")]))
     return rows

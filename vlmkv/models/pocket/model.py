@@ -88,16 +88,23 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in out.items()}
 
 
+def part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a `trained_state` under `prefix`, prefix removed, as float32."""
+    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_vision(model, state: dict[str, torch.Tensor]) -> None:
+    """Load the vision tower and projector of a `trained_state`."""
+    model.model.vision_tower.load_state_dict(part(state, "vision_tower."))
+    model.model.multi_modal_projector.load_state_dict(part(state, "multi_modal_projector."))
+
+
 def load_trained(model, state: dict[str, torch.Tensor]) -> None:
     """Load a `trained_state` into a `build_untrained` model (LoRA merged into the backbone's weights)."""
     from .lora import merge_lora
 
-    def part(prefix):
-        return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-
-    model.model.vision_tower.load_state_dict(part("vision_tower."))
-    model.model.multi_modal_projector.load_state_dict(part("multi_modal_projector."))
-    merge_lora(model.model.language_model, part("language_model."))
+    load_vision(model, state)
+    merge_lora(model.model.language_model, part(state, "language_model."))
 
 
 def weights_digest(path: Path = WEIGHTS) -> str:

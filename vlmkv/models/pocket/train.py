@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ...eval.milebench import Sample, score
 from ...eval.synthetic import ANSWER_HINT, COLOURS, INSTRUCTION, SHAPES, TASKS, make_question, context, draw, sample_clip
 from .config import TrainConfig
-from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, trained_state
+from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, load_vision, part, trained_state
 
 EVAL_SEED = 1_000_003
 
@@ -166,16 +166,14 @@ def _init_from(model, path: str) -> None:
 
     from .lora import LoRALinear
 
-    state = {k: v.float() for k, v in load_file(path).items()}
-    lm = model.model.language_model
-    model.model.vision_tower.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("vision_tower.")})
-    model.model.multi_modal_projector.load_state_dict(
-        {k[22:]: v for k, v in state.items() if k.startswith("multi_modal_projector.")})
+    state = load_file(path)
+    load_vision(model, state)
+    lora = part(state, "language_model.")
     with torch.no_grad():
-        for n, m in lm.named_modules():
+        for n, m in model.model.language_model.named_modules():
             if isinstance(m, LoRALinear):
-                m.lora_A.copy_(state[f"language_model.{n}.lora_A"])
-                m.lora_B.copy_(state[f"language_model.{n}.lora_B"] / m.scale)  # stored already scaled
+                m.lora_A.copy_(lora[f"{n}.lora_A"])
+                m.lora_B.copy_(lora[f"{n}.lora_B"] / m.scale)  # stored already scaled
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
