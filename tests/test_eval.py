@@ -61,6 +61,31 @@ def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa:
     assert (tmp_path / "out" / "accuracy_vs_bits.png").stat().st_size > 0
 
 
+def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch):  # noqa: F811
+    """Each (sample, method) result lands in records.jsonl at once; --resume reruns only what is missing."""
+    import transformers
+
+    d, _ = local_llava
+    data, out = tmp_path / "data", tmp_path / "out"
+    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "3", "--frames", "4"])
+    common = ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity", "--out", str(out)]
+    assert main(common + ["--methods", "fp16,rtn-2"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and {json.loads(x)["method"] for x in lines} == {"fp16", "rtn-2"}
+    # a run stopped mid-way: the last record lost, the one before cut short
+    (out / "records.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    calls = []
+    real = transformers.GenerationMixin.generate
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(common + ["--methods", "fp16,rtn-2", "--resume"]) == 0
+    assert len(calls) == 2 and json.loads((out / "results.json").read_text()) == first
+    assert len((out / "records.jsonl").read_text().splitlines()) == 7  # 4 kept, the cut line, 2 new
+    calls.clear()
+    assert main(common + ["--methods", "fp16,rtn-2"]) == 0  # without --resume: everything reruns
+    assert len(calls) == 6 and len((out / "records.jsonl").read_text().splitlines()) == 6
+
+
 def test_eval_writes_held_out_clips_when_no_data_is_given(local_llava, tmp_path, capsys):  # noqa: F811
     d, _ = local_llava
     assert main(["eval", "--model", str(d), "--methods", "fp16", "--tasks", "WhichFrame", "--limit", "1",
@@ -123,3 +148,27 @@ def test_eval_data_parallel_with_accelerate_on_two_cpu_processes(local_llava, tm
     assert all(x["n"] == 4 for x in dp)
     for a, b in zip(single, dp):
         assert a["accuracy"] == b["accuracy"] and abs(a["kl"] - b["kl"]) < 1e-5
+
+
+def test_synthetic_yes_no_tasks_are_balanced():
+    """StateChange and ObjectExistence answer "yes" about half the time, so a constant answer stays near 0.5."""
+    import random
+
+    from vlmkv.eval.synthetic import sample_clip
+
+    for task in ("StateChange", "ObjectExistence"):
+        rng = random.Random(3)
+        yes = sum(sample_clip(rng, task)[3] == "yes" for _ in range(400)) / 400
+        assert 0.42 < yes < 0.58, (task, yes)
+
+
+def test_which_frame_question_survives_repeated_frames():
+    """A clip whose frames mostly repeat one content still gets a question (fewer options), never a crash."""
+    import random
+
+    from vlmkv.eval.synthetic import make_question
+
+    clip = [("red", "circle")] * 6 + [("blue", "square"), ("green", "triangle")]
+    for seed in range(20):
+        q, choices, ans = make_question("WhichFrame", clip, random.Random(seed))
+        assert ans in choices and len(set(choices)) == len(choices) and 1 <= len(choices) <= 4

@@ -74,6 +74,31 @@ def test_pocket_beats_the_majority_baseline_in_fp16(pocket, tmp_path):
     assert acc > majority, (acc, majority, answers)
 
 
+def test_words_stage_shares_the_image_layout():
+    """Stage 1's word form puts each frame's 16 words exactly where the processor puts its 16 visual
+    tokens, and `align` regresses those visual tokens onto the embeddings of the same words."""
+    import random
+
+    from vlmkv.models.pocket.config import TrainConfig
+    from vlmkv.models.pocket.model import TOKENS_PER_FRAME, build_untrained
+    from vlmkv.models.pocket.train import _align_targets, make_batch
+
+    model, proc = build_untrained()
+    cfg = TrainConfig(batch=3, questions=2)
+    words, lw, rw = make_batch(proc, random.Random(5), cfg, as_words=True)
+    images, li, ri = make_batch(proc, random.Random(5), cfg, as_words=False)
+    assert rw == ri and words["input_ids"].shape == images["input_ids"].shape
+    torch.testing.assert_close(words["attention_mask"], images["attention_mask"])
+    torch.testing.assert_close(lw, li)
+    img = images["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert int(img.sum()) == 3 * cfg.frames * TOKENS_PER_FRAME
+    assert torch.equal(words["input_ids"][~img], images["input_ids"][~img])
+    emb = model.model.language_model.embed_tokens.weight
+    frames = [f for _, clip, _, _ in rw for f in clip]
+    assert torch.equal(emb[words["input_ids"][img]].view(len(frames), TOKENS_PER_FRAME, -1),
+                       _align_targets(model, proc, frames))
+
+
 def test_train_demo_end_to_end_and_resume(tmp_path):
     from safetensors.torch import load_file
 

@@ -115,7 +115,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     """
     B, Hq, _, D = query.shape
     L = store.length
-    allowed = _allowed(mask, B, L, query.device)
+    # no mask (batch 1, no padding: sdpa's causal skip) and no index maps: nothing to mask, skip the passes
+    allowed = None if mask is None and all(seg.index is None for seg in store.segments.values()) \
+        else _allowed(mask, B, L, query.device)
     parts = []
     kernels_on = kernels.available(query)
 
@@ -126,7 +128,8 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         Hkv = k.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         s = torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling
-        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        if ok is not None:
+            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)
         e = torch.exp(s - m)
         parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
@@ -142,10 +145,13 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         if use_kernel(kq, vq):  # GPU: one fused Triton pass (flash-decoding over the packed codes)
             from .kernels.triton_kv import decode_partial
 
+            if ok is None:
+                ok = torch.ones(B, kq.codes.shape[-2], dtype=torch.bool, device=query.device)
             m, den, o = decode_partial(q, kq, vq, ok, scaling)
         else:
             s = qk_from_codes(q, kq) * scaling
-            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+            if ok is not None:
+                s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
             m = s.amax(-1, keepdim=True).clamp_min(-1e30)
             e = torch.exp(s - m)
             o, den = pv_from_codes(e, vq), e.sum(-1, keepdim=True)
@@ -166,7 +172,8 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             full[:, h, :, h] = q[:, h]
         qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
         s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
-        s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        if ok is not None:
+            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)
         e = torch.exp(s - m)
         o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order
@@ -189,7 +196,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
                          and seg.v.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
-            if seg.index is None:
+            if allowed is None:
+                ok = None
+            elif seg.index is None:
                 ok = allowed[:, seg.start + s0:seg.start + s1]
             else:
                 idx = seg.index[:, s0:s1].long()
@@ -204,7 +213,10 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             piece(k, v, ok)
     r = store.residual_len
     if r:
-        piece(store.res_k, store.res_v, allowed[:, L - r:L])
+        piece(store.res_k, store.res_v, None if allowed is None else allowed[:, L - r:L])
+    if len(parts) == 1:  # one segment, no residual: its partial softmax is the whole softmax
+        m, den, num = parts[0]
+        return (num / den).view(B, Hq, 1, D).to(query.dtype).transpose(1, 2).contiguous()
     m = torch.stack([p[0] for p in parts]).amax(0)
     den = sum(p[1] * torch.exp(p[0] - m) for p in parts)
     num = sum(p[2] * torch.exp(p[0] - m) for p in parts)

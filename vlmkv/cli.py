@@ -204,23 +204,25 @@ def cmd_eval(args) -> int:
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
     main_proc = state is None or state.is_main_process
-    run = lambda methods: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731
-                                   max_new_tokens=args.max_new_tokens, fidelity=not args.no_fidelity)
+    # records.jsonl in each output directory: one line per (sample, method) as it finishes; --resume reuses them
+    run = lambda methods, log_dir: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731
+                                            max_new_tokens=args.max_new_tokens, fidelity=not args.no_fidelity,
+                                            log_dir=log_dir, resume=args.resume)
     files = []
     if args.sweep:
         for spec in args.sweep:
             option, values, methods = presets.sweep_methods(spec)
-            rows = run(methods)
+            out = f"{args.out}/sweep_{option}"
+            rows = run(methods, out)
             if main_proc:
                 print(table(rows))
-                out = f"{args.out}/sweep_{option}"
                 files += write_outputs(rows, out)
                 presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
                 files.append(f"{out}/sweep_{option}.png")
     else:
         listed = [m for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
         methods = (presets.preset_methods(args.preset) if args.preset else []) + listed
-        rows = run(methods)
+        rows = run(methods, args.out)
         if main_proc:
             print(table(rows))
             print("\n" + baselines(args.data, tasks, args.limit))
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="samples per task")
     ev.add_argument("--max-new-tokens", type=int, default=8)
     ev.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 against fp16 (about half the time)")
+    ev.add_argument("--resume", action="store_true",
+                    help="reuse the per-sample results in OUT/records*.jsonl of a stopped run (same model and data)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default="out/eval")
     ev.set_defaults(func=cmd_eval)

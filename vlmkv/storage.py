@@ -227,15 +227,17 @@ class LayerStore:
     def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int) -> None:
         """Store tokens at slots `start .. start+n-1` into precision segments.
 
-        k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}.
+        k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}, or one int for every token
+        (decode steps: no per-token bookkeeping).
         """
         B, H, n, D = k.shape
         if self.num_heads is None:
             self.num_heads = H
         if n == 0:
             return
-        for b in sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
-            sel = bits == b
+        uniform = isinstance(bits, int)
+        for b in [bits] if uniform else sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
+            sel = None if uniform else bits == b
             d_q = H * D if self.channel_perm is not None else D  # channels a quantized token carries
             kspec = self.spec_fn(b, "key", d_q) if b != 16 else None
             vspec = self.spec_fn(b, "value", d_q) if b != 16 else None
@@ -243,9 +245,11 @@ class LayerStore:
             for s in (kspec, vspec):
                 if s is not None and s.axis == "channel":
                     mult = max(mult, s.group_size)
-            if bool(sel.all()) and n % mult == 0:
+            if (uniform or bool(sel.all())) and n % mult == 0:
                 kk, vv, index = k, v, None
             else:
+                if sel is None:
+                    sel = torch.ones(B, n, dtype=torch.bool, device=k.device)
                 counts = sel.sum(dim=1)
                 m = int(counts.max())
                 if m == 0:
@@ -305,6 +309,11 @@ class LayerStore:
     def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None) -> None:
         """Decode-time write: new tokens enter the residual buffer, full blocks are flushed."""
         B, _, n, _ = k.shape
+        if flush_every == 1 and keep_recent == 0 and self.residual_len == 0 and bits != 16:
+            # quantized on arrival (rtn, smoothquant): straight into the segment, no residual round trip
+            self.commit(k, v, bits, self.length)
+            self.length += n
+            return
         self._push_residual(k, v, torch.full((B, n), bits, dtype=torch.int16, device=k.device))
         if flush_every is None:
             return

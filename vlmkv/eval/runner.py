@@ -61,12 +61,31 @@ def _distributed():
     return state if state.num_processes > 1 else None
 
 
+def _load_records(log_dir) -> dict:
+    """(task, sample_id, method) -> record, from every `records*.jsonl` under `log_dir` (all processes')."""
+    done = {}
+    for f in sorted(Path(log_dir).glob("records*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            done[r["task"], r["sample_id"], r["method"]] = r
+    return done
+
+
 @torch.no_grad()
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
-             max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True) -> list[Row]:
+             max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
+             log_dir=None, resume: bool = False) -> list[Row]:
     """methods: names (`"rtn-2"`) or (label, Policy) pairs. `answers`, when given, receives one dict per
     (sample, method) of this process: sample_id, task, question, method, answer, truth, correct, bits.
     `fidelity=False` skips the teacher-forced passes (KL and top-1 are then NaN): about half the time.
+
+    `log_dir`: each (sample, method) result is appended to `log_dir/records.jsonl` as soon as it exists;
+    with `resume`, results already there (same task, sample id and method label) are reused, not rerun, so
+    a long run that was stopped goes on where it stopped. The records belong to one model and data set:
+    start a fresh `log_dir` (or leave `resume` off, which truncates the file) when either changes.
 
     Under `accelerate launch` with N processes, the samples are split between processes (each runs every
     method on its share) and the per-sample records are gathered, so every process returns the same rows.
@@ -80,19 +99,40 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             order = list(mine)
     records = []
     entries = [(e, e) if isinstance(e, str) else e for e in methods]
+    done, log = {}, None
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        done = _load_records(log_dir) if resume else {}
+        rank = "" if state is None else f".rank{state.process_index}"
+        path = Path(log_dir) / f"records{rank}.jsonl"
+        cut = resume and path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        log = open(path, "a" if resume else "w")
+        if cut:  # the last line of a killed run was cut short: start on a line of our own
+            log.write("\n")
     for i in tqdm(order, desc="samples", disable=state is not None and not state.is_main_process):
         s = samples[i]
+        old = {label: done.get((s.task, s.sample_id, label)) for label, _ in entries}
+        for label, r in old.items():
+            if r is not None:
+                records.append((i, label, s.task, r["correct"], r["bits"], r["bytes"], r["kl"], r["top1"]))
+                if answers is not None:
+                    answers.append({k: r[k] for k in ("sample_id", "task", "question", "method", "answer", "truth",
+                                                      "correct", "bits")})
+        if all(r is not None for r in old.values()):
+            continue
         inp = build_sample_inputs(proc, s)
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
-        with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
-            out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                                 min_new_tokens=2, pad_token_id=tok.pad_token_id)
-        ref = out[:, inp["input_ids"].shape[1]:]
-        if fidelity:
+        if fidelity:  # the fp16 answer tokens every method is teacher-forced on
+            with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
+                out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                                     min_new_tokens=2, pad_token_id=tok.pad_token_id)
+            ref = out[:, inp["input_ids"].shape[1]:]
             with QuantizedKVCache(model, "fp16", tokenizer=tok) as c0:
                 lr = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c0, ref, **extra)
             lp = lr.log_softmax(-1)
         for label, m in entries:
+            if old[label] is not None:
+                continue
             with QuantizedKVCache(model, m, tokenizer=tok) as cache:
                 out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
@@ -106,9 +146,15 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
             ok = bool(score(ans, s))
             records.append((i, label, s.task, ok, bpe, nb, kl, top1))
+            rec = {"sample_id": s.sample_id, "task": s.task, "question": s.context.rsplit("\n", 1)[-1],
+                   "method": label, "answer": ans.strip(), "truth": s.answer, "correct": ok, "bits": bpe}
             if answers is not None:
-                answers.append({"sample_id": s.sample_id, "task": s.task, "question": s.context.rsplit("\n", 1)[-1],
-                                "method": label, "answer": ans.strip(), "truth": s.answer, "correct": ok, "bits": bpe})
+                answers.append(rec)
+            if log is not None:
+                log.write(json.dumps({**rec, "bytes": nb, "kl": kl, "top1": top1}) + "\n")
+                log.flush()
+    if log is not None:
+        log.close()
     if state is not None:
         from accelerate.utils import gather_object
 

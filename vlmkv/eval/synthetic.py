@@ -48,7 +48,8 @@ def make_question(task: str, clip: list[tuple[str, str]], rng: random.Random) ->
         return f"What colour is the shape in frame {k + 1}?", list(COLOURS), clip[k][0]
     if task == "WhichFrame":
         k = rng.randrange(n)
-        others = rng.sample([f"frame {i + 1}" for i in range(n) if clip[i] != clip[k]], 3)
+        pool = [f"frame {i + 1}" for i in range(n) if clip[i] != clip[k]]
+        others = rng.sample(pool, min(3, len(pool)))  # fewer options only when most frames repeat frame k
         opts = others + [f"frame {k + 1}"]
         rng.shuffle(opts)
         return f"In which frame is the {clip[k][0]} {clip[k][1]}?", opts, f"frame {k + 1}"
@@ -71,8 +72,10 @@ def sample_clip(rng: random.Random, task: str, frames: int = 8) -> tuple[list[tu
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     clip = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(frames)]
-    if task == "StateChange" and rng.random() < 0.5:
-        clip[-1] = (clip[0][0], clip[-1][1])
+    if task == "StateChange":  # balanced: the last frame keeps the first frame's colour half the time
+        first = clip[0][0]
+        last = first if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != first])
+        clip[-1] = (last, clip[-1][1])
     q, choices, ans = make_question(task, clip, rng)
     return clip, q, choices, ans
 

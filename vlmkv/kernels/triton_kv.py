@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..quant.uniform import QTensor, QuantSpec
+from . import fits_decode, fits_quantize
 
 
 @triton.jit
@@ -53,12 +54,11 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
     x: float `[..., n, D]` with D % G == 0, G a power of two and a multiple of 8 / bits.
     """
-    if spec.axis != "token" or spec.bits not in (2, 4, 8) or spec.meta_dtype != torch.float16:
-        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales, got {spec!r}")
     *lead, n, D = x.shape
+    if not fits_quantize(spec, D):
+        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {D}, "
+                         f"got {spec!r}")
     G = spec.group_size
-    if D % G or G & (G - 1) or G % (8 // spec.bits):
-        raise ValueError(f"group_size must be a power of two dividing the last dimension {D}, got {G!r}")
     rows = x.reshape(-1, D).contiguous()
     N = rows.shape[0]
     codes = torch.empty(N, D * spec.bits // 8, dtype=torch.uint8, device=x.device)
@@ -127,9 +127,8 @@ def _decode_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, OK, M, L, O,
 
 
 def _check(qt: QTensor, name: str) -> None:
-    sp = qt.spec
-    if sp.axis != "token" or sp.bits not in (2, 4, 8) or sp.group_size & (sp.group_size - 1):
-        raise ValueError(f"{name} must hold per-token 2/4/8-bit codes in power-of-two groups, got {sp!r}")
+    if not fits_decode(qt, qt.d):
+        raise ValueError(f"{name} must hold per-token 2/4/8-bit codes in power-of-two groups, got {qt.spec!r}")
     if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
         raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
 

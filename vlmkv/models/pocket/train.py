@@ -1,13 +1,18 @@
 """Train the pocket demo VLM on synthetic clips (`vlmkv train-demo`): deterministic for a seed, resumable.
 
 Three stages, each one fixing what the feasibility probe (shared/notes/demo-vlm-probe.md) found missing:
-1. `text`: LoRA on SmolLM2 with the frames given as words ("Frame 3: red circle"), the eval's exact prompt,
-   loss on the answer tokens only. The backbone first learns the tasks themselves, answering with the option
-   text (mapping options to letters is the indirection the 135M model failed to learn).
-2. `align`: vision tower + projector regressed onto the backbone's own word embeddings: of a frame's 16
-   visual tokens, the first half onto the embedding of " <colour>", the second half onto " <shape>", so
-   visual tokens arrive reading like the words of stage 1. No language-model pass: seconds.
+1. `text`: LoRA on SmolLM2 with each frame given as words, in the very token layout the images will have:
+   the frame's 16 `<image>` positions hold the ids of " <colour>" (first half) and " <shape>" (second
+   half). The eval's exact prompt, loss on the answer tokens only. The backbone learns the tasks themselves,
+   answering with the option text (mapping options to letters is the indirection the 135M model failed to
+   learn).
+2. `align`: vision tower + projector regressed onto the embeddings of those same 16 words, so a frame's
+   visual tokens arrive reading exactly like its stage-1 words. No language-model pass: seconds.
 3. `joint`: the real task, images in, LoRA + projector + vision tower trained together.
+
+Why the 16-word layout: an earlier run taught stage 1 on the short form "red circle"; the backbone then
+reached 0.97-1.00 in words but fell back to chance on the tasks matching colour and shape together once
+images replaced the words, because 8 copies of " red" and 8 of " circle" are not the bigram it had learnt.
 
 Data are fresh random clips each step from `random.Random(f"{seed}-{stage}-{step}")`, so a resumed run
 sees the same batches; held-out clips come from a disjoint seed.
@@ -41,19 +46,41 @@ def frame(colour: str, shape: str):
     return _FRAMES[colour, shape]
 
 
-def messages(clip, question: str, choices: list[str], as_words: bool) -> list[dict]:
-    """The chat message `vlmkv eval` builds from the MileBench-format sample (see `Sample.segments`);
-    with `as_words`, each frame's image is replaced by the words "<colour> <shape>"."""
+def messages(clip, question: str, choices: list[str]) -> list[dict]:
+    """The chat message `vlmkv eval` builds from the MileBench-format sample (see `Sample.segments`)."""
     s = Sample(task="", sample_id="", instruction=INSTRUCTION, context=context(len(clip), question),
                images=[Path(f"{k}") for k in range(len(clip))], choices=choices, answer_hint=ANSWER_HINT)
-    content = []
-    for kind, val in s.segments():
-        if kind == "image":
-            c, sh = clip[int(str(val))]
-            content.append({"type": "text", "text": f"{c} {sh}"} if as_words else {"type": "image"})
-        else:
-            content.append({"type": "text", "text": val})
+    content = [{"type": "image"} if kind == "image" else {"type": "text", "text": val} for kind, val in s.segments()]
     return [{"role": "user", "content": content}]
+
+
+def frame_words(tok, colour: str, shape: str) -> list[int]:
+    """The TOKENS_PER_FRAME token ids standing for one frame in words: " <colour>" x 8 then " <shape>" x 8."""
+    h = TOKENS_PER_FRAME // 2
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in (colour, shape)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"colour and shape must be single tokens with a leading space, got {colour!r}, {shape!r}")
+    return ids[0] * h + ids[1] * (TOKENS_PER_FRAME - h)
+
+
+def _as_words(tok, texts: list[str], clips: list) -> dict:
+    """Left-padded ids of `texts` with the k-th `<image>` of row b replaced by `frame_words` of clips[b][k]:
+    the same positions the processor gives the images, so stage 1 and the image stages share one layout."""
+    image = tok.convert_tokens_to_ids("<image>")
+    rows = []
+    for text, clip in zip(texts, clips):
+        ids, k = [], 0
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            if t == image:
+                ids += frame_words(tok, *clip[k])
+                k += 1
+            else:
+                ids.append(t)
+        rows.append(ids)
+    n = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _follow_up(question: str, choices: list[str]) -> dict:
@@ -77,7 +104,7 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
     for _ in range(cfg.batch):
         t = task or rng.choice(cfg.tasks)
         clip, q, choices, ans = sample_clip(rng, t, cfg.frames)
-        msgs = messages(clip, q, choices, as_words)
+        msgs = messages(clip, q, choices)
         if with_answer:
             msgs.append({"role": "assistant", "content": ans})
             # StateChange is balanced only when the clip is drawn for it, so it is never a follow-up
@@ -90,7 +117,7 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
             images += [frame(c, s) for c, s in clip]
         recs.append((t, clip, choices, ans))
     if as_words:
-        inputs = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        inputs = _as_words(tok, texts, [r[1] for r in recs])
     else:
         inputs = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
     inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -149,15 +176,9 @@ def heldout_accuracy(model, proc, cfg: TrainConfig, as_words: bool = False, clip
 
 
 def _align_targets(model, proc, clip_frames):
-    """[N, 16, 576]: half " <colour>" embedding, half " <shape>" embedding per frame."""
+    """[N, 16, 576] float32: the embeddings of each frame's `frame_words`."""
     emb = model.model.language_model.embed_tokens.weight
-    tok = proc.tokenizer
-
-    def word(w):
-        return emb[tok(" " + w, add_special_tokens=False)["input_ids"][0]]
-
-    h = TOKENS_PER_FRAME // 2
-    return torch.stack([torch.stack([word(c)] * h + [word(s)] * (TOKENS_PER_FRAME - h)) for c, s in clip_frames]).detach()
+    return torch.stack([emb[frame_words(proc.tokenizer, c, s)] for c, s in clip_frames]).detach()
 
 
 def _init_from(model, path: str) -> None:
@@ -229,7 +250,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 torch.save({"stage": name, "step": step + 1, "seconds": time.perf_counter() - t0, "opt": opt.state_dict(),
                             "params": {n: p for n, p in model.named_parameters() if p.requires_grad}}, ckpt)
         secs = time.perf_counter() - t0
-        acc = heldout_accuracy(model, proc, cfg, as_words=name == "text") if name != "align" else None
+        # after `align`, images in: how much of stage 1 the visual route carries before any joint step
+        acc = heldout_accuracy(model, proc, cfg, as_words=name == "text")
         record["stages"][name] = {"done": True, "steps": steps, "seconds": round(secs, 1), "final_loss": round(loss.item(), 4),
                                   "heldout_accuracy": acc}
         log(f"stage {name}: {steps} steps in {secs:.0f} s, loss {loss.item():.3f}, held-out {acc}")
