@@ -137,11 +137,15 @@ def test_eval_data_parallel_with_accelerate_on_two_cpu_processes(local_llava, tm
     common = ["eval", "--model", str(d), "--data", str(data), "--methods", "fp16,rtn-2", "--max-new-tokens", "2"]
     main(common + ["--out", str(tmp_path / "single")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # on a machine without CUDA, --multi_gpu starts CPU processes (torchrun + gloo)
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "vlmkv.cli", *common, "--out", str(tmp_path / "dp")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    # two processes really ran, each on its half of the samples (one records file each)
+    shares = [len((tmp_path / "dp" / f"records.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)]
+    assert shares == [4, 4], shares  # 2 samples x 2 methods each
     single = json.loads((tmp_path / "single" / "results.json").read_text())
     dp = json.loads((tmp_path / "dp" / "results.json").read_text())
     assert [(x["method"], x["task"], x["n"]) for x in dp] == [(x["method"], x["task"], x["n"]) for x in single]

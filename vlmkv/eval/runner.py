@@ -1,7 +1,9 @@
 """`vlmkv eval`: every method on MileBench-format tasks, with accuracy, bytes and fidelity in one table.
 
-Scale-out: run it under `accelerate launch --num_processes N` (GPUs or machines; `--cpu` for CPU processes):
-samples are split between processes and the results gathered (no home-made launcher).
+Scale-out: run it under `accelerate launch --multi_gpu --num_processes N` (GPUs or machines; on a machine
+without CUDA the same command starts N CPU processes joined over gloo; accelerate's `--cpu` flag alone runs
+one process unless MPI is set up): samples are split between processes and the results gathered (no
+home-made launcher).
 
 Per (method, task): accuracy (MileBench scoring), bits per element and KV MiB from `cache.nbytes()` at the
 end of each answer, and next-token KL / top-1 agreement against the `fp16` cache, teacher-forced on the
@@ -57,7 +59,8 @@ def _distributed():
         from accelerate import PartialState
     except ImportError:
         return None
-    state = PartialState()
+    # without CUDA, accelerate only forms a process group (gloo) when asked for CPU processes explicitly
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state if state.num_processes > 1 else None
 
 

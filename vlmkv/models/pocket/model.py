@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -123,9 +124,12 @@ def pocket_path(weights: Path | str | None = None) -> Path:
     out = cache_dir() / f"pocket-{weights_digest(w)}"
     if (out / "config.json").exists() and (out / "processor_config.json").exists():
         return out
+    if out.exists():  # left incomplete by an older version: rebuild
+        shutil.rmtree(out, ignore_errors=True)
     model, proc = build_untrained()
     load_trained(model, load_file(w))
-    tmp = out.with_name(out.name + ".tmp")
+    # a per-process scratch name: processes of `accelerate launch` may assemble at the same time
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
@@ -134,7 +138,8 @@ def pocket_path(weights: Path | str | None = None) -> Path:
     if card.exists():
         shutil.copy(card, tmp / "README.md")
     (tmp / "vlmkv_pocket.json").write_text(json.dumps({"weights": str(w), "digest": weights_digest(w)}))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: its copy is the same model
+        shutil.rmtree(tmp)
     return out
