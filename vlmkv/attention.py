@@ -61,6 +61,11 @@ def _allowed(mask: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
     return out
 
 
+def _masked(s: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
+    """Scores `[B, H, r, n]` with -inf where ok `[B, n]` is False; ok None: nothing to mask."""
+    return s if ok is None else s.masked_fill(~ok[:, None, None, :], float("-inf"))
+
+
 def _codes(qt: QTensor) -> torch.Tensor:
     """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied)."""
     from .quant.uniform import _code_lut
@@ -128,8 +133,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         Hkv = k.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         s = torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling
-        if ok is not None:
-            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        s = _masked(s, ok)
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)
         e = torch.exp(s - m)
         parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
@@ -150,8 +154,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             m, den, o = decode_partial(q, kq, vq, ok, scaling)
         else:
             s = qk_from_codes(q, kq) * scaling
-            if ok is not None:
-                s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+            s = _masked(s, ok)
             m = s.amax(-1, keepdim=True).clamp_min(-1e30)
             e = torch.exp(s - m)
             o, den = pv_from_codes(e, vq), e.sum(-1, keepdim=True)
@@ -172,8 +175,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             full[:, h, :, h] = q[:, h]
         qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
         s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
-        if ok is not None:
-            s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+        s = _masked(s, ok)
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)
         e = torch.exp(s - m)
         o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .runner import evaluate, table, write_outputs
-from .synthetic import TASKS, make_dataset
+from .synthetic import TASKS, check_tasks, make_dataset
 
 DEMO_SEED = 7  # held out: training draws its clips from other seeds (models/pocket/train.py)
 
@@ -18,9 +18,7 @@ def run_clip_demo(model, proc, methods: list[str], clips: int = 3, frames: int =
     CSV/JSON/PNG under `out`. Returns the table rows."""
     if clips <= 0:
         raise ValueError(f"clips must be positive, got {clips!r}")
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
+    check_tasks(tasks)
     with tempfile.TemporaryDirectory() as root:
         make_dataset(root, tasks, samples=clips, frames=frames, seed=seed)
         answers: list[dict] = []

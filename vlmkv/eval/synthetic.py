@@ -67,6 +67,12 @@ def make_question(task: str, clip: list[tuple[str, str]], rng: random.Random) ->
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def check_tasks(tasks) -> None:
+    """Raise ValueError unless `tasks` is a non-empty collection of names from TASKS."""
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
+
+
 def sample_clip(rng: random.Random, task: str, frames: int = 8) -> tuple[list[tuple[str, str]], str, list[str], str]:
     """One clip of `frames` (colour, shape) frames and its question: (clip, question, choices, answer)."""
     if task not in TASKS:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...eval.synthetic import TASKS
+from ...eval.synthetic import TASKS, check_tasks
 
 
 @dataclass
@@ -31,6 +31,4 @@ class TrainConfig:
         for k in ("text_steps", "align_steps", "joint_steps"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {getattr(self, k)!r}")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {self.tasks!r}")
+        check_tasks(self.tasks)

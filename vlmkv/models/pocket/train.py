@@ -77,10 +77,7 @@ def _as_words(tok, texts: list[str], clips: list) -> dict:
             else:
                 ids.append(t)
         rows.append(ids)
-    n = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (n - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask}
+    return dict(tok.pad({"input_ids": rows}, return_tensors="pt"))  # left-padded: the processor's tokenizer
 
 
 def _follow_up(question: str, choices: list[str]) -> dict:
