@@ -1,10 +1,11 @@
 """Decode-step time and KV bytes on SmolLM2-135M: DynamicCache vs transformers' QuantizedCache
 (quanto, HQQ) vs vlmkv policies, at several context lengths, in one run.
 
-    python benchmarks/decode_bench.py --contexts 512,2048,8192 --out docs/bench_decode.json
+    python benchmarks/decode_bench.py --contexts 1024,4096,16384 --batch 1,8 --out docs/bench_decode.json
 
-Protocol: the context (real text, repeated) is prefilled once with a DynamicCache; every method's cache
-is then filled from those keys/values through its own `update()` (as a prefill would), and we time
+Protocol: the context (real text, repeated) is prefilled once with a DynamicCache at batch 1; for each batch
+size every method's cache is filled from those keys/values (repeated over the batch) through its own
+`update()` (as a prefill would), and we time
 `--steps` single-token forward passes (after 2 warm-up steps), reporting the median. KV bytes are
 counted from every tensor the cache holds (for transformers' caches: quantized data, scales, zero
 points and the residual buffer, found by walking the objects).
@@ -77,53 +78,82 @@ def run(args):
     model, tok = vlmkv.load_model(args.model)
     base = tok(TEXT, add_special_tokens=False)["input_ids"]
     methods = args.methods.split(",")
+    batches = [int(b) for b in str(args.batch).split(",")]
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
-        ids = torch.tensor([(base * (ctx // len(base) + 1))[:ctx]]).repeat(args.batch, 1)
+        # one prefill per context at batch 1 (logits of the last token only); batch b repeats its keys and values
+        ids = torch.tensor([(base * (ctx // len(base) + 1))[:ctx]])
         t0 = time.perf_counter()
         ref = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=ref)
+        out = model(input_ids=ids, past_key_values=ref, logits_to_keep=1)
         t_prefill = time.perf_counter() - t0
-        kv = [(layer.keys, layer.values) for layer in ref.layers]
-        nxt = out.logits[:, -1:].argmax(-1)
-        for method in tqdm(methods, desc=f"context {ctx}", file=sys.stderr):
-            row = {"context": ctx, "batch": args.batch, "method": method}
-            try:
-                cache = make_cache(method, model)
-                t0 = time.perf_counter()
-                for i, (k, v) in enumerate(kv):
-                    cache.update(k.clone(), v.clone(), i)
-                row["fill_s"] = round(time.perf_counter() - t0, 4)
-                times = []
-                tok_in = nxt
-                for step in range(args.steps + 2):
+        kv1 = [(layer.keys, layer.values) for layer in ref.layers]
+        del ref
+        nxt1 = out.logits[:, -1:].argmax(-1)
+        for batch in batches:
+            for method in tqdm(methods, desc=f"context {ctx}, batch {batch}", file=sys.stderr):
+                row = {"context": ctx, "batch": batch, "method": method}
+                try:
+                    cache = make_cache(method, model)
                     t0 = time.perf_counter()
-                    o = model(input_ids=tok_in, past_key_values=cache)
-                    dt = time.perf_counter() - t0
-                    tok_in = o.logits[:, -1:].argmax(-1)
-                    if step >= 2:
-                        times.append(dt)
-                n_el = 2 * sum(k.numel() for k, _ in kv) * (ctx + args.steps + 2) / ctx
-                row["decode_ms"] = round(1000 * statistics.median(times), 2)
-                row["tokens_per_s"] = round(args.batch / statistics.median(times), 1)
-                row["kv_bytes"] = cache_bytes(cache)
-                row["fp16_bytes"] = int(n_el) * 2
-                row["bits_per_element"] = round(8 * row["kv_bytes"] / n_el, 3)
-            except Exception as e:  # an alternative that does not run here is recorded, not fatal
-                row["error"] = f"{type(e).__name__}: {e}"[:200]
-            rows.append(row)
+                    for i, (k, v) in enumerate(kv1):
+                        cache.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
+                    row["fill_s"] = round(time.perf_counter() - t0, 4)
+                    times = []
+                    tok_in = nxt1.repeat(batch, 1)
+                    for step in range(args.steps + 2):
+                        t0 = time.perf_counter()
+                        o = model(input_ids=tok_in, past_key_values=cache, logits_to_keep=1)
+                        dt = time.perf_counter() - t0
+                        tok_in = o.logits[:, -1:].argmax(-1)
+                        if step >= 2:
+                            times.append(dt)
+                    n_el = 2 * batch * sum(k.numel() for k, _ in kv1) * (ctx + args.steps + 2) / ctx
+                    row["decode_ms"] = round(1000 * statistics.median(times), 2)
+                    row["tokens_per_s"] = round(batch / statistics.median(times), 1)
+                    row["kv_bytes"] = cache_bytes(cache)
+                    row["fp16_bytes"] = int(n_el) * 2
+                    row["bits_per_element"] = round(8 * row["kv_bytes"] / n_el, 3)
+                    if isinstance(cache, vlmkv.QuantizedKVCache):
+                        cache.close()
+                    del cache
+                except Exception as e:  # an alternative that does not run here is recorded, not fatal
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
         print(f"context {ctx}: prefill {t_prefill:.1f} s", file=sys.stderr)
     return rows
 
 
+def plot(rows, path) -> None:
+    """Decode ms/step against context, one panel per batch size, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    batches = sorted({r["batch"] for r in ok})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for m in dict.fromkeys(r["method"] for r in ok):
+            pts = sorted((r["context"], r["decode_ms"]) for r in ok if r["batch"] == b and r["method"] == m)
+            style = "-" if m in ("dynamic",) or m.startswith("hf-") else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=m)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms/step", title=f"batch {b}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def to_markdown(rows) -> str:
-    lines = ["| context | method | decode ms/step | tokens/s | KV MiB | FP16 MiB | bits/element |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| context | batch | method | decode ms/step | tokens/s | KV MiB | FP16 MiB | bits/element |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']} | {r['method']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | error: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['context']} | {r['method']} | {r['decode_ms']:.1f} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['decode_ms']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{r['kv_bytes'] / 2**20:.2f} | {r['fp16_bytes'] / 2**20:.2f} | {r['bits_per_element']:.2f} |")
     return "\n".join(lines)
 
@@ -133,16 +163,24 @@ def main():
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--contexts", default="512,2048,8192")
     p.add_argument("--methods", default="dynamic,hf-quanto-2,hf-quanto-4,hf-hqq-2,hf-hqq-4,rtn-2,rtn-4,kivi-2,kivi-4")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,8)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG of ms/step against context here")
     args = p.parse_args()
     rows = run(args)
     md = to_markdown(rows)
     print(md)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    from vlmkv import kernels
+    from vlmkv.kernels import cpu
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; VLMKV_KERNELS={kernels.mode()}, CPU kernels "
+          f"{'built' if cpu.load() else 'not built: ' + str(cpu.error())}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

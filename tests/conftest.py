@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton kernels are checked in Triton's interpreter without a GPU (tests/test_kernels.py, with
+    # VLMKV_KERNELS=triton): it must be on before anything imports triton (transformers does, through torch._dynamo)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,9 @@
 """Triton kernels against their torch twins. Without a GPU they run in Triton's interpreter (CPU, numpy), which
 checks their semantics; on a CUDA machine the same tests compile and run them for real."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels become interpreted
+# without a GPU, conftest.py has turned Triton's interpreter on (TRITON_INTERPRET=1) before triton was imported
 triton = pytest.importorskip("triton", reason="the Triton kernels need `pip install 'vlmkv[gpu]'`")
 
 from vlmkv.attention import pv_from_codes, qk_from_codes  # noqa: E402

@@ -124,10 +124,15 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     allowed = None if mask is None and all(seg.index is None for seg in store.segments.values()) \
         else _allowed(mask, B, L, query.device)
     parts = []
-    kernels_on = kernels.available(query)
+    from .kernels import cpu
+
+    # fused decode: Triton on CUDA, the C++ op on the CPU; the torch twin below otherwise
+    backend = "triton" if kernels.available(query) else "cpu" if cpu.available(query) else None
 
     def use_kernel(kq, vq) -> bool:
-        return kernels_on and all(kernels.fits_decode(t, D) for t in (kq, vq))
+        if backend == "cpu":
+            return cpu.fits_decode(kq, D, key=True) and cpu.fits_decode(vq, D, key=False)
+        return backend is not None and all(kernels.fits_decode(t, D) for t in (kq, vq))
 
     def piece(k, v, ok):
         Hkv = k.shape[1]
@@ -146,7 +151,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         if cs is not None:
             q = q * cs[0].float()
-        if use_kernel(kq, vq):  # GPU: one fused Triton pass (flash-decoding over the packed codes)
+        if use_kernel(kq, vq) and backend == "cpu":  # one C++ pass over the packed bytes
+            m, den, o = cpu.decode_partial(q, kq, vq, ok, scaling)
+        elif use_kernel(kq, vq):  # GPU: one fused Triton pass (flash-decoding over the packed codes)
             from .kernels.triton_kv import decode_partial
 
             if ok is None:
@@ -196,6 +203,8 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         # permuted (SKVQ) segments: the codes path costs H x more products, worth it for few kv heads
         on_codes_perm = (isinstance(seg.k, QTensor) and store.channel_perm is not None and seg.k.spec.axis == "token"
                          and seg.v.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
+        if on_codes and use_kernel(seg.k, seg.v):
+            step = max(1, n)  # the kernel chunks and parallelizes the segment itself
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
             if allowed is None:

@@ -148,6 +148,15 @@ class Segment:
         if self.index is not None:
             self.index = fn(self.index)
 
+    def _reserve(self, need: int) -> None:
+        """Room for `need` tokens: grown by a margin only when full, so most appends copy nothing."""
+        if need > self.capacity:
+            cap = need + max(16, self.count // 64)
+            if isinstance(self.kb, QTensor) and self.kb.spec.axis == "channel":
+                g = self.kb.spec.group_size
+                cap = -(-cap // g) * g
+            self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
+
     def append(self, other: "Segment") -> None:
         contiguous = self.index is None and other.index is None and other.start == self.start + self.n
         if not contiguous:
@@ -155,15 +164,27 @@ class Segment:
             dev = self.kb.codes.device if isinstance(self.kb, QTensor) else self.kb.device
             self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
         need = self.count + other.n
-        if need > self.capacity:
-            cap = need + max(16, self.count // 64)
-            if isinstance(self.kb, QTensor) and self.kb.spec.axis == "channel":
-                g = self.kb.spec.group_size
-                cap = -(-cap // g) * g
-            self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
+        self._reserve(need)
         _write(self.kb, other.kb, self.count)
         _write(self.vb, other.vb, self.count)
         self.count = need
+
+    def append_float(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
+        spare capacity with the CPU kernel: one call per tensor, no temporary QTensor. False (nothing done)
+        where that kernel does not apply; the caller then quantizes and appends."""
+        from .kernels import cpu, fits_quantize
+
+        if self.index is not None or not isinstance(self.kb, QTensor) or self.kb.codes.dim() != 4:
+            return False
+        if not (all(fits_quantize(t.spec, t.d) for t in (self.kb, self.vb)) and cpu.available(k)):
+            return False
+        n = k.shape[-2]
+        self._reserve(self.count + n)
+        for src, buf in ((k, self.kb), (v, self.vb)):
+            cpu.quantize_into(src, buf.slice_tokens(self.count, self.count + n))
+        self.count += n
+        return True
 
 
 
@@ -273,6 +294,10 @@ class LayerStore:
                     kk, vv = kk / sk.to(kk.dtype), vv / sv.to(vv.dtype)
                 if self.channel_perm is not None:
                     kk, vv = _flatten(kk, self.channel_perm[0]), _flatten(vv, self.channel_perm[1])
+                old = self.segments.get(b)
+                if index is None and old is not None and old.index is None and old.start + old.n == start \
+                        and old.append_float(kk, vv):
+                    continue
                 seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
             if b in self.segments:
                 self.segments[b].append(seg)

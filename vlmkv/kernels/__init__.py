@@ -1,12 +1,16 @@
-"""Fused Triton kernels for the GPU path, each with its plain PyTorch twin as CPU path and test oracle:
+"""Fused kernels, each with its plain PyTorch twin beside it as fallback and test oracle. Two backends with the
+same two kernels:
 
+* `triton_kv.py` (GPU, `pip install 'vlmkv[gpu]'`) and `cpu.py` + `cpu_kv.cpp` (CPU, a C++ torch op built on
+  first use);
 * `quantize_pack` (twin: `vlmkv.quant.quantize`): per-token groups quantized and bit-packed in one pass;
 * `decode_partial` (twin: `vlmkv.attention.qk_from_codes` / `pv_from_codes`): flash-decoding attention of a
   one-token query over a packed 2/4/8-bit segment, GQA-aware, partial softmaxes merged by log-sum-exp.
 
-`available(x)` says whether a tensor takes the Triton path: `triton` installed (`pip install 'vlmkv[gpu]'`)
-and `x` on CUDA, or the Triton interpreter on (`TRITON_INTERPRET=1`, how CI checks the kernels on a CPU).
-`VLMKV_KERNELS=torch` turns the kernels off.
+`VLMKV_KERNELS` picks: `auto` (default: Triton for CUDA tensors, the C++ kernels for CPU tensors), `torch` (the
+twins everywhere), `triton` (Triton also for CPU tensors when its interpreter is on, `TRITON_INTERPRET=1`: how CI
+checks the Triton kernels without a GPU) or `cpu`. `available(x)` says whether `x` takes the Triton path,
+`cpu.available(x)` whether it takes the C++ one.
 """
 from __future__ import annotations
 
@@ -21,10 +25,23 @@ def triton_installed() -> bool:
     return True
 
 
+MODES = ("auto", "torch", "triton", "cpu")
+
+
+def mode() -> str:
+    """`VLMKV_KERNELS`, checked (default `auto`)."""
+    m = os.environ.get("VLMKV_KERNELS", "auto").lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"VLMKV_KERNELS must be one of {MODES}, got {m!r}")
+    return m
+
+
 def available(x) -> bool:
-    if os.environ.get("VLMKV_KERNELS", "").lower() == "torch" or not triton_installed():
+    """Whether `x` takes the Triton kernels."""
+    m = mode()
+    if m in ("torch", "cpu") or not (x.is_cuda or (m == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
-    return bool(x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_installed()  # imported only here: CPU-only runs never pay for importing triton
 
 
 def _pow2(x: int) -> bool:
@@ -44,4 +61,4 @@ def fits_decode(qt, d: int) -> bool:
     return fits_quantize(qt.spec, d) and _pow2(d) and qt.d == d
 
 
-__all__ = ["available", "fits_decode", "fits_quantize", "triton_installed"]
+__all__ = ["MODES", "available", "fits_decode", "fits_quantize", "mode", "triton_installed"]

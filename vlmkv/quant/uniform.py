@@ -143,13 +143,17 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got dtype {x.dtype!r}")
     *lead, n, d = x.shape
-    if x.is_cuda:  # GPU: the fused Triton quantize+pack (this function is its twin and oracle)
-        from .. import kernels
+    from .. import kernels  # the fused quantize+pack kernels, for which this function is the twin and oracle
 
-        if kernels.available(x) and kernels.fits_quantize(spec, d):
+    if kernels.fits_quantize(spec, d):
+        if kernels.available(x):  # Triton (GPU)
             from ..kernels.triton_kv import quantize_pack
 
             return quantize_pack(x, spec)
+        from ..kernels import cpu
+
+        if cpu.available(x):  # C++ (CPU): the same codes, scales and zero points, bit for bit
+            return cpu.quantize_pack(x, spec)
     xg, rdim = _grouped(x.float(), spec)
     qmax = (1 << spec.bits) - 1
     mx = xg.amax(dim=rdim, keepdim=True) * spec.clip_ratio

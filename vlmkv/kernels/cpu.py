@@ -1,0 +1,148 @@
+"""The CPU kernels (`cpu_kv.cpp`), built once per machine with torch's C++ extension loader and called as torch
+ops. Each has its torch twin beside it, which stays the fallback and the test oracle:
+
+* `quantize_pack` / `quantize_into` (twin: `vlmkv.quant.quantize`): per-token groups quantized and bit-packed in
+  one pass, bit for bit the twin's codes, scales and zero points; `quantize_into` writes straight into a
+  segment's buffers, so a decode step's token costs one call;
+* `decode_partial` (twin: `vlmkv.attention.qk_from_codes` / `pv_from_codes`): a one-token query's attention over a
+  packed 2/4/8-bit segment, GQA-aware, reading each token's packed bytes once for scores and once for values,
+  chunks in parallel on torch's thread pool, partial softmaxes merged by log-sum-exp.
+
+The build needs a C++ compiler and `ninja` (a dependency of vlmkv); it goes to `$VLMKV_CACHE/kernels/` (keyed by
+the source, torch's version and the CPU's flags, since it is compiled with `-march=native`) and takes about 10 s
+the first time. Without a compiler vlmkv warns once and keeps the torch twins.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..quant.uniform import QTensor, QuantSpec
+
+SOURCE = Path(__file__).with_name("cpu_kv.cpp")
+_STATE: dict = {"loaded": None, "error": None}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    from ..models.loading import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu-{key}"
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the CPU kernels; False, with one warning, if that fails."""
+    if _STATE["loaded"] is None:
+        try:
+            from torch.utils import cpp_extension
+
+            d = build_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-march=native", "-fopenmp"]
+            cpp_extension.load("vlmkv_cpu_kv", [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(d), is_python_module=False, verbose=False)
+            _STATE["loaded"] = True
+        except Exception as e:  # no compiler, no ninja, a read-only cache: keep the torch twins
+            _STATE["loaded"] = False
+            _STATE["error"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"vlmkv: the CPU kernels did not build, decoding uses the slower torch path "
+                          f"({_STATE['error'][:300]})", RuntimeWarning, stacklevel=2)
+    return _STATE["loaded"]
+
+
+def error() -> str | None:
+    """Why the kernels did not load (None if they did or were not tried)."""
+    return _STATE["error"]
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether `x` takes the CPU kernels: on the CPU, `VLMKV_KERNELS` auto or cpu, and built."""
+    from . import mode
+
+    return x.device.type == "cpu" and mode() in ("auto", "cpu") and load()
+
+
+def quantize_into(x: torch.Tensor, out: QTensor) -> None:
+    """Quantize x `[B, H, n, D]` with `out.spec` and write codes, scales and zero points into `out`'s tensors (of
+    shapes `[B, H, n, D*bits/8]` and `[B, H, n, D/G]`, views into larger buffers allowed). Same values as
+    `quantize(x, out.spec)`."""
+    spec = out.spec
+    torch.ops.vlmkv_cpu.quantize_pack_(x.float().contiguous(), out.codes, out.scale, out.zero, spec.bits,
+                                       spec.group_size, float(spec.clip_ratio))
+
+
+def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """Kernel twin of `vlmkv.quant.quantize` for per-token 2/4/8-bit groups (see `kernels.fits_quantize`).
+
+    x: float `[..., n, D]` on the CPU. Returns the same QTensor as `quantize(x, spec)`, bit for bit.
+    """
+    from . import fits_quantize
+
+    *lead, n, D = x.shape
+    if not fits_quantize(spec, D):
+        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {D}, "
+                         f"got {spec!r}")
+    rows = x.reshape(-1, 1, n, D)
+    N = rows.shape[0]
+    out = QTensor(torch.empty(N, 1, n, D * spec.bits // 8, dtype=torch.uint8),
+                  torch.empty(N, 1, n, D // spec.group_size, dtype=torch.float16),
+                  torch.empty(N, 1, n, D // spec.group_size, dtype=torch.int16), spec, D, x.dtype)
+    if N * n:
+        quantize_into(rows, out)
+    return QTensor(*(t.view(*lead, n, -1) for t in (out.codes, out.scale, out.zero)), spec, D, x.dtype)
+
+
+def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
+    """Whether `decode_partial` reads this QTensor: what the Triton kernel reads (per-token 2/4/8-bit groups), and
+    for keys also per-channel groups of tokens (KIVI), 2/4/8-bit with fp16 scales."""
+    from . import fits_decode as per_token
+
+    if qt.codes.dim() != 4 or qt.d != d or d > 512:
+        return False
+    if key and qt.spec.axis == "channel":
+        return qt.spec.bits in (2, 4, 8) and qt.spec.meta_dtype == torch.float16
+    return per_token(qt, d)
+
+
+def _check(qt: QTensor, name: str) -> None:
+    if not fits_decode(qt, qt.d, key=name == "kq"):
+        raise ValueError(f"{name} must hold 2/4/8-bit codes `[B, H, n, bytes]` in power-of-two per-token groups "
+                         f"(keys: or per-channel groups), got {qt.spec!r}")
+    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
+        raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
+
+
+def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor | None, scaling: float):
+    """Partial attention of one-token queries over a packed segment, the CPU twin of the Triton kernel.
+
+    q: float32 `[B, Hkv, R, D]` (R query heads per kv head, GQA); kq, vq: QTensors `[B, Hkv, n, .]` (see
+    `fits_decode`; views into a segment's buffers are fine); ok: bool `[B, n]` (False: masked) or None (nothing masked).
+    Returns (m, l, o): `[B, Hkv, R, 1]`, `[B, Hkv, R, 1]`, `[B, Hkv, R, D]`, m the max scaled score (at least
+    -1e30), l = sum exp(s - m), o = sum exp(s - m) v; o / l equals softmax(q k^T * scaling) v over the allowed
+    tokens, up to float summation order.
+    """
+    _check(kq, "kq")
+    _check(vq, "vq")
+    if q.dim() != 4 or q.shape[-1] != kq.d or kq.d != vq.d:
+        raise ValueError(f"q must be [B, Hkv, R, D] with D = the codes' head dim {kq.d}, got shape {tuple(q.shape)!r}")
+    okb = None if ok is None else ok.to(torch.int8).contiguous()
+    return torch.ops.vlmkv_cpu.decode_partial(
+        q.float().contiguous(), kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, okb, float(scaling),
+        kq.spec.bits, kq.spec.group_size, kq.spec.axis == "channel", vq.spec.bits, vq.spec.group_size)
+
+
+__all__ = ["available", "build_dir", "decode_partial", "error", "fits_decode", "load", "quantize_into", "quantize_pack"]

@@ -1,0 +1,464 @@
+// CPU kernels over vlmkv's packed KV layout, registered as torch ops `vlmkv_cpu::*` (built and loaded by
+// vlmkv/kernels/cpu.py; their torch twins are vlmkv.quant.quantize and vlmkv.attention.qk/pv_from_codes).
+//
+// Layout (per-token groups, as vlmkv.quant.quantize writes it): codes uint8 [B, H, n, D * bits / 8], code j of
+// a byte at bits [j*bits, (j+1)*bits); scale fp16 and zero int16 [B, H, n, D / G]; value = scale * (code - zero).
+// Strides are followed on the token, head and batch dimensions (views into a segment's spare-capacity buffers);
+// the last dimension must be contiguous.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// float codes of every byte value, per bit-width: unpacking is a 16-byte copy per byte instead of shifts
+template <int BITS>
+struct Lut {
+  static constexpr int PER = 8 / BITS;
+  alignas(16) float v[256][PER];
+  Lut() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < PER; ++j) v[b][j] = float((b >> (BITS * j)) & ((1 << BITS) - 1));
+  }
+};
+
+template <int BITS>
+const Lut<BITS>& lut() {
+  static const Lut<BITS> table;
+  return table;
+}
+
+// D codes of one token as floats
+template <int BITS>
+inline void unpack(const uint8_t* src, int D, float* dst) {
+  if constexpr (BITS == 8) {
+    for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
+  } else {
+    constexpr int PER = 8 / BITS;
+    const Lut<BITS>& L = lut<BITS>();
+    for (int j = 0; j < D / PER; ++j) std::memcpy(dst + j * PER, L.v[src[j]], sizeof(float) * PER);
+  }
+}
+
+struct Packed {  // one QTensor, pointers at (b, h) = (0, 0)
+  const uint8_t* c;
+  const at::Half* s;
+  const int16_t* z;
+  int64_t cb, ch, ct;  // codes strides (batch, head, token)
+  int64_t sb, sh, st;  // scale / zero strides
+  int G;
+  bool channel;  // per-channel groups of G tokens (KIVI keys): scale / zero [B, H, n / G, D]
+};
+
+Packed packed(const Tensor& c, const Tensor& s, const Tensor& z, int64_t G, bool channel = false) {
+  TORCH_CHECK(c.dim() == 4 && c.scalar_type() == at::kByte && c.stride(3) == 1, "codes: uint8 [B, H, n, bytes], rows contiguous");
+  TORCH_CHECK(s.scalar_type() == at::kHalf && z.scalar_type() == at::kShort, "scale fp16, zero int16");
+  TORCH_CHECK(s.dim() == 4 && s.stride(3) == 1 && s.strides() == z.strides() && s.sizes() == z.sizes(),
+              "scale/zero: [B, H, n, groups] with equal strides, rows contiguous");
+  return {c.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), z.data_ptr<int16_t>(),
+          c.stride(0), c.stride(1), c.stride(2), s.stride(0), s.stride(1), s.stride(2), int(G), channel};
+}
+
+// 8 floats in GCC's portable vector extension: the compiler maps it to AVX/AVX-512/SSE as the CPU has
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// a . b over n floats
+inline float dot(const float* a, const float* b, int n) {
+  v8 acc = {};
+  int d = 0;
+  for (; d + 8 <= n; d += 8) acc += load8(a + d) * load8(b + d);
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return hsum(acc) + tail;
+}
+
+// o += w * c over n floats
+inline void axpy(float* o, float w, const float* c, int n) {
+  int d = 0;
+  for (; d + 8 <= n; d += 8) store8(o + d, load8(o + d) + w * load8(c + d));
+  for (; d < n; ++d) o[d] += w * c[d];
+}
+
+// exp(x) for x <= 0 (scores minus their max), 8 at a time: exp(x) = 2^k e^f with k = round(x / ln 2) and
+// f in [-ln2/2, ln2/2], e^f by a degree-6 polynomial (relative error ~2e-7, as expf's own); x < -87: 0
+inline v8 exp_neg8(v8 x) {
+  const v8 xc = x < -87.f ? v8{} - 87.f : x;
+  const v8 magic = v8{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const v8 k = (xc * 1.44269504088896341f + magic) - magic;
+  const v8 f = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  v8 p = v8{} + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const v8i e = (__builtin_convertvector(k, v8i) + 127) << 23;
+  const v8 r = p * reinterpret_cast<const v8&>(e);
+  return x < -87.f ? v8{} : r;
+}
+
+constexpr int MAX_D = 512;
+
+// Score tables for 2- and 4-bit keys (a table-lookup GEMV): tab[(r * NB + j) * 256 + byte] = the dot product of
+// q[r] with the codes that `byte` holds at byte position j (channels j * PER ... j * PER + PER - 1). Then
+// q[r] . c_t over a group = the sum of one table entry per byte of the token: NB lookups instead of D
+// unpacked codes and products, and the R query heads of a kv head each read the token's bytes directly.
+template <int BITS>
+void build_tables(const float* q, int R, int D, float* tab) {
+  constexpr int PER = 8 / BITS;
+  const int NB = D / PER;
+  alignas(64) static const auto codes = [] {  // codes[k][byte]: code k of `byte`, as float (SoA: vectorizes)
+    std::array<std::array<float, 256>, PER> a{};
+    for (int k = 0; k < PER; ++k)
+      for (int b = 0; b < 256; ++b) a[k][b] = float((b >> (BITS * k)) & ((1 << BITS) - 1));
+    return a;
+  }();
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      float* t = tab + (size_t(r) * NB + j) * 256;
+      const float* qj = q + size_t(r) * D + j * PER;
+      for (int b = 0; b < 256; ++b) t[b] = qj[0] * codes[0][b];
+      for (int k = 1; k < PER; ++k)
+        for (int b = 0; b < 256; ++b) t[b] += qj[k] * codes[k][b];
+    }
+}
+
+// q[r] . c over bytes [j0, j1) of a token, from the tables
+inline float lookup(const float* tr, const uint8_t* bytes, int j0, int j1) {
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four chains: lookups overlap
+  int j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    a0 += tr[size_t(j) * 256 + bytes[j]];
+    a1 += tr[size_t(j + 1) * 256 + bytes[j + 1]];
+    a2 += tr[size_t(j + 2) * 256 + bytes[j + 2]];
+    a3 += tr[size_t(j + 3) * 256 + bytes[j + 3]];
+  }
+  for (; j < j1; ++j) a0 += tr[size_t(j) * 256 + bytes[j]];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Partial attention of R query heads over tokens [t0, t1) of one (batch row, kv head):
+// m = max scaled score (>= -1e30), l = sum exp(s - m), o = sum exp(s - m) v.
+// q: [R, D]; qsum: [R, D / KG] the query summed over each key group (for the zero-point term; per-token key groups).
+// tab: the score tables of q (see build_tables) or null (unpack the codes instead); sc: scratch [R, round_up(T, 8)].
+template <int KB, int VB>
+void partial(const float* __restrict q, const float* __restrict qsum, const Packed& K, const Packed& V, int64_t b,
+             int64_t h, const int8_t* ok, int64_t t0, int64_t t1, int R, int D, float scaling, const float* tab,
+             float* __restrict sc, float* __restrict m, float* __restrict l, float* __restrict o) {
+  const int T = int(t1 - t0), TP = (T + 7) / 8 * 8, KG = K.G, VG = V.G, nkg = D / KG, nvg = D / VG;
+  alignas(64) float c[MAX_D];
+  const uint8_t* kc = K.c + b * K.cb + h * K.ch;
+  const at::Half* ks = K.s + b * K.sb + h * K.sh;
+  const int16_t* kz = K.z + b * K.sb + h * K.sh;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // per-channel key groups: k_td = s_gd (c_td - z_gd) over each group g of KG tokens, so
+  // q . k_t = (q * s_g) . c_t - sum_d q_d s_gd z_gd, with q * s_g and the sum taken once per group
+  std::vector<float> qs(K.channel ? size_t(R) * D : 0), kbias(K.channel ? R : 0);
+  // pass 1: scores from the codes, q . k = sum_g s_g (q_g . c_g - z_g sum(q_g)) for per-token groups
+  for (int64_t t = t0; t < t1; ++t) {
+    const int i = int(t - t0);
+    if (K.channel && (t == t0 || t % KG == 0)) {
+      const at::Half* s = ks + (t / KG) * K.st;
+      const int16_t* z = kz + (t / KG) * K.st;
+      for (int r = 0; r < R; ++r) {
+        float bias = 0.f;
+        for (int d = 0; d < D; ++d) {
+          qs[size_t(r) * D + d] = q[size_t(r) * D + d] * float(s[d]);
+          bias += qs[size_t(r) * D + d] * float(z[d]);
+        }
+        kbias[r] = bias;
+      }
+    }
+    if (ok && !ok[t]) {
+      for (int r = 0; r < R; ++r) sc[size_t(r) * TP + i] = neg_inf;
+      continue;
+    }
+    if (K.channel) {
+      unpack<KB>(kc + t * K.ct, D, c);
+      for (int r = 0; r < R; ++r) sc[size_t(r) * TP + i] = (dot(qs.data() + size_t(r) * D, c, D) - kbias[r]) * scaling;
+      continue;
+    }
+    const at::Half* s = ks + t * K.st;
+    const int16_t* z = kz + t * K.st;
+    if (tab) {
+      constexpr int PER = 8 / KB;
+      const int NB = D / PER, BG = KG / PER;  // bytes a token, bytes a group
+      const uint8_t* bytes = kc + t * K.ct;
+      for (int r = 0; r < R; ++r) {
+        const float* tr = tab + size_t(r) * NB * 256;
+        float acc = 0.f;
+        for (int g = 0; g < nkg; ++g)
+          acc += float(s[g]) * (lookup(tr, bytes, g * BG, (g + 1) * BG) - float(z[g]) * qsum[size_t(r) * nkg + g]);
+        sc[size_t(r) * TP + i] = acc * scaling;
+      }
+      continue;
+    }
+    unpack<KB>(kc + t * K.ct, D, c);
+    for (int r = 0; r < R; ++r) {
+      const float* qr = q + size_t(r) * D;
+      float acc = 0.f;
+      for (int g = 0; g < nkg; ++g)
+        acc += float(s[g]) * (dot(qr + g * KG, c + g * KG, KG) - float(z[g]) * qsum[size_t(r) * nkg + g]);
+      sc[size_t(r) * TP + i] = acc * scaling;
+    }
+  }
+  // weights: w = exp(s - m), in place (the padding up to TP is -inf: weight 0)
+  for (int r = 0; r < R; ++r) {
+    float* sr = sc + size_t(r) * TP;
+    for (int i = T; i < TP; ++i) sr[i] = neg_inf;
+    float mr = -1e30f;
+    for (int i = 0; i < T; ++i) mr = std::max(mr, sr[i]);
+    v8 lr = {};
+    for (int i = 0; i < TP; i += 8) {
+      const v8 w = exp_neg8(load8(sr + i) - mr);
+      store8(sr + i, w);
+      lr += w;
+    }
+    m[r] = mr;
+    l[r] = hsum(lr);
+  }
+  // pass 2: o = sum_t w_t s_g (c_t - z_g) per value group; the zero-point terms summed apart
+  const uint8_t* vc = V.c + b * V.cb + h * V.ch;
+  const at::Half* vs = V.s + b * V.sb + h * V.sh;
+  const int16_t* vz = V.z + b * V.sb + h * V.sh;
+  std::fill(o, o + size_t(R) * D, 0.f);
+  std::vector<float> bs(size_t(R) * nvg, 0.f);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int i = int(t - t0);
+    if (ok && !ok[t]) continue;
+    unpack<VB>(vc + t * V.ct, D, c);
+    const at::Half* s = vs + t * V.st;
+    const int16_t* z = vz + t * V.st;
+    for (int g = 0; g < nvg; ++g) {
+      const float sg = float(s[g]), bg = -float(z[g]) * sg;
+      for (int r = 0; r < R; ++r) {
+        const float w = sc[size_t(r) * TP + i];
+        axpy(o + size_t(r) * D + g * VG, w * sg, c + g * VG, VG);
+        bs[size_t(r) * nvg + g] += w * bg;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < nvg; ++g)
+      for (int d = g * VG; d < (g + 1) * VG; ++d) o[size_t(r) * D + d] += bs[size_t(r) * nvg + g];
+}
+
+using PartialFn = void (*)(const float*, const float*, const Packed&, const Packed&, int64_t, int64_t,
+                           const int8_t*, int64_t, int64_t, int, int, float, const float*, float*, float*, float*,
+                           float*);
+
+template <int KB>
+PartialFn pick_v(int64_t vb) {
+  switch (vb) {
+    case 2: return partial<KB, 2>;
+    case 4: return partial<KB, 4>;
+    case 8: return partial<KB, 8>;
+  }
+  TORCH_CHECK(false, "value bits must be 2, 4 or 8, got ", vb);
+}
+
+PartialFn pick(int64_t kb, int64_t vb) {
+  switch (kb) {
+    case 2: return pick_v<2>(vb);
+    case 4: return pick_v<4>(vb);
+    case 8: return pick_v<8>(vb);
+  }
+  TORCH_CHECK(false, "key bits must be 2, 4 or 8, got ", kb);
+}
+
+// Flash-decoding over one packed segment: the tokens of each (row, kv head) are split into chunks worked on in
+// parallel, and the chunks' (m, l, o) are merged by log-sum-exp. Returns m, l [B, H, R, 1] and o [B, H, R, D].
+std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor& kc, const Tensor& ks,
+                                                  const Tensor& kz, const Tensor& vc, const Tensor& vs,
+                                                  const Tensor& vz, const std::optional<Tensor>& ok, double scaling,
+                                                  int64_t kbits, int64_t kgroup, bool kchannel, int64_t vbits,
+                                                  int64_t vgroup) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, R, D]");
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), n = kc.size(2);
+  TORCH_CHECK((kchannel || D % kgroup == 0) && D % vgroup == 0 && D <= MAX_D,
+              "per-token groups must divide the head dim (at most 512)");
+  TORCH_CHECK(!kchannel || (ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
+  TORCH_CHECK(kchannel || (ks.size(2) == n && ks.size(3) == D / kgroup), "per-token key scales: [B, H, n, D / G]");
+  TORCH_CHECK(vs.size(2) == n && vs.size(3) == D / vgroup, "value scales: [B, H, n, D / G]");
+  TORCH_CHECK(kc.size(3) * (8 / kbits) == D && vc.size(3) * (8 / vbits) == D, "codes must hold D channels a token");
+  TORCH_CHECK(kc.size(0) == B && kc.size(1) == H && vc.size(2) == n, "K, V and q must agree on B, H, n");
+  const Packed K = packed(kc, ks, kz, kgroup, kchannel), V = packed(vc, vs, vz, vgroup);
+  const int8_t* okp = nullptr;
+  int64_t ok_b = 0;
+  if (ok.has_value()) {
+    TORCH_CHECK(ok->scalar_type() == at::kChar && ok->dim() == 2 && ok->size(0) == B && ok->size(1) == n &&
+                ok->stride(1) == 1, "ok: int8 [B, n]");
+    okp = ok->data_ptr<int8_t>();
+    ok_b = ok->stride(0);
+  }
+  auto f32 = q.options();
+  Tensor m = at::empty({B, H, R, 1}, f32), l = at::empty({B, H, R, 1}, f32), o = at::empty({B, H, R, D}, f32);
+  // q summed over each key group, for the zero-point term
+  const int64_t nkg = kchannel ? 1 : D / kgroup;
+  std::vector<float> qsum(size_t(B * H * R * nkg), 0.f);
+  const float* qp = q.data_ptr<float>();
+  for (int64_t i = 0; i < B * H * R; ++i)
+    for (int64_t g = 0; g < nkg; ++g)
+      for (int64_t d = g * (D / nkg); d < (g + 1) * (D / nkg); ++d) qsum[i * nkg + g] += qp[i * D + d];
+  const int64_t threads = std::max(1, at::get_num_threads());
+  // enough chunks for 4 tasks a thread, and a multiple of the threads where that keeps chunks of 64+ tokens
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * threads + B * H - 1) / (B * H), (n + 63) / 64));
+  while ((B * H * chunks) % threads && (n + chunks) / (chunks + 1) >= 64) ++chunks;
+  const int64_t per = (n + chunks - 1) / chunks;
+  std::vector<float> pm(size_t(B * H * chunks * R)), pl(pm.size()), po(pm.size() * D);
+  const PartialFn fn = pick(kbits, vbits);
+  // score tables (2/4-bit keys, long enough segments: a table costs about as much as 256 tokens' products)
+  const int64_t nbytes = kc.size(3);
+  const bool use_tab = kbits < 8 && n >= 256 && !kchannel;
+  std::vector<float> tabs(use_tab ? size_t(B * H * R * nbytes * 256) : 0);
+  if (use_tab)
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        float* t = tabs.data() + bh * R * nbytes * 256;
+        if (kbits == 2) build_tables<2>(qp + bh * R * D, int(R), int(D), t);
+        else build_tables<4>(qp + bh * R * D, int(R), int(D), t);
+      }
+    });
+  const float sc = float(scaling);
+  const int64_t tasks = B * H * chunks;
+  // small segments run inline: waking the thread pool costs more than they do
+  const int64_t grain = n * B * H < 4096 ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(size_t(R * ((per + 7) / 8 * 8)));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, ch = task % chunks, b = bh / H, h = bh % H;
+      const int64_t t0 = ch * per, t1 = std::min(n, t0 + per);
+      float* tm = pm.data() + task * R;
+      float* tl = pl.data() + task * R;
+      float* to = po.data() + task * R * D;
+      if (t0 >= t1) {
+        std::fill(tm, tm + R, -1e30f);
+        std::fill(tl, tl + R, 0.f);
+        std::fill(to, to + R * D, 0.f);
+        continue;
+      }
+      fn(qp + bh * R * D, qsum.data() + bh * R * nkg, K, V, b, h, okp ? okp + b * ok_b : nullptr, t0, t1,
+         int(R), int(D), sc, use_tab ? tabs.data() + bh * R * nbytes * 256 : nullptr, scratch.data(), tm, tl, to);
+    }
+  });
+  // merge the chunks (log-sum-exp)
+  float* mo = m.data_ptr<float>();
+  float* lo = l.data_ptr<float>();
+  float* oo = o.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t r = 0; r < R; ++r) {
+      float mm = -1e30f;
+      for (int64_t ch = 0; ch < chunks; ++ch) mm = std::max(mm, pm[(bh * chunks + ch) * R + r]);
+      float ll = 0.f;
+      float* orow = oo + (bh * R + r) * D;
+      std::fill(orow, orow + D, 0.f);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t i = (bh * chunks + ch) * R + r;
+        const float a = std::exp(pm[i] - mm);
+        ll += pl[i] * a;
+        const float* src = po.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] += src[d] * a;
+      }
+      mo[bh * R + r] = mm;
+      lo[bh * R + r] = ll;
+    }
+  return {m, l, o};
+}
+
+// fp16 scale rounded up: never below the float32 step, so the clipped range fits in 2^bits - 1 steps
+inline at::Half round_up_half(float x) {
+  at::Half h(x);
+  if (float(h) < x) h = at::Half(uint16_t(h.x + 1), at::Half::from_bits());
+  return h;
+}
+
+// Quantize and pack tokens x: float32 [B, H, n, D] (contiguous) into codes / scale / zero, which may be strided
+// views (a segment's buffers at its write position). Equal to vlmkv.quant.quantize: the same float32 operations
+// in the same order (IEEE division, round half to even), so codes, scales and zero points are bit for bit the same.
+void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, const Tensor& zero, int64_t bits,
+                    int64_t group, double clip) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [B, H, n, D]");
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3), per = 8 / bits;
+  TORCH_CHECK(D % group == 0 && group % per == 0, "group must divide D and hold whole bytes");
+  TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(2) == n && codes.size(3) == D / per,
+              "codes: [B, H, n, D * bits / 8]");
+  TORCH_CHECK(scale.size(2) == n && scale.size(3) == D / group, "scale: [B, H, n, D / group]");
+  const Packed P = packed(codes, scale, zero, group);
+  const float* xp = x.data_ptr<float>();
+  const float clipf = float(clip), qmax = float((1 << bits) - 1);
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::Half* sp = scale.data_ptr<at::Half>();
+  int16_t* zp = zero.data_ptr<int16_t>();
+  const int64_t rows = B * H * n;
+  at::parallel_for(0, rows, rows < 4096 ? rows : 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> qv(group);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (H * n), h = (row / n) % H, t = row % n;
+      const float* xr = xp + row * D;
+      uint8_t* cr = cp + b * P.cb + h * P.ch + t * P.ct;
+      const int64_t so = b * P.sb + h * P.sh + t * P.st;
+      for (int64_t g = 0; g < D / group; ++g) {
+        const float* xg = xr + g * group;
+        float mx = xg[0], mn = xg[0];
+        for (int64_t i = 1; i < group; ++i) {
+          mx = std::max(mx, xg[i]);
+          mn = std::min(mn, xg[i]);
+        }
+        mx *= clipf;
+        mn *= clipf;
+        float s = (mx - mn) / qmax;
+        if (s <= 0.f) s = std::max(std::fabs(mn), 1e-8f) / qmax;  // min == max: reconstruct the constant
+        const at::Half sh = round_up_half(s);
+        s = float(sh);
+        const float z = std::min(std::max(-std::nearbyint(mn / s), -32768.f), 32767.f);
+        for (int64_t i = 0; i < group; ++i)
+          qv[i] = std::min(std::max(std::nearbyint(xg[i] / s) + z, 0.f), qmax);
+        for (int64_t j = 0; j < group / per; ++j) {
+          int byte = 0;
+          for (int64_t k = 0; k < per; ++k) byte |= int(qv[j * per + k]) << (bits * k);
+          cr[g * (group / per) + j] = uint8_t(byte);
+        }
+        sp[so + g] = sh;
+        zp[so + g] = int16_t(z);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vlmkv_cpu, m) {
+  m.def("decode_partial(Tensor q, Tensor kc, Tensor ks, Tensor kz, Tensor vc, Tensor vs, Tensor vz, Tensor? ok, "
+        "float scaling, int kbits, int kgroup, bool kchannel, int vbits, int vgroup) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_pack_(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int bits, int group, "
+        "float clip) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vlmkv_cpu, CPU, m) {
+  m.impl("decode_partial", decode_partial);
+  m.impl("quantize_pack_", quantize_pack_);
+}
