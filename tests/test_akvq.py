@@ -193,7 +193,8 @@ def test_keys_are_stored_rotated(tiny_llama):
 
 def _expected_bytes(cache) -> int:
     """Bytes the plan implies: per token and kv head, K and V each take D*b/8 code bytes plus a fp16 scale and
-    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map and the residual bit map."""
+    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map, the residual buffer and its
+    bit map."""
     total = 0
     for layer in cache.layers:
         st = layer.store
@@ -205,8 +206,9 @@ def _expected_bytes(cache) -> int:
             g = min(128, d)
             per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)
             total += 2 * b * h * n * per_tok + (0 if seg.index is None else seg.index.numel() * 4)
-        if st.res_k is not None:
-            total += 2 * st.res_k.numel() * 2 + st.res_bits.numel() * 2
+        if st.residual is not None:  # the residual buffer's spare room is held, so it counts too
+            b, h, cap, d = st.residual.kb.shape
+            total += 2 * b * h * cap * d * 2 + b * cap * 2
     return total
 
 

@@ -71,9 +71,10 @@ def test_pack_unpack_round_trip(bits, shape):
 
 
 @pytest.mark.parametrize("d", [2, 8, 64, 128, 96, 80])
-def test_fwht_matches_dense_and_is_involution(d):
+@pytest.mark.parametrize("rows", [(3, 5), (40, 10)])  # a decode step's few rows (dense product), a prefill's many
+def test_fwht_matches_dense_and_is_involution(d, rows):
     torch.manual_seed(d)
-    x = torch.randn(3, 5, d, dtype=torch.float64)
+    x = torch.randn(*rows, d, dtype=torch.float64)
     h = hadamard_matrix(d, torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(fwht(x), x @ h, atol=1e-12)

@@ -188,6 +188,73 @@ class Segment:
 
 
 
+class Residual:
+    """The full-precision recent tokens of one layer, in an append-only buffer.
+
+    Buffers k, v `[B, H, capacity, D]` and bits int16 `[B, capacity]`; the live tokens are [r0, r1). A push writes
+    after r1 and a flush of the oldest tokens only moves r0, so a decode step copies nothing. When the end is
+    reached, the live tokens move to the front of a new buffer with room for live / 8 more: for a 128-token
+    window, one copy every 16 steps instead of one a step. Bytes are counted for the whole buffer (an empty
+    residual, as rtn-style policies keep, holds none).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor):
+        self.kb, self.vb, self.bb = k, v, bits
+        self.r0, self.r1 = 0, 0
+        self._reset(k, v, bits)
+
+    def _reset(self, k, v, bits) -> None:
+        """Hold exactly these tokens, in a new buffer with room to spare."""
+        B, H, n, D = k.shape
+        cap = n + n // 8  # an empty residual (rtn-style policies) holds no bytes
+        self.kb = k.new_empty(B, H, cap, D)
+        self.vb = v.new_empty(B, H, cap, D)
+        self.bb = bits.new_empty(B, cap)
+        self.kb[:, :, :n], self.vb[:, :, :n], self.bb[:, :n] = k, v, bits
+        self.r0, self.r1 = 0, n
+
+    def __len__(self) -> int:
+        return self.r1 - self.r0
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kb[:, :, self.r0:self.r1]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.vb[:, :, self.r0:self.r1]
+
+    @property
+    def bits(self) -> torch.Tensor:
+        return self.bb[:, self.r0:self.r1]
+
+    def nbytes(self) -> int:
+        return _nbytes(self.kb) + _nbytes(self.vb) + _nbytes(self.bb)
+
+    def push(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor) -> None:
+        n = k.shape[-2]
+        if self.r1 + n > self.kb.shape[-2]:
+            self._reset(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), torch.cat([self.bits, bits], 1))
+            return
+        self.kb[:, :, self.r1:self.r1 + n] = k
+        self.vb[:, :, self.r1:self.r1 + n] = v
+        self.bb[:, self.r1:self.r1 + n] = bits
+        self.r1 += n
+
+    def pop(self, f: int) -> None:
+        """Drop the f oldest tokens (once they are committed to segments)."""
+        self.r0 += f
+        if self.r0 == self.r1:
+            self.r0 = self.r1 = 0
+
+    def keep(self, n: int) -> None:
+        """Keep the n oldest tokens (crop)."""
+        self.r1 = self.r0 + n
+
+    def map(self, fn) -> None:
+        self.kb, self.vb, self.bb = fn(self.kb), fn(self.vb), fn(self.bb)
+
+
 class LayerStore:
     """One layer's quantized KV storage.
 
@@ -201,9 +268,7 @@ class LayerStore:
         self.full_dtype = full_dtype or dtype  # what "16 bits" and the residual buffer are stored in
         self.device = device
         self.segments: dict[int, Segment] = {}
-        self.res_k: torch.Tensor | None = None  # [B, H, r, D]
-        self.res_v: torch.Tensor | None = None
-        self.res_bits: torch.Tensor | None = None  # int16 [B, r]
+        self.residual: Residual | None = None
         self.length = 0  # slots held (quantized + residual)
         self.channel_scales: tuple | None = None  # (k, v) divisors [B, H, 1, D] applied to quantized tokens
         self.channel_perm: tuple | None = None  # (k, v) int16 [H * D] permutations of quantized tokens' channels
@@ -213,14 +278,28 @@ class LayerStore:
     # ------------------------------------------------------------------ sizes
     @property
     def residual_len(self) -> int:
-        return 0 if self.res_k is None else self.res_k.shape[-2]
+        return 0 if self.residual is None else len(self.residual)
+
+    @property
+    def res_k(self) -> torch.Tensor | None:
+        """The residual tokens' keys `[B, H, r, D]` (a view), None before the first write."""
+        return None if self.residual is None else self.residual.k
+
+    @property
+    def res_v(self) -> torch.Tensor | None:
+        return None if self.residual is None else self.residual.v
+
+    @property
+    def res_bits(self) -> torch.Tensor | None:
+        """int16 `[B, r]`: the width each residual token will be stored at."""
+        return None if self.residual is None else self.residual.bits
 
     def nbytes(self) -> int:
         """Every byte held: packed codes, scales, zero points, index maps, residual buffer and its bit map."""
         cs = sum(_nbytes(t) for t in self.channel_scales) if self.channel_scales else 0
         cs += sum(_nbytes(t) for t in self.channel_perm) if self.channel_perm else 0
         return (sum(s.nbytes() for s in self.segments.values())
-                + _nbytes(self.res_k) + _nbytes(self.res_v) + _nbytes(self.res_bits) + cs)
+                + (self.residual.nbytes() if self.residual is not None else 0) + cs)
 
     def num_elements(self) -> int:
         """Key + value elements of the cached slots (what FP16 would store at 2 bytes each)."""
@@ -319,16 +398,14 @@ class LayerStore:
         self._push_residual(k[:, :, cut:], v[:, :, cut:], bits[:, cut:])
 
     def _push_residual(self, k, v, bits) -> None:
-        if k.shape[-2] == 0 and self.res_k is not None:
+        if k.shape[-2] == 0 and self.residual is not None:
             return
         bits = bits.to(torch.int16)
         k, v = k.to(self.full_dtype), v.to(self.full_dtype)
-        if self.res_k is None:
-            self.res_k, self.res_v, self.res_bits = k, v, bits
+        if self.residual is None:
+            self.residual = Residual(k, v, bits)
         else:
-            self.res_k = torch.cat([self.res_k, k], dim=-2)
-            self.res_v = torch.cat([self.res_v, v], dim=-2)
-            self.res_bits = torch.cat([self.res_bits, bits], dim=1)
+            self.residual.push(k, v, bits)
         self.length += k.shape[-2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None) -> None:
@@ -345,11 +422,12 @@ class LayerStore:
         while self.residual_len >= keep_recent + flush_every:
             start = self.length - self.residual_len
             f = flush_every
-            self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], self.res_bits[:, :f], start)
-            # slicing would keep the old storage alive: copy what stays
-            self.res_k = self.res_k[:, :, f:].clone()
-            self.res_v = self.res_v[:, :, f:].clone()
-            self.res_bits = self.res_bits[:, f:].clone()
+            fb = self.res_bits[:, :f]
+            lo, hi = torch.aminmax(fb)
+            # one width for the whole block (every decode-time token): no per-token bookkeeping in commit
+            fbits = int(lo) if int(lo) == int(hi) else fb
+            self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], fbits, start)
+            self.residual.pop(f)
 
     # ------------------------------------------------------------------ reading
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,15 +481,10 @@ class LayerStore:
             return
         res_start = self.length - self.residual_len
         if new_length >= res_start:
-            keep = new_length - res_start
-            self.res_k = self.res_k[:, :, :keep].clone()
-            self.res_v = self.res_v[:, :, :keep].clone()
-            self.res_bits = self.res_bits[:, :keep].clone()
+            self.residual.keep(new_length - res_start)
         else:
-            if self.res_k is not None:
-                self.res_k = self.res_k[:, :, :0]
-                self.res_v = self.res_v[:, :, :0]
-                self.res_bits = self.res_bits[:, :0]
+            if self.residual is not None:
+                self.residual.keep(0)
             for bits in list(self.segments):
                 seg = self.segments[bits]
                 b = (seg.k.codes if isinstance(seg.k, QTensor) else seg.k).shape[0]
@@ -429,5 +502,5 @@ class LayerStore:
             seg.map(fn)
         if self.channel_scales is not None:
             self.channel_scales = tuple(fn(t) for t in self.channel_scales)
-        if self.res_k is not None:
-            self.res_k, self.res_v, self.res_bits = fn(self.res_k), fn(self.res_v), fn(self.res_bits)
+        if self.residual is not None:
+            self.residual.map(fn)

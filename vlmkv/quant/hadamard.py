@@ -31,16 +31,31 @@ def hadamard_matrix(d: int, dtype: torch.dtype = torch.float32, device=None) -> 
     return torch.block_diag(*([h] * (d // block))).to(dtype=dtype, device=device)
 
 
+SMALL = 256  # rows up to which fwht multiplies by the dense matrix
+_MATRICES: dict = {}
+
+
+def _matrix(d: int, dtype: torch.dtype, device) -> torch.Tensor:
+    key = (d, dtype, str(device))
+    if key not in _MATRICES:
+        _MATRICES[key] = hadamard_matrix(d, dtype, device)
+    return _MATRICES[key]
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh-Hadamard transform along the last dimension.
 
     x: float tensor `[..., d]`. Returns the same shape and dtype, equal to `x @ hadamard_matrix(d)`
     (the matrix is symmetric and orthogonal, so `fwht(fwht(x)) == x` up to float error).
-    Computed by log2(block) butterfly passes in the input dtype.
+    Computed by log2(block) butterfly passes in the input dtype, or for at most `SMALL` float32/float64 rows as
+    that product itself.
     """
     d = x.shape[-1]
     block = hadamard_block_size(d)
     lead = x.shape[:-1]
+    if x.numel() <= SMALL * d and x.dtype in (torch.float32, torch.float64):
+        # few rows (a decode step's query and key): one product with the cached matrix beats 2 * log2(d) small ops
+        return x @ _matrix(d, x.dtype, x.device)
     y = x.reshape(-1, d // block, block)
     h = 1
     while h < block:
