@@ -119,7 +119,7 @@ def test_bad_kernel_mode_is_rejected(monkeypatch):
         kernels.mode()
 
 
-@pytest.mark.parametrize("method", ["rtn-2", "akvq-vl", "windowquant", "smoothquant-2", "kivi-2"])
+@pytest.mark.parametrize("method", ["rtn-2", "akvq-vl", "windowquant", "smoothquant-2", "kivi-2", "skvq"])
 def test_cache_decode_through_the_cpu_kernels_equals_the_torch_path(tiny_llama, monkeypatch, method):
     """End to end on a left-padded batch: generate with the C++ kernels and with the torch twins."""
     from vlmkv import QuantizedKVCache

@@ -181,14 +181,20 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         for h in range(Hkv):
             full[:, h, :, h] = q[:, h]
         qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
-        s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
-        s = _masked(s, ok)
-        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-        e = torch.exp(s - m)
-        o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order
+        if backend == "cpu" and cpu.fits_decode(kq, Hkv * D, key=True) and cpu.fits_decode(vq, Hkv * D, key=False):
+            # the C++ kernel over the flattened rows: Hkv * r query "heads" of Hkv * D channels
+            m, den, o = cpu.decode_partial(qp, kq, vq, ok, scaling)
+            m, den = m.view(B, Hkv, r, 1), den.view(B, Hkv, r, 1)
+        else:
+            s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
+            s = _masked(s, ok)
+            m = s.amax(-1, keepdim=True).clamp_min(-1e30)
+            e = torch.exp(s - m)
+            o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order
+            den = e.sum(-1, keepdim=True)
         o = o.index_select(-1, torch.argsort(pv)).view(B, Hkv, r, Hkv, D)
         o = torch.stack([o[:, h, :, h] for h in range(Hkv)], dim=1)
-        parts.append((m, e.sum(-1, keepdim=True), o))
+        parts.append((m, den, o))
 
     for seg in store.segments.values():
         n = seg.n

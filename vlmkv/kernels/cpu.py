@@ -107,20 +107,20 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
 
 def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
-    """Whether `decode_partial` reads this QTensor: what the Triton kernel reads (per-token 2/4/8-bit groups), and
-    for keys also per-channel groups of tokens (KIVI), 2/4/8-bit with fp16 scales."""
-    from . import fits_decode as per_token
-
-    if qt.codes.dim() != 4 or qt.d != d or d > 512:
+    """Whether `decode_partial` reads this QTensor: 2/4/8-bit codes `[B, H, n, bytes]` with fp16 scales, rows of
+    d <= 512 channels, in per-token groups of whole bytes dividing d (any size: SKVQ's 96-channel groups too) or,
+    for keys, in per-channel groups of tokens (KIVI)."""
+    spec = qt.spec
+    if qt.codes.dim() != 4 or qt.d != d or d > 512 or spec.bits not in (2, 4, 8) or spec.meta_dtype != torch.float16:
         return False
-    if key and qt.spec.axis == "channel":
-        return qt.spec.bits in (2, 4, 8) and qt.spec.meta_dtype == torch.float16
-    return per_token(qt, d)
+    if spec.axis == "channel":
+        return key
+    return d % spec.group_size == 0 and spec.group_size % (8 // spec.bits) == 0
 
 
 def _check(qt: QTensor, name: str) -> None:
     if not fits_decode(qt, qt.d, key=name == "kq"):
-        raise ValueError(f"{name} must hold 2/4/8-bit codes `[B, H, n, bytes]` in power-of-two per-token groups "
+        raise ValueError(f"{name} must hold 2/4/8-bit codes `[B, H, n, bytes]` with fp16 scales in per-token groups "
                          f"(keys: or per-channel groups), got {qt.spec!r}")
     if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
         raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
