@@ -134,11 +134,15 @@ def plot(rows, path) -> None:
     ok = [r for r in rows if "error" not in r]
     batches = sorted({r["batch"] for r in ok})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    colors = plt.get_cmap("tab20").colors
     for ax, b in zip(axes[0], batches):
-        for m in dict.fromkeys(r["method"] for r in ok):
+        for i, m in enumerate(methods):
             pts = sorted((r["context"], r["decode_ms"]) for r in ok if r["batch"] == b and r["method"] == m)
-            style = "-" if m in ("dynamic",) or m.startswith("hf-") else "--"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=m)
+            # the alternatives solid (DynamicCache black and thick), vlmkv's policies dashed
+            style = dict(color="black", lw=2.5) if m == "dynamic" else dict(color=colors[i % 20], lw=1.5)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if m == "dynamic" or m.startswith("hf-") else "--",
+                    marker="o", label=m, **style)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms/step", title=f"batch {b}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -167,8 +171,9 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of ms/step against context here")
+    p.add_argument("--from-json", default=None, help="re-print and re-plot the rows of an earlier --out file")
     args = p.parse_args()
-    rows = run(args)
+    rows = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     md = to_markdown(rows)
     print(md)
     from vlmkv import kernels

@@ -270,3 +270,27 @@ def test_decode_appends_in_place_without_copying_segments():
     assert seg.capacity - seg.n <= max(16, seg.n // 64) + 1
     exact = 2 * 2 * 1224 * (32 * 2 // 8 + 4)  # K and V, 2 heads, codes + fp16 scale + int16 zero per token
     assert exact <= store.nbytes() <= exact * 1.04
+
+
+def test_residual_buffer_is_append_only():
+    """A recent window (akvq-vl style: keep 128, flush one a step) pushes into spare room and a flush only moves the
+    start: the buffer is reallocated once every ~16 steps, the live tokens stay in slot order, and the spare room is
+    counted in nbytes()."""
+    spec = lambda bits, kind, d=None: QuantSpec(bits, 32, 1.0, "token")
+    store = LayerStore(spec, torch.float32, "cpu", torch.float16)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    store.prefill(k[:, :, :200], v[:, :, :200], torch.full((1, 200), 2), residual=128)
+    ptrs = set()
+    for t in range(200, 300):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1], 2, keep_recent=128, flush_every=1)
+        ptrs.add(store.residual.kb.data_ptr())
+        assert store.residual_len == 128
+    assert len(ptrs) <= 100 // 16 + 1
+    torch.testing.assert_close(store.res_k.float(), k[:, :, 172:300].half().float())
+    assert store.segments[2].n == 172
+    kk, _ = store.materialize()
+    torch.testing.assert_close(kk[:, :, 172:], k[:, :, 172:].half().float())
+    res = store.residual
+    assert res.nbytes() == 2 * res.kb.numel() * 2 + res.bb.numel() * 2 and res.kb.shape[-2] <= 128 + 128 // 8 + 1
+    assert store.nbytes() >= sum(s.nbytes() for s in store.segments.values()) + res.nbytes()
