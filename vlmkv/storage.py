@@ -274,6 +274,7 @@ class LayerStore:
         self.channel_perm: tuple | None = None  # (k, v) int16 [H * D] permutations of quantized tokens' channels
         self.num_heads: int | None = None
         self._inverse_perm: tuple | None = None
+        self._specs: dict = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -324,6 +325,13 @@ class LayerStore:
         return hist
 
     # ------------------------------------------------------------------ writing
+    def _spec(self, bits: int, kind: str, d: int) -> QuantSpec:
+        """spec_fn's answer, asked once per (bits, kind, d): decode steps ask it every token."""
+        key = (bits, kind, d)
+        if key not in self._specs:
+            self._specs[key] = self.spec_fn(bits, kind, d)
+        return self._specs[key]
+
     def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int) -> None:
         """Store tokens at slots `start .. start+n-1` into precision segments.
 
@@ -339,8 +347,8 @@ class LayerStore:
         for b in [bits] if uniform else sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
             sel = None if uniform else bits == b
             d_q = H * D if self.channel_perm is not None else D  # channels a quantized token carries
-            kspec = self.spec_fn(b, "key", d_q) if b != 16 else None
-            vspec = self.spec_fn(b, "value", d_q) if b != 16 else None
+            kspec = self._spec(b, "key", d_q) if b != 16 else None
+            vspec = self._spec(b, "value", d_q) if b != 16 else None
             mult = 1
             for s in (kspec, vspec):
                 if s is not None and s.axis == "channel":
