@@ -4,7 +4,8 @@
 
 Each method runs in its own subprocess (so the peak resident set, `ru_maxrss`, is that method's alone):
 load the model, prefill `--context` tokens of real text at each batch size, decode `--steps` tokens.
-Reported: peak RSS (and its rise over the RSS after loading the model), prefill time (and its overhead over `dynamic`: quantization, packing and the policy's
+Reported: peak RSS (and its rise over the RSS after loading the model), the RSS while decoding (after the
+decode steps, cache alive), prefill time (and its overhead over `dynamic`: quantization, packing and the policy's
 planning), decode ms per step and tokens/s, KV bytes. Max batch under a KV budget (the seed's Table IV
 grows the batch until the GPU runs out of memory; on this CPU we divide a fixed budget, `--kv-budget-gib`,
 by the measured KV bytes per sequence).
@@ -23,6 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The history of the city begins with a small settlement on the river bank, where traders met to "
         "exchange salt, grain and cloth. Over the centuries the market grew into a town with walls. ")
+
+
+def _rss_mib() -> float:
+    """The process's resident set now (Linux), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def one(method: str, context: int, batches: list[int], steps: int) -> dict:
@@ -55,13 +64,15 @@ def one(method: str, context: int, batches: list[int], steps: int) -> dict:
                 if s:
                     times.append(time.perf_counter() - t0)
                 nxt = o.logits[:, -1:].argmax(-1)
+        rss_now = _rss_mib()  # steady state while decoding: the model, the cache, and what the allocator kept
         if method == "dynamic":
             kv = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
         else:
             kv = cache.nbytes()
             cache.close()
         out["runs"].append({"batch": b, "prefill_s": t_prefill, "decode_ms": 1000 * statistics.median(times),
-                            "tokens_per_s": b / statistics.median(times), "kv_bytes": kv})
+                            "tokens_per_s": b / statistics.median(times), "kv_bytes": kv,
+                            "rss_decoding_mib": rss_now})
         del cache
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -94,18 +105,19 @@ def main():
     base = {run["batch"]: run["prefill_s"] for run in rows[0]["runs"]} if rows and "runs" in rows[0] else {}
     budget = args.kv_budget_gib * 2 ** 30
     print(f"context {args.context}, SmolLM2-135M float32, CPU; KV budget for max batch: {args.kv_budget_gib} GiB")
-    print("| method | batch | peak RSS MiB | peak over model load MiB | prefill s | prefill overhead vs dynamic | "
-          "decode ms/step | tokens/s | KV MiB | max batch in budget |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| method | batch | peak RSS MiB | peak over model load MiB | RSS while decoding MiB | prefill s | "
+          "prefill overhead vs dynamic | decode ms/step | tokens/s | KV MiB | max batch in budget |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | error: {r['error']} ||||||||")
+            print(f"| {r['method']} | error: {r['error']} |||||||||")
             continue
         for run in r["runs"]:
             per_seq = run["kv_bytes"] / run["batch"]
             over = run["prefill_s"] / base.get(run["batch"], run["prefill_s"]) - 1
             print(f"| {r['method']} | {run['batch']} | {r['peak_rss_mib']:.0f} | "
-                  f"{r['peak_rss_mib'] - r['load_rss_mib']:.0f} | {run['prefill_s']:.2f} | {100 * over:+.0f}% | "
+                  f"{r['peak_rss_mib'] - r['load_rss_mib']:.0f} | {run['rss_decoding_mib']:.0f} | {run['prefill_s']:.2f} | "
+                  f"{100 * over:+.0f}% | "
                   f"{run['decode_ms']:.1f} | {run['tokens_per_s']:.1f} | {run['kv_bytes'] / 2**20:.1f} | {int(budget // per_seq)} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
