@@ -5,7 +5,7 @@
 Each method runs in its own subprocess (so the peak resident set, `ru_maxrss`, is that method's alone):
 load the model, prefill `--context` tokens of real text at each batch size, decode `--steps` tokens.
 Reported: peak RSS (and its rise over the RSS after loading the model), the RSS while decoding (after the
-decode steps, cache alive), prefill time (and its overhead over `dynamic`: quantization, packing and the policy's
+decode steps, cache alive, freed memory handed back to the OS with malloc_trim), prefill time (and its overhead over `dynamic`: quantization, packing and the policy's
 planning), decode ms per step and tokens/s, KV bytes. Max batch under a KV budget (the seed's Table IV
 grows the batch until the GPU runs out of memory; on this CPU we divide a fixed budget, `--kv-budget-gib`,
 by the measured KV bytes per sequence).
@@ -32,6 +32,16 @@ def _rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0), where there is one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def one(method: str, context: int, batches: list[int], steps: int) -> dict:
@@ -64,7 +74,8 @@ def one(method: str, context: int, batches: list[int], steps: int) -> dict:
                 if s:
                     times.append(time.perf_counter() - t0)
                 nxt = o.logits[:, -1:].argmax(-1)
-        rss_now = _rss_mib()  # steady state while decoding: the model, the cache, and what the allocator kept
+        _trim()  # hand freed prefill memory back to the OS first: otherwise glibc keeps it and RSS hides the cache
+        rss_now = _rss_mib()  # steady state while decoding: the model and the cache
         if method == "dynamic":
             kv = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
         else:
