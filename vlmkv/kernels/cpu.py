@@ -15,7 +15,9 @@ the first time. Without a compiler vlmkv warns once and keeps the torch twins.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch
 from ..quant.uniform import QTensor, QuantSpec
 
 SOURCE = Path(__file__).with_name("cpu_kv.cpp")
+LIBRARY = "vlmkv_cpu_kv"
 _STATE: dict = {"loaded": None, "error": None}
 
 
@@ -44,17 +47,31 @@ def build_dir() -> Path:
     return cache_dir() / "kernels" / f"cpu-{key}"
 
 
+def _build(d: Path) -> None:
+    """Compile into a scratch folder of this process (which also loads the library), then move it into place:
+    processes starting together (data-parallel eval) never run ninja in one folder or see a half-written file."""
+    from torch.utils import cpp_extension
+
+    tmp = d.parent / f"{d.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(LIBRARY, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], build_directory=str(tmp), is_python_module=False, verbose=False)
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another process got there first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load() -> bool:
     """Build (first time on this machine) and load the CPU kernels; False, with one warning, if that fails."""
     if _STATE["loaded"] is None:
         try:
-            from torch.utils import cpp_extension
-
             d = build_dir()
-            d.mkdir(parents=True, exist_ok=True)
-            flags = ["-O3", "-march=native", "-fopenmp"]
-            cpp_extension.load("vlmkv_cpu_kv", [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                               build_directory=str(d), is_python_module=False, verbose=False)
+            so = d / f"{LIBRARY}.so"
+            if so.exists():
+                torch.ops.load_library(str(so))
+            else:
+                _build(d)
             _STATE["loaded"] = True
         except Exception as e:  # no compiler, no ninja, a read-only cache: keep the torch twins
             _STATE["loaded"] = False
