@@ -273,9 +273,9 @@ def test_decode_appends_in_place_without_copying_segments():
 
 
 def test_residual_buffer_is_append_only():
-    """A recent window (akvq-vl style: keep 128, flush one a step) pushes into spare room and a flush only moves the
-    start: the buffer is reallocated once every ~16 steps, the live tokens stay in slot order, and the spare room is
-    counted in nbytes()."""
+    """A recent window (keep 128, flush one a step) pushes into spare room and a flush only moves the start: the
+    buffer is reallocated once every ~8 steps, the live tokens stay in slot order, and the spare room is counted in
+    nbytes()."""
     spec = lambda bits, kind, d=None: QuantSpec(bits, 32, 1.0, "token")
     store = LayerStore(spec, torch.float32, "cpu", torch.float16)
     torch.manual_seed(0)
@@ -286,11 +286,30 @@ def test_residual_buffer_is_append_only():
         store.append(k[:, :, t:t + 1], v[:, :, t:t + 1], 2, keep_recent=128, flush_every=1)
         ptrs.add(store.residual.kb.data_ptr())
         assert store.residual_len == 128
-    assert len(ptrs) <= 100 // 16 + 1
+    assert len(ptrs) <= 100 // 8 + 1
     torch.testing.assert_close(store.res_k.float(), k[:, :, 172:300].half().float())
     assert store.segments[2].n == 172
     kk, _ = store.materialize()
     torch.testing.assert_close(kk[:, :, 172:], k[:, :, 172:].half().float())
     res = store.residual
-    assert res.nbytes() == 2 * res.kb.numel() * 2 + res.bb.numel() * 2 and res.kb.shape[-2] <= 128 + 128 // 8 + 1
+    assert res.nbytes() == 2 * res.kb.numel() * 2 + res.bb.numel() * 2 and res.kb.shape[-2] <= 128 + 128 // 16 + 1
     assert store.nbytes() >= sum(s.nbytes() for s in store.segments.values()) + res.nbytes()
+
+
+def test_residual_buffer_holds_no_spare_room_where_nothing_slides():
+    """A block that fills and flushes whole (KIVI) never holds more than the block and nothing once flushed; a
+    buffer that never flushes (fp16) holds exactly its tokens, so its bytes equal DynamicCache's."""
+    spec = lambda bits, kind, d=None: QuantSpec(bits, 32, 1.0, "token")
+    torch.manual_seed(0)
+    block = LayerStore(spec, torch.float32, "cpu", torch.float16)
+    block.prefill(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), torch.full((1, 40), 2), residual=8)
+    for _ in range(100):
+        block.append(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), 2, keep_recent=0, flush_every=32)
+        assert block.residual.kb.shape[-2] <= 32 and block.residual_len < 32
+        if block.residual_len == 0:
+            assert block.residual.nbytes() == 0
+    grow = LayerStore(spec, torch.float32, "cpu")
+    grow.prefill(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), torch.full((1, 40), 16), residual=40)
+    for _ in range(10):
+        grow.append(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), 16, keep_recent=0, flush_every=None)
+    assert grow.nbytes() == 2 * 2 * 50 * 32 * 4 + 50 * 2  # K and V in float32, and the int16 bit map

@@ -192,24 +192,25 @@ class Residual:
     """The full-precision recent tokens of one layer, in an append-only buffer.
 
     Buffers k, v `[B, H, capacity, D]` and bits int16 `[B, capacity]`; the live tokens are [r0, r1). A push writes
-    after r1 and a flush of the oldest tokens only moves r0, so a decode step copies nothing. When the end is
-    reached, the live tokens move to the front of a new buffer with room for live / 8 more: for a 128-token
-    window, one copy every 16 steps instead of one a step. Bytes are counted for the whole buffer (an empty
-    residual, as rtn-style policies keep, holds none).
+    after r1 and a flush of the oldest tokens only moves r0, so most decode steps copy nothing. When the end is
+    reached, the live tokens move to the front of a new buffer with room for live / 16 more, but never more than
+    the caller's `limit`: the most its decode rule ever keeps (a window of W tokens flushed F at a time holds
+    W + F, or W + W / 16 when F is smaller, so that copies come every W / 16 steps and not every step). A buffer
+    that never flushes (limit 0) grows by exactly what arrives; one that empties is released. Bytes are
+    counted for the whole buffer, so the spare room is part of `nbytes()`.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor):
         self.kb, self.vb, self.bb = k, v, bits
         self.r0, self.r1 = 0, 0
-        self._reset(k, v, bits)
+        self._reset(k, v, bits, k.shape[-2])
 
-    def _reset(self, k, v, bits) -> None:
-        """Hold exactly these tokens, in a new buffer with room to spare."""
+    def _reset(self, k, v, bits, capacity: int) -> None:
+        """Hold exactly these tokens at the front of a new buffer of `capacity` (>= their count) tokens."""
         B, H, n, D = k.shape
-        cap = n + n // 8  # an empty residual (rtn-style policies) holds no bytes
-        self.kb = k.new_empty(B, H, cap, D)
-        self.vb = v.new_empty(B, H, cap, D)
-        self.bb = bits.new_empty(B, cap)
+        self.kb = k.new_empty(B, H, capacity, D)
+        self.vb = v.new_empty(B, H, capacity, D)
+        self.bb = bits.new_empty(B, capacity)
         self.kb[:, :, :n], self.vb[:, :, :n], self.bb[:, :n] = k, v, bits
         self.r0, self.r1 = 0, n
 
@@ -231,10 +232,13 @@ class Residual:
     def nbytes(self) -> int:
         return _nbytes(self.kb) + _nbytes(self.vb) + _nbytes(self.bb)
 
-    def push(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor) -> None:
+    def push(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, limit: int = 0) -> None:
+        """Append tokens; when the buffer's end is reached, move to a new one (see the class docstring)."""
         n = k.shape[-2]
         if self.r1 + n > self.kb.shape[-2]:
-            self._reset(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), torch.cat([self.bits, bits], 1))
+            live = len(self) + n
+            cap = max(live, min(limit, live + len(self) // 16))
+            self._reset(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), torch.cat([self.bits, bits], 1), cap)
             return
         self.kb[:, :, self.r1:self.r1 + n] = k
         self.vb[:, :, self.r1:self.r1 + n] = v
@@ -244,8 +248,8 @@ class Residual:
     def pop(self, f: int) -> None:
         """Drop the f oldest tokens (once they are committed to segments)."""
         self.r0 += f
-        if self.r0 == self.r1:
-            self.r0 = self.r1 = 0
+        if self.r0 == self.r1:  # empty (a whole block flushed): hold no bytes until the next push
+            self._reset(self.kb[:, :, :0], self.vb[:, :, :0], self.bb[:, :0], 0)
 
     def keep(self, n: int) -> None:
         """Keep the n oldest tokens (crop)."""
@@ -405,7 +409,7 @@ class LayerStore:
         self.length += cut
         self._push_residual(k[:, :, cut:], v[:, :, cut:], bits[:, cut:])
 
-    def _push_residual(self, k, v, bits) -> None:
+    def _push_residual(self, k, v, bits, limit: int = 0) -> None:
         if k.shape[-2] == 0 and self.residual is not None:
             return
         bits = bits.to(torch.int16)
@@ -413,7 +417,7 @@ class LayerStore:
         if self.residual is None:
             self.residual = Residual(k, v, bits)
         else:
-            self.residual.push(k, v, bits)
+            self.residual.push(k, v, bits, limit)
         self.length += k.shape[-2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None) -> None:
@@ -424,7 +428,10 @@ class LayerStore:
             self.commit(k, v, bits, self.length)
             self.length += n
             return
-        self._push_residual(k, v, torch.full((B, n), bits, dtype=torch.int16, device=k.device))
+        # the most the buffer ever holds: keep_recent + flush_every tokens (keep_recent / 16 of room where the
+        # window slides by fewer, so that it is copied every keep_recent / 16 steps); never flushed: no spare room
+        limit = 0 if flush_every is None else keep_recent + max(flush_every, keep_recent // 16)
+        self._push_residual(k, v, torch.full((B, n), bits, dtype=torch.int16, device=k.device), limit)
         if flush_every is None:
             return
         while self.residual_len >= keep_recent + flush_every:
