@@ -198,18 +198,20 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
 
     for seg in store.segments.values():
         n = seg.n
-        t = seg.k.codes if isinstance(seg.k, QTensor) else seg.k
-        per_token = t.shape[1] * (seg.k.d if isinstance(seg.k, QTensor) else t.shape[-1])
+        sk, sv = seg.k, seg.v  # views of the used tokens (each access builds them anew: take them once)
+        quantized = isinstance(sk, QTensor)
+        t = sk.codes if quantized else sk
+        per_token = t.shape[1] * (sk.d if quantized else t.shape[-1])
         step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, t.shape[0] * per_token)) if CHUNK_TOKENS >= 1024 else CHUNK_TOKENS
-        if isinstance(seg.k, QTensor):
-            for qt in (seg.k, seg.v):  # chunks end on per-channel group boundaries
+        if quantized:
+            for qt in (sk, sv):  # chunks end on per-channel group boundaries
                 if qt.spec.axis == "channel":
                     step = max(qt.spec.group_size, step // qt.spec.group_size * qt.spec.group_size)
-        on_codes = isinstance(seg.k, QTensor) and seg.v.spec.axis == "token" and store.channel_perm is None
+        on_codes = quantized and sv.spec.axis == "token" and store.channel_perm is None
         # permuted (SKVQ) segments: the codes path costs H x more products, worth it for few kv heads
-        on_codes_perm = (isinstance(seg.k, QTensor) and store.channel_perm is not None and seg.k.spec.axis == "token"
-                         and seg.v.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
-        if on_codes and use_kernel(seg.k, seg.v):
+        on_codes_perm = (quantized and store.channel_perm is not None and sk.spec.axis == "token"
+                         and sv.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
+        if on_codes and use_kernel(sk, sv):
             step = max(1, n)  # the kernel chunks and parallelizes the segment itself
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
@@ -220,11 +222,13 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             else:
                 idx = seg.index[:, s0:s1].long()
                 ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
+            whole = s0 == 0 and s1 == n
             if on_codes:
-                piece_codes(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
+                piece_codes(sk if whole else sk.slice_tokens(s0, s1), sv if whole else sv.slice_tokens(s0, s1), ok)
                 continue
             if on_codes_perm:
-                piece_codes_permuted(seg.k.slice_tokens(s0, s1), seg.v.slice_tokens(s0, s1), ok)
+                piece_codes_permuted(sk if whole else sk.slice_tokens(s0, s1), sv if whole else sv.slice_tokens(s0, s1),
+                                     ok)
                 continue
             k, v = store.read(seg, s0, s1)
             piece(k, v, ok)
