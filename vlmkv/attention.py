@@ -151,9 +151,10 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         if cs is not None:
             q = q * cs[0].float()
-        if use_kernel(kq, vq) and backend == "cpu":  # one C++ pass over the packed bytes
+        fused = use_kernel(kq, vq)
+        if fused and backend == "cpu":  # one C++ pass over the packed bytes
             m, den, o = cpu.decode_partial(q, kq, vq, ok, scaling)
-        elif use_kernel(kq, vq):  # GPU: one fused Triton pass (flash-decoding over the packed codes)
+        elif fused:  # GPU: one fused Triton pass (flash-decoding over the packed codes)
             from .kernels.triton_kv import decode_partial
 
             if ok is None:
