@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .kernels import cpu
 from .models.hooks import attention_modules, text_config
 from .quant import QTensor, fwht, hadamard_matrix
 
@@ -124,8 +125,6 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     allowed = None if mask is None and all(seg.index is None for seg in store.segments.values()) \
         else _allowed(mask, B, L, query.device)
     parts = []
-    from .kernels import cpu
-
     # fused decode: Triton on CUDA, the C++ op on the CPU; the torch twin below otherwise
     backend = "triton" if kernels.available(query) else "cpu" if cpu.available(query) else None
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .kernels import cpu, fits_quantize
 from .quant import QTensor, QuantSpec, dequantize, quantize
 
 SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
@@ -173,8 +174,6 @@ class Segment:
         """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
         spare capacity with the CPU kernel: one call per tensor, no temporary QTensor. False (nothing done)
         where that kernel does not apply; the caller then quantizes and appends."""
-        from .kernels import cpu, fits_quantize
-
         if self.index is not None or not isinstance(self.kb, QTensor) or self.kb.codes.dim() != 4:
             return False
         if not (all(fits_quantize(t.spec, t.d) for t in (self.kb, self.vb)) and cpu.available(k)):
@@ -201,8 +200,6 @@ class Residual:
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor):
-        self.kb, self.vb, self.bb = k, v, bits
-        self.r0, self.r1 = 0, 0
         self._reset(k, v, bits, k.shape[-2])
 
     def _reset(self, k, v, bits, capacity: int) -> None:

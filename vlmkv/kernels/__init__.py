@@ -61,4 +61,19 @@ def fits_decode(qt, d: int) -> bool:
     return fits_quantize(qt.spec, d) and _pow2(d) and qt.d == d
 
 
-__all__ = ["MODES", "available", "fits_decode", "fits_quantize", "mode", "triton_installed"]
+def check_quantize(spec, d: int) -> None:
+    """Raise ValueError unless both backends' `quantize_pack` take `spec` for rows of d channels."""
+    if not fits_quantize(spec, d):
+        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {d}, "
+                         f"got {spec!r}")
+
+
+def check_rows(qt, name: str) -> None:
+    """Raise ValueError unless a QTensor's rows are contiguous with scale and zero strided alike (both backends'
+    `decode_partial` walk codes, scales and zero points with one set of strides)."""
+    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
+        raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
+
+
+__all__ = ["MODES", "available", "check_quantize", "check_rows", "fits_decode", "fits_quantize", "mode",
+           "triton_installed"]

@@ -107,12 +107,10 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
     x: float `[..., n, D]` on the CPU. Returns the same QTensor as `quantize(x, spec)`, bit for bit.
     """
-    from . import fits_quantize
+    from . import check_quantize
 
     *lead, n, D = x.shape
-    if not fits_quantize(spec, D):
-        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {D}, "
-                         f"got {spec!r}")
+    check_quantize(spec, D)
     rows = x.reshape(-1, 1, n, D)
     N = rows.shape[0]
     out = QTensor(torch.empty(N, 1, n, D * spec.bits // 8, dtype=torch.uint8),
@@ -136,11 +134,12 @@ def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
 
 
 def _check(qt: QTensor, name: str) -> None:
+    from . import check_rows
+
     if not fits_decode(qt, qt.d, key=name == "kq"):
         raise ValueError(f"{name} must hold 2/4/8-bit codes `[B, H, n, bytes]` with fp16 scales in per-token groups "
                          f"(keys: or per-channel groups), got {qt.spec!r}")
-    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
-        raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
+    check_rows(qt, name)
 
 
 def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor | None, scaling: float):

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..quant.uniform import QTensor, QuantSpec
-from . import fits_decode, fits_quantize
+from . import check_quantize, check_rows, fits_decode
 
 
 @triton.jit
@@ -55,9 +55,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     x: float `[..., n, D]` with D % G == 0, G a power of two and a multiple of 8 / bits.
     """
     *lead, n, D = x.shape
-    if not fits_quantize(spec, D):
-        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {D}, "
-                         f"got {spec!r}")
+    check_quantize(spec, D)
     G = spec.group_size
     rows = x.reshape(-1, D).contiguous()
     N = rows.shape[0]
@@ -129,8 +127,7 @@ def _decode_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, OK, M, L, O,
 def _check(qt: QTensor, name: str) -> None:
     if not fits_decode(qt, qt.d):
         raise ValueError(f"{name} must hold per-token 2/4/8-bit codes in power-of-two groups, got {qt.spec!r}")
-    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
-        raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
+    check_rows(qt, name)
 
 
 def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor, scaling: float,
