@@ -138,11 +138,17 @@ def test_eval_data_parallel_with_accelerate_on_two_cpu_processes(local_llava, tm
     main(common + ["--out", str(tmp_path / "single")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # on a machine without CUDA, --multi_gpu starts CPU processes (torchrun + gloo)
+    import socket
+
+    with socket.socket() as sock:  # a free port for the process group, not accelerate's fixed 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "vlmkv.cli", *common, "--out", str(tmp_path / "dp")],
+                        "--main_process_port", str(port), "-m", "vlmkv.cli", *common, "--out", str(tmp_path / "dp")],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # on failure, show what the ranks printed (their own errors come before the launcher's summary)
+    assert r.returncode == 0, "\n".join(l for l in r.stderr.splitlines() if "Warning" not in l)[-6000:]
     # two processes really ran, each on its half of the samples (one records file each)
     shares = [len((tmp_path / "dp" / f"records.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)]
     assert shares == [4, 4], shares  # 2 samples x 2 methods each
