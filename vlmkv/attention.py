@@ -1,47 +1,42 @@
-"""The attention side of the cache: registered attention functions that read precision segments, and
-Walsh-Hadamard-rotated keys (AKVQ-VL, Figures 6 and 7 of seed 002).
+"""The attention side of the cache: a registered attention function that reads precision segments
+directly at decode steps, and Walsh-Hadamard-rotated keys and values (AKVQ-VL, Figures 6 and 7 of seed 002).
 
-`CacheAttention(model, cache)` (installed by every `QuantizedKVCache` built from a model, removed on
-`close()`) registers `vlmkv_sdpa` / `vlmkv_eager` with transformers' `AttentionInterface` (and the matching
-mask functions with `AttentionMaskInterface`: without them masks silently become None) and selects it for
-the language model only (VLMs keep their vision tower's implementation). Per decoder layer, the cache
-leaves two notes for the next attention call of that layer:
+A cache layer that can answer a decode step from its packed segments hands its store to the next attention
+call through `handoff(layer_idx, store, rotated)` (thread-local, consumed by exactly that call) and returns only
+its residual tokens; `vlmkv_sdpa` / `vlmkv_eager` (registered with transformers' `AttentionInterface`, with
+their mask functions in `AttentionMaskInterface`: without them masks silently become None) take it and
+compute the step segment by segment. Without a handoff they are plain sdpa / eager attention, so a model
+switched to them behaves as before for any other cache. `AttentionSwitch` selects them for the language
+model only (VLMs keep their vision tower's implementation); it is shared by every cache on a model through
+`models.hooks.acquire` and restored when the last one closes.
 
-* `rotate`: the keys it returned are Hadamard-rotated, so the query is rotated too (fwht(q)):
-  Q' K'^T = Q H H^T K^T = Q K^T, attention unchanged;
-* `pending`: a decode step (one query token) over a cache holding quantized segments: instead of
-  materializing the whole float K/V, the attention reads each segment in chunks, dequantizes a chunk,
-  and merges partial softmaxes by log-sum-exp (flash-decoding style; the torch twin of a fused kernel).
-  Masks are read through each segment's slot map, so reordered tokens keep their padding.
+Rotation: a cache with Hadamard keys stores K' = K H and V' = V H (H = `hadamard_matrix(D)`, symmetric and
+orthogonal). Where the cache returns float keys and values it returns them rotated back (K' H = K), so the
+model's own attention needs nothing; on the segment path the query is rotated instead (q H K'^T = q K^T) and
+the output rotated back (softmax(.) V' H = softmax(.) V). The paper folds H into W_V / W_O offline; rotating
+values in the cache gives the same stored values without touching the model's weights, which keeps caches
+independent and works for fused or differently named projections.
 
-Values: `FoldedValues` folds H into the weights, per head: W_V,h <- H W_V,h, b_V,h <- b_V,h H, and
-W_O <- W_O blockdiag(H, ..., H) over the query heads (GQA: every query head reads rotated values of its kv
-head and undoes it in its own columns of W_O). Then V' = V H is cached, o' = o H per head, and
-o' W_O'^T = o W_O^T. `remove()` puts the original Parameter objects back.
+Decode over segments (`segment_attention`): each segment is read in chunks, a chunk's scores and weighted values
+come straight from its codes (or a fused kernel), and partial softmaxes are merged by log-sum-exp
+(flash-decoding style). Masks are read through each segment's slot map, so reordered tokens keep their padding.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+import threading
 
 import torch
 
 from . import kernels
 from .kernels import cpu
 from .models.hooks import attention_modules, text_config
-from .quant import QTensor, fwht, hadamard_matrix
+from .quant import QTensor, fwht
 
 _REGISTERED = False
 NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
 CHUNK_TOKENS = 1024  # the least tokens a chunk holds; a chunk grows to CHUNK_ELEMENTS decoded values
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of float codes per chunk: amortizes op dispatch, bounds the scratch memory
-
-
-@dataclass
-class LayerNote:
-    layer_idx: int
-    rotate: bool = False
-    pending: object = None  # a LayerStore whose segments this call must read
 
 
 def _base_attention(module, impl: str):
@@ -245,20 +240,55 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     return out.transpose(1, 2).contiguous()
 
 
+_local = threading.local()
+
+
+def handoff(layer_idx: int, store, rotated: bool) -> None:
+    """Leave `store` (a LayerStore) for the next attention call of decoder layer `layer_idx` on this thread.
+
+    Raises RuntimeError when the previous handoff was never taken: an attention function other than vlmkv's
+    ran on keys that held only the residual tokens, a silent wrong result this refuses to continue past."""
+    prev = getattr(_local, "pending", None)
+    if prev is not None:
+        _local.pending = None
+        raise RuntimeError(f"decode attention of layer {prev[0]} did not read the cache's segments: the model's "
+                           f"attention implementation was changed while a QuantizedKVCache was in use")
+    _local.pending = (layer_idx, store, rotated)
+
+
+def _take(module):
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        return None
+    _local.pending = None
+    idx = getattr(module, "layer_idx", pending[0])
+    if idx != pending[0]:
+        raise RuntimeError(f"attention of layer {idx} got the cache of layer {pending[0]}: layers must attend in the "
+                           f"order they update the cache")
+    return pending
+
+
+def clear_handoff() -> None:
+    """Drop a handoff no attention call will take (a forward that failed between update and attention)."""
+    _local.pending = None
+
+
 def _make_attention(impl: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        note = getattr(module, "_vlmkv_note", None)
-        if note is not None:
-            if note.rotate:
-                query = fwht(query)  # the cache returned Hadamard-rotated keys for this layer
-                note.rotate = False
-            store, note.pending = note.pending, None
-            if store is not None:
-                plain = not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks"))
-                if plain and query.shape[2] == 1 and kwargs.get("dropout", 0.0) == 0.0:
-                    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                    return segment_attention(query, store, attention_mask, scaling), None
-                key, value = store.materialize()  # anything unusual: the plain path over the full cache
+        pending = _take(module)
+        if pending is None:
+            return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
+        _, store, rotated = pending
+        plain = not any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
+        if plain and query.shape[2] == 1 and kwargs.get("dropout", 0.0) == 0.0:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            if rotated:
+                query = fwht(query)  # keys are stored rotated: q H . k H = q . k
+            out = segment_attention(query, store, attention_mask, scaling)
+            return (fwht(out) if rotated else out), None  # values are stored rotated: o H H = o
+        key, value = store.materialize()  # anything unusual: the plain path over the full cache
+        if rotated:
+            key, value = fwht(key), fwht(value)
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = NAMES[impl]
     return attention
@@ -291,55 +321,22 @@ def _set_impl(model, name: str) -> None:
         model.set_attn_implementation(sub)
 
 
-class CacheAttention:
-    """Installs the vlmkv attention functions on `model` for `cache`; `remove()` restores the original."""
+class AttentionSwitch:
+    """Selects vlmkv's attention function for `model`'s language model; `remove()` restores the original.
+    Shared by the caches on one model (`models.hooks.acquire(model, "attention", AttentionSwitch)`)."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model):
         register()
         self.model = model
-        self.orig_impl = text_config(model)._attn_implementation or "sdpa"
-        impl = "eager" if self.orig_impl == "eager" else "sdpa"
-        self.modules = attention_modules(model)
-        cache.notes = []
-        for i, m in enumerate(self.modules):
-            m._vlmkv_note = LayerNote(i)
-            cache.notes.append(m._vlmkv_note)
-        _set_impl(model, NAMES[impl])
+        self.config = text_config(model)
+        self.orig_impl = self.config._attn_implementation or "sdpa"
+        # eager stays eager (its masks and softmax dtype); anything else reads as sdpa, the decode path's twin
+        _set_impl(model, NAMES["eager" if self.orig_impl == "eager" else "sdpa"])
 
     def remove(self) -> None:
-        for m in self.modules:
-            if hasattr(m, "_vlmkv_note"):
-                del m._vlmkv_note
         _set_impl(self.model, self.orig_impl)
 
 
-class FoldedValues:
-    """Folds the Hadamard matrix into W_V and W_O of every attention module (see module docstring)."""
-
-    def __init__(self, model):
-        self.saved: list = []
-        with torch.no_grad():
-            for m in attention_modules(model):
-                d = m.head_dim
-                v, o = m.v_proj, m.o_proj
-                h = hadamard_matrix(d, torch.float64, v.weight.device)
-                wv = v.weight.double().view(-1, d, v.weight.shape[-1])  # [H_kv, D, hidden]
-                self._swap(v, "weight", torch.einsum("ij,hjk->hik", h, wv).reshape(v.weight.shape).to(v.weight.dtype))
-                wo = o.weight.double().view(o.weight.shape[0], -1, d)  # [hidden, H_q, D]
-                self._swap(o, "weight", (wo @ h).reshape(o.weight.shape).to(o.weight.dtype))
-                if v.bias is not None:
-                    self._swap(v, "bias", (v.bias.double().view(-1, d) @ h).reshape(v.bias.shape).to(v.bias.dtype))
-
-    def _swap(self, module, name, tensor):
-        self.saved.append((module, name, getattr(module, name)))
-        setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
-
-    def remove(self) -> None:
-        for module, name, param in reversed(self.saved):
-            setattr(module, name, param)
-        self.saved = []
-
-
-def install_hadamard(model, cache) -> list:
-    """What a policy with Hadamard keys installs: the value fold (key rotation is the cache's job)."""
-    return [FoldedValues(model)]
+def active(config) -> bool:
+    """Whether `config` (a language model's) currently selects vlmkv's attention function."""
+    return getattr(config, "_attn_implementation", None) in NAMES.values()

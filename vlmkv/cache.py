@@ -1,31 +1,39 @@
 """`QuantizedKVCache`: a transformers `Cache` whose layers keep KV in packed precision segments.
 
-    cache = vlmkv.QuantizedKVCache(model, vlmkv.get_policy("kivi", bits=2))
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache = vlmkv.QuantizedKVCache(model, "kivi", bits=2)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)   # or cache=cache (transformers >= 5.24)
     cache.nbytes(), cache.fp16_nbytes(), cache.bits_per_element()
 
-Tested with transformers 5.23 (see pyproject.toml for the pinned range).
+Prefill: the policy plans every prompt token's bit-width per layer (`Policy.plan_prefill`) from the
+prompt context (`PromptSource`: token modality labels, frame ids, padding, massive activations); the
+prefill attention itself uses the unquantized keys and values, as KIVI and AKVQ-VL do. Decode: new tokens
+enter the layer's full-precision residual buffer and are flushed to their planned bit-width in blocks
+(`Policy.decode_rule`); a one-token step reads the packed segments directly in vlmkv's attention function
+(`vlmkv/attention.py`), anything else reads them dequantized in slot order, so padding masks apply unchanged.
 
-Prefill: the policy plans every prompt token's bit-width per layer (`Policy.plan_prefill`); the
-prefill attention itself uses the unquantized keys and values, as KIVI and AKVQ-VL do. Decode: new
-tokens enter the layer's full-precision residual buffer and are flushed to their planned bit-width
-in blocks (`Policy.decode_rule`); attention reads all segments dequantized, in slot order, so
-padding masks apply unchanged.
+Independence: every piece of state lives in the cache and its layers. The model only carries hooks shared by
+all caches on it (`models.hooks.acquire`): the prompt recorder, the massive-activation hooks and the attention
+switch, each removed when the last cache using it is closed. `copy.deepcopy(cache)` copies the stored tokens
+and takes its own leases on the model's hooks; the model itself is never copied.
+
+Sliding-window layers (Mistral, Gemma 2/3's local layers, `layer_types` in the config) keep at most their window,
+as transformers' `DynamicSlidingWindowLayer` does, so the cache never holds more bytes than `DynamicCache`.
 """
 from __future__ import annotations
+
+import copy
+import time
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import attention
+from .models import hooks
+from .models.hooks import text_config
 from .policies import PrefillContext, get_policy
-from .policies.base import Policy, PAD, TEXT
+from .policies.base import PAD, TEXT, Policy
 from .quant import fwht
 from .storage import LayerStore
-
-
-def text_config(model_or_config):
-    cfg = getattr(model_or_config, "config", model_or_config)
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 def head_dim_of(cfg) -> int:
@@ -33,66 +41,224 @@ def head_dim_of(cfg) -> int:
     return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
 
 
-class QuantizedKVLayer(CacheLayerMixin):
-    """Adapter from transformers' per-layer cache API to a `LayerStore`."""
+def sliding_windows(cfg) -> list[int | None]:
+    """Per decoder layer: its attention window (tokens) for sliding/chunked layers, None for full attention.
+    Follows transformers' rule: `config.layer_types` when given, else `sliding_window` / `attention_chunk_size`."""
+    n = int(cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if window is not None else "chunked_attention" if chunk is not None
+                 else "full_attention"] * n
+    out = []
+    for i, t in enumerate(types):
+        if t == "full_attention":
+            out.append(None)
+        elif t == "sliding_attention" and window is not None:
+            out.append(int(window))
+        elif t == "chunked_attention" and chunk is not None:
+            out.append(int(chunk))
+        else:
+            raise ValueError(f"config.layer_types[{i}] must be full, sliding or chunked attention with its window "
+                             f"set for a QuantizedKVCache, got {t!r}")
+    return out
 
-    is_sliding = False
+
+class PromptSource:
+    """What the layers of one cache know about the prompt being prefilled, shared by them (the container builds
+    it and hands it to each layer; layers never reach back into the cache).
+
+    At a layer's prefill it reads the current forward call's `Frame` (`models.hooks`), labels the tokens once per
+    call with the family adapter (or the labels given by `QuantizedKVCache.set_spans`), and builds the layer's
+    `PrefillContext`. A policy that reads modality labels on a vision-language model gets them or an error.
+    """
+
+    def __init__(self, config, adapter, needs_modality: bool, needs_massive: bool, hooked: bool):
+        self.config = config
+        self.adapter = adapter
+        self.needs_modality = needs_modality
+        self.needs_massive = needs_massive
+        self.hooked = hooked
+        self.span_override: tuple | None = None
+        self.inputs: dict = {}  # the last prefill's inputs and labels (token_types, frame_ids), for inspection
+
+    @property
+    def is_vlm(self) -> bool:
+        from .models.modality import TextOnlyAdapter
+
+        return self.adapter is not None and not isinstance(self.adapter, TextOnlyAdapter)
+
+    def _labels(self, frame, B: int, S: int, device) -> dict:
+        """Inputs and labels of this forward call (computed once per call and source)."""
+        key = id(self)
+        if frame is not None and key in frame.memo:
+            return frame.memo[key]
+        got = dict(frame.inputs) if frame is not None else {}
+        ids = got.get("input_ids")
+        if self.span_override is not None:
+            got["token_types"], got["frame_ids"] = self.span_override
+        elif self.adapter is not None and ids is not None:
+            extra = {k: v for k, v in got.items() if k not in ("input_ids", "attention_mask")}
+            spans = self.adapter.label(ids, got.get("attention_mask"), **extra)
+            got["token_types"] = spans.token_types.to(ids.device)
+            got["frame_ids"] = spans.frame_ids.to(ids.device)
+        if frame is not None:
+            frame.memo[key] = got
+        self.inputs = got
+        return got
+
+    def context(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> PrefillContext:
+        from .models.hooks import current_frame
+
+        B, _, S, _ = keys.shape
+        frame = current_frame()
+        got = self._labels(frame, B, S, keys.device)
+        am = got.get("attention_mask")
+        mask = None
+        if torch.is_tensor(am) and am.dim() == 2 and am.shape[0] == B and am.shape[1] >= S:
+            mask = am[:, -S:].to(device=keys.device, dtype=torch.bool)
+        types = got.get("token_types")
+        frames = got.get("frame_ids")
+        if types is not None and tuple(types.shape) == (B, S):
+            types = types.to(keys.device)
+            frames = frames.to(keys.device) if frames is not None and tuple(frames.shape) == (B, S) else None
+        else:
+            if self.needs_modality and self.is_vlm and S > 1:
+                why = ("no forward call of the model the cache was built with was seen (was the cache built for "
+                       "another model object, or called through a submodule?)" if frame is None else
+                       "the call passed no input_ids (inputs_embeds?): call cache.set_spans(token_types, frame_ids)"
+                       if types is None else f"labels of shape {tuple(types.shape)} for a prompt of {(B, S)}")
+                raise ValueError(f"a vision-aware policy needs modality labels for the prompt it prefills, got none "
+                                 f"for layer {layer_idx}: {why}")
+            types = torch.full((B, S), TEXT, dtype=torch.int8, device=keys.device)
+            if mask is not None:
+                types[~mask] = PAD
+            frames = None
+        massive = frame.stats.get(layer_idx, {}).get("massive_activation") if frame is not None else None
+        if self.needs_massive and S > 1 and massive is None:
+            raise ValueError(f"the policy keeps pivot tokens from massive activations, got no activations for layer "
+                             f"{layer_idx}: the cache must be built from the model that runs the prompt "
+                             f"(not from its config) and the prompt must go through that model's forward")
+        if massive is not None and tuple(massive.shape) != (B, S):
+            massive = None if S == 1 else massive[:, -S:]
+        return PrefillContext(keys=keys, values=values, layer_idx=layer_idx, attention_mask=mask,
+                              token_types=types, frame_ids=frames, massive_activation=massive)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One decoder layer's cache: an adapter from transformers' per-layer cache API to a `LayerStore`.
+
+    Holds what it needs, handed over by the container: the policy, the shared `PromptSource`, whether keys and
+    values are stored Hadamard-rotated, the dtype of full-precision tokens, the language model's config (to see
+    whether vlmkv's attention function is selected) and, for sliding layers, the window.
+    """
+
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, cache: "QuantizedKVCache", layer_idx: int):
+    def __init__(self, layer_idx: int, policy: Policy, source: PromptSource, rotate: bool = False,
+                 residual_dtype: torch.dtype | None = None, attn_config=None, sliding_window: int | None = None):
         super().__init__()
-        self.cache = cache
         self.layer_idx = layer_idx
+        self.policy = policy
+        self.source = source
+        self.rotate = rotate
+        self.residual_dtype = residual_dtype
+        self.attn_config = attn_config  # None: never hand decode steps to the segment attention
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.store: LayerStore | None = None
+        self.offset = 0  # sliding layers: tokens evicted from the front
+        self._pending = 0  # sliding layers: tokens the next update drops before appending
+        self.full_precision = set(policy.bit_widths()) <= {16}
+        self.plan: dict | None = None  # what the last prefill planned: {"bits", "residual", "seconds"}
+        self.stats: dict = {}  # the prompt statistics the plan used (e.g. massive activations)
+        self.closed = False
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        policy = self.cache.policy
-        full = self.cache.residual_dtype or self.dtype
-        if self.cache.residual_dtype is None and self.dtype == torch.float32 and not policy.keep_model_dtype:
+        policy = self.policy
+        full = self.residual_dtype or self.dtype
+        if self.residual_dtype is None and self.dtype == torch.float32 and not policy.keep_model_dtype:
             full = torch.float16  # "16 bits" is 16 bits of memory, also for a float32 model
-        self.store = LayerStore(lambda bits, kind, d: policy.spec(bits, kind, d), self.dtype, self.device, full)
+        self.store = LayerStore(policy.spec, self.dtype, self.device, full)
         self.is_initialized = True
 
+    # ------------------------------------------------------------------ writing
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.closed and self.rotate:
+            raise ValueError("cache is closed: its keys are stored Hadamard-rotated for an attention function that "
+                             "was removed; build a new QuantizedKVCache, got a write after close()")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.store
-        if self.cache.closed and self.cache.rotate_keys:
-            raise ValueError("cache is closed: its keys are stored Hadamard-rotated for attention functions that "
-                             "were removed; build a new QuantizedKVCache, got a write after close()")
-        note = self.cache.notes[self.layer_idx] if self.cache.notes else None
-        if self.cache.rotate_keys:
-            # keys are stored (and attended) Hadamard-rotated; the attention function rotates the query
-            key_states = fwht(key_states)
-            note.rotate = True
-        if store.length == 0:
-            ctx = self.cache.prefill_context(self.layer_idx, key_states, value_states)
-            plan = self.cache.policy.plan_prefill(ctx)
-            self.cache.check_plan(plan, ctx)
-            store.prefill(key_states, value_states, plan.bits, plan.residual, plan.channel_scales, plan.channel_perm)
-            self.cache._record_plan(self.layer_idx, plan)
-            return key_states, value_states
-        rule = self.cache.policy.decode_rule(self.layer_idx)
-        store.append(key_states, value_states, rule.bits, rule.keep_recent, rule.flush_every)
-        if note is not None and self.cache.segment_attention and key_states.shape[-2] == 1 and store.segments:
-            # the registered attention reads the segments directly; hand it the store, not a float copy
-            note.pending = store
+        k, v = (fwht(key_states), fwht(value_states)) if self.rotate else (key_states, value_states)
+        if store.length == 0 and self.offset == 0:
+            self._prefill(k, v)
+            return key_states, value_states  # the prompt attends to itself unquantized
+        if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
+            self._drop(self._pending)
+        rule = self.policy.decode_rule(self.layer_idx)
+        store.append(k, v, rule.bits, rule.keep_recent, rule.flush_every)
+        if (self.attn_config is not None and key_states.shape[-2] == 1 and store.segments
+                and attention.active(self.attn_config)):
+            # the registered attention reads the segments directly: hand it the store, not a float copy; tokens
+            # out of the window are dropped at the next update (the attention still reads this store)
+            attention.handoff(self.layer_idx, store, self.rotate)
+            self._pending = self._excess()
             return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
-        return store.materialize()
+        kk, vv = store.materialize()
+        self._drop(self._excess())
+        return (fwht(kk), fwht(vv)) if self.rotate else (kk, vv)
 
+    def _prefill(self, k, v) -> None:
+        t0 = time.perf_counter()
+        ctx = self.source.context(self.layer_idx, k, v)
+        plan = self.policy.plan_prefill(ctx)
+        check_plan(self.policy, plan, ctx)
+        seconds = time.perf_counter() - t0
+        S = k.shape[-2]
+        keep = S if self.sliding_window is None else min(S, self.sliding_window - 1)
+        cut = S - keep  # a sliding layer stores only the tokens its window can still see
+        self.offset = cut
+        self.store.prefill(k[:, :, cut:], v[:, :, cut:], plan.bits[:, cut:], min(plan.residual, keep),
+                           plan.channel_scales, plan.channel_perm)
+        self.plan = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual, "seconds": seconds}
+        self.stats = {} if ctx.massive_activation is None else {"massive_activation": ctx.massive_activation}
+
+    def _excess(self) -> int:
+        """Sliding layers: tokens to drop, the window no longer seeing them: all of them once a few have gathered,
+        or at once where every token is kept 16-bit, so that no layer holds more than DynamicCache's W - 1."""
+        if self.sliding_window is None or self.store is None:
+            return 0
+        keep = self.sliding_window - 1
+        excess = self.store.length - keep
+        return excess if excess > 0 and (self.full_precision or excess >= max(1, keep // 16)) else 0
+
+    def _drop(self, n: int) -> None:
+        if n:
+            self.store.drop_front(n)
+            self.offset += n
+        self._pending = 0
+
+    # ------------------------------------------------------------------ sizes
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        # the keys the next update returns: what is held, less what it drops first, plus the query; the first of
+        # them is at position offset + pending
+        held = 0 if self.store is None else self.store.length
+        return held - self._pending + query_length, self.offset + self._pending
 
     def get_seq_length(self) -> int:
-        return 0 if self.store is None else self.store.length
+        return self.offset + (0 if self.store is None else self.store.length)
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         self.store = None
+        self.offset = self._pending = 0
+        self.plan = None
         self.is_initialized = False
 
     def offload(self):  # storage is already compact; offloading is not supported
@@ -101,11 +267,15 @@ class QuantizedKVLayer(CacheLayerMixin):
     def prefetch(self):
         return None
 
+    # ------------------------------------------------------------------ editing
     def crop(self, tokens_to_remove: int) -> None:
         if self.store is None or tokens_to_remove == 0:
             return
         if tokens_to_remove > 0:
             raise ValueError(f"tokens_to_remove must be negative (tokens to drop), got {tokens_to_remove!r}")
+        if self.offset or self._pending:
+            raise RuntimeError(f"layer {self.layer_idx} is a sliding-window layer that already evicted {self.offset} "
+                               f"tokens: it cannot be cropped back (as transformers' DynamicSlidingWindowLayer)")
         self.store.crop(max(0, self.store.length + tokens_to_remove))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -121,156 +291,163 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.store.map_batch(lambda t: t[indices.to(t.device)])
 
 
+def check_plan(policy: Policy, plan, ctx: PrefillContext) -> None:
+    """Raise ValueError unless `plan` is a `[B, S]` plan of widths the policy declared (skipped under
+    torch.compile, where reading the widths back would break the graph)."""
+    if tuple(plan.bits.shape) != (ctx.batch_size, ctx.seq_len):
+        raise ValueError(f"plan.bits must have shape {(ctx.batch_size, ctx.seq_len)}, got {tuple(plan.bits.shape)!r}")
+    if torch.compiler.is_compiling():
+        return
+    allowed = set(policy.bit_widths()) | {16}
+    got = {int(x) for x in plan.bits.unique().tolist()}
+    if not got <= allowed:
+        raise ValueError(f"plan.bits must be within {sorted(allowed)} for {policy.name}, got {sorted(got)!r}")
+
+
 class QuantizedKVCache(Cache):
     """A transformers `Cache` storing each layer's KV at the bit-widths a `Policy` plans.
 
-    model:   the Hugging Face model (or its config) the cache will be used with.
+    model:   the Hugging Face model the cache will be used with (or its config: then no policy that needs the
+             prompt's labels, activations or vlmkv's attention function can run).
     policy:  a `Policy` or a registered name (`"kivi"`, `"rtn-2"`...); `**options` go to `get_policy`.
     tokenizer: optional; lets modality adapters label vision marker tokens (e.g. Idefics3's <global-img>).
-    residual_dtype: dtype of unquantized ("16-bit") tokens; None = the model's, or float16 for a float32 model.
+    residual_dtype: dtype of unquantized ("16-bit") tokens: float16, bfloat16 or float32; None = the model's,
+             or float16 for a float32 model.
     segment_attention: decode steps read the packed segments chunk by chunk in the registered attention
              function (`vlmkv/attention.py`) instead of materializing float K/V; False = always materialize.
 
-    Policies that need hooks on the model install them here and remove them on `close()` or at the end
-    of a `with` block. A forward pre-hook records the prompt's `input_ids`/`attention_mask` so that
-    policies see padding and token types at prefill.
+    Close the cache (`close()` or a `with` block) to release the hooks it shares on the model.
     """
 
     def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
                  segment_attention: bool = True, **options):
-        self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
-        if residual_dtype is not None and not isinstance(residual_dtype, torch.dtype):
-            raise ValueError(f"residual_dtype must be a torch.dtype or None, got {residual_dtype!r}")
-        self.residual_dtype = residual_dtype
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
+        self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
+        if not isinstance(self.policy, Policy):
+            raise ValueError(f"policy must be a Policy or a registered name, got {policy!r}")
+        if residual_dtype is not None and residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"residual_dtype must be torch.float16, torch.bfloat16, torch.float32 or None, "
+                             f"got {residual_dtype!r}")
+        if not isinstance(segment_attention, bool):
+            raise ValueError(f"segment_attention must be a bool, got {segment_attention!r}")
+        self.residual_dtype = residual_dtype
         cfg = text_config(model)
         self.config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.head_dim = head_dim_of(cfg)
         self.policy.validate(self.head_dim)
-        super().__init__(layers=[QuantizedKVLayer(self, i) for i in range(self.num_layers)])
+        windows = sliding_windows(cfg)
         self.model = model if isinstance(model, torch.nn.Module) else None
-        self.inputs: dict = {}  # prompt-level context recorded at prefill (input_ids, attention_mask, ...)
-        self.layer_stats: dict[int, dict] = {}  # per-layer data hooks collect (e.g. massive activations)
-        self.plans: dict[int, dict] = {}
-        self._hooks = []
-        self.closed = False
-        self.notes = None  # per layer, set by CacheAttention: what the next attention call must do
-        self.segment_attention = segment_attention
         self.rotate_keys = bool(self.policy.hadamard_keys)
-        segment_attention = bool(segment_attention)
-        if self.rotate_keys and self.model is None:
-            raise ValueError(f"model must be a torch module for {self.policy.name} (Hadamard keys need the attention "
-                             f"function installed), got {type(model).__name__!r}")
-        self.adapter = None
-        self.span_override = None
+        self.segment_attention = segment_attention
+        needs_massive = bool(self.policy.needs_massive_activations)
+        if self.model is None and (needs_massive or self.policy.needs_modality):
+            raise ValueError(f"model must be a torch module for {self.policy.name} (it reads the prompt through hooks "
+                             f"on the model), got {type(model).__name__!r}")
         full_cfg = getattr(model, "config", model)
-        try:
-            from .models.modality import adapter_for
+        from .models.modality import adapter_for
 
-            self.adapter = adapter_for(full_cfg, tokenizer)
+        try:
+            adapter = adapter_for(full_cfg, tokenizer)
         except ValueError:
             if self.policy.needs_modality:
                 raise
+            adapter = None
+        self.source = PromptSource(cfg, adapter, self.policy.needs_modality, needs_massive, self.model is not None)
+        self._kinds = []
         if self.model is not None:
-            self._hooks.append(self.model.register_forward_pre_hook(self._record_inputs, with_kwargs=True))
-            try:
-                if self.rotate_keys or (segment_attention and not self.policy.keep_model_dtype):
-                    from .attention import CacheAttention
+            self._kinds.append(("inputs", hooks.ForwardRecorder))
+            if needs_massive:
+                self._kinds.append(("massive", hooks.MassiveActivations))
+            if segment_attention and not self.policy.keep_model_dtype:
+                self._kinds.append(("attention", attention.AttentionSwitch))
+        use_attn = any(k == "attention" for k, _ in self._kinds)
+        layers = [QuantizedKVLayer(i, self.policy, self.source, self.rotate_keys, residual_dtype,
+                                   cfg if use_attn else None, windows[i]) for i in range(self.num_layers)]
+        super().__init__(layers=layers)
+        self.closed = False
+        self._leases = []
+        self._acquire()
 
-                    self._hooks.append(CacheAttention(self.model, self))
-                self._hooks.extend(self.policy.install(self.model, self))
-            except Exception:
-                self.close()
-                raise
+    def _acquire(self) -> None:
+        """Take a lease on each shared hook; on failure release what was taken (nothing is left on the model)."""
+        try:
+            for kind, factory in self._kinds:
+                self._leases.append(hooks.acquire(self.model, kind, factory))
+        except Exception:
+            self.close()
+            raise
 
-    # ---------------------------------------------------------------- model hooks
-    def _record_inputs(self, module, args, kwargs):
-        if kwargs.get("past_key_values") is not self or self.get_seq_length() > 0:
-            return None
-        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        self.inputs = {"input_ids": ids}
-        am = kwargs.get("attention_mask")
-        if torch.is_tensor(am) and am.dim() == 2:
-            self.inputs["attention_mask"] = am
-        for key in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "token_type_ids", "position_ids"):
-            if key in kwargs and kwargs[key] is not None:
-                self.inputs[key] = kwargs[key]
-        if self.span_override is not None:
-            self.inputs["token_types"], self.inputs["frame_ids"] = self.span_override
-        elif self.adapter is not None and torch.is_tensor(ids) and ids.dim() == 2:
-            extra = {k: v for k, v in self.inputs.items() if k not in ("input_ids", "attention_mask")}
-            spans = self.adapter.label(ids, self.inputs.get("attention_mask"), **extra)
-            self.inputs["token_types"] = spans.token_types.to(ids.device)
-            self.inputs["frame_ids"] = spans.frame_ids.to(ids.device)
-        self.layer_stats = {}
-        self.plans = {}
-        return None
+    def __deepcopy__(self, memo):
+        """A copy with its own stored tokens and its own leases on the same model (the model is not copied)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for obj in (self.model, self.config, self.policy, self.source.adapter):
+            memo[id(obj)] = obj  # shared, never copied: the model, its config, the policy, the labeller
+        shared = {"model", "config", "policy", "_leases", "_kinds"}
+        for k, v in self.__dict__.items():
+            if k not in shared:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.model, new.config, new.policy, new._kinds = self.model, self.config, self.policy, list(self._kinds)
+        new._leases = []
+        if not self.closed:
+            new._acquire()
+        return new
+
+    # ---------------------------------------------------------------- prompt context
+    @property
+    def inputs(self) -> dict:
+        """The last prefill's recorded inputs and labels (`input_ids`, `attention_mask`, `token_types`, ...)."""
+        return self.source.inputs
+
+    @property
+    def plans(self) -> dict[int, dict]:
+        """Layer index -> what its last prefill planned: {"bits": int16 `[B, S]` (CPU), "residual", "seconds"}."""
+        return {layer.layer_idx: layer.plan for layer in self.layers if layer.plan is not None}
+
+    @property
+    def layer_stats(self) -> dict[int, dict]:
+        """Layer index -> the prompt statistics its plan used (e.g. "massive_activation" float32 `[B, S]`)."""
+        return {layer.layer_idx: layer.stats for layer in self.layers if layer.stats}
+
+    def plan_seconds(self) -> list[float]:
+        """Seconds each layer's last prefill spent planning (policy search included)."""
+        return [layer.plan["seconds"] for layer in self.layers if layer.plan is not None]
 
     def set_spans(self, token_types: torch.Tensor | None, frame_ids: torch.Tensor | None = None) -> None:
-        """Use these modality labels (int8 `[B, S]`, long `[B, S]`) for the next prefill instead of the
-        family adapter's, e.g. to treat spans of a text model's prompt as "visual" windows in experiments."""
+        """Use these modality labels (int8 `[B, S]`, long `[B, S]`) for the next prefills instead of the
+        family adapter's: for prompts given as embeddings, or to treat spans of a text model's prompt as
+        "visual" windows in experiments. None goes back to the adapter."""
         if token_types is None:
-            self.span_override = None
+            self.source.span_override = None
             return
-        if token_types.dim() != 2:
-            raise ValueError(f"token_types must be [batch, seq], got shape {tuple(token_types.shape)!r}")
+        if not torch.is_tensor(token_types) or token_types.dim() != 2:
+            raise ValueError(f"token_types must be a [batch, seq] tensor, got {getattr(token_types, 'shape', token_types)!r}")
         if frame_ids is None:
             frame_ids = torch.full(token_types.shape, -1, dtype=torch.long, device=token_types.device)
-        self.span_override = (token_types.to(torch.int8), frame_ids.long())
+        if not torch.is_tensor(frame_ids) or tuple(frame_ids.shape) != tuple(token_types.shape):
+            raise ValueError(f"frame_ids must be a tensor shaped like token_types {tuple(token_types.shape)}, "
+                             f"got {getattr(frame_ids, 'shape', frame_ids)!r}")
+        self.source.span_override = (token_types.to(torch.int8), frame_ids.long())
 
     def close(self) -> None:
-        """Remove every hook, attention function and folded weight this cache (and its policy) put on the model."""
-        for h in reversed(self._hooks):
-            h.remove()
-        self._hooks = []
-        self.notes = None
+        """Release this cache's hooks on the model (removed once no other cache uses them). Idempotent."""
+        for lease in reversed(self._leases):
+            lease.release()
+        self._leases = []
+        for layer in self.layers:
+            layer.closed = True
         self.closed = True
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        if exc and exc[0] is not None:
+            attention.clear_handoff()
         self.close()
         return False
-
-    # ---------------------------------------------------------------- policy plumbing
-    def prefill_context(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> PrefillContext:
-        B, _, S, _ = keys.shape
-        am = self.inputs.get("attention_mask")
-        mask = None
-        if am is not None and am.shape[0] == B and am.shape[1] >= S:
-            mask = am[:, -S:].to(device=keys.device, dtype=torch.bool)
-        types = self.inputs.get("token_types")
-        if types is not None and types.shape == (B, S):
-            types = types.to(keys.device)
-        else:
-            types = torch.full((B, S), TEXT, dtype=torch.int8, device=keys.device)
-            if mask is not None:
-                types[~mask] = PAD
-        frames = self.inputs.get("frame_ids")
-        if frames is not None and frames.shape != (B, S):
-            frames = None
-        stats = self.layer_stats.get(layer_idx, {})
-        return PrefillContext(
-            keys=keys, values=values, layer_idx=layer_idx, num_layers=self.num_layers,
-            attention_mask=mask, token_types=types, frame_ids=frames,
-            positions=self.inputs.get("positions"),
-            massive_activation=stats.get("massive_activation"),
-            extras=dict(self.inputs.get("extras", {})),
-        )
-
-    def check_plan(self, plan, ctx: PrefillContext) -> None:
-        allowed = set(self.policy.bit_widths()) | {16}
-        if tuple(plan.bits.shape) != (ctx.batch_size, ctx.seq_len):
-            raise ValueError(f"plan.bits must have shape {(ctx.batch_size, ctx.seq_len)}, got {tuple(plan.bits.shape)!r}")
-        got = {int(x) for x in plan.bits.unique().tolist()}
-        if not got <= allowed:
-            raise ValueError(f"plan.bits must be within {sorted(allowed)} for {self.policy.name}, got {sorted(got)!r}")
-
-    def _record_plan(self, layer_idx: int, plan) -> None:
-        self.plans[layer_idx] = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual}
 
     # ---------------------------------------------------------------- memory accounting
     def _stores(self):

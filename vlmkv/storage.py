@@ -79,6 +79,14 @@ def _grown(buf: QTensor | torch.Tensor, used: int, cap: int):
     return out[0]
 
 
+def _shifted(buf, drop: int, used: int):
+    """A copy of `buf` holding exactly its tokens [drop, used) (`drop` a whole number of groups)."""
+    out = [x[..., _rows(buf, drop, part):_rows(buf, used, part), :].clone() for part, x in _parts(buf)]
+    if isinstance(buf, QTensor):
+        return QTensor(out[0], out[1], out[2], buf.spec, buf.d, buf.dtype)
+    return out[0]
+
+
 def _write(buf, src, at: int) -> None:
     """Copy all of `src` into `buf` starting at token `at`."""
     for (part, x), (_, y) in zip(_parts(buf), _parts(src)):
@@ -157,6 +165,44 @@ class Segment:
                 g = self.kb.spec.group_size
                 cap = -(-cap // g) * g
             self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
+
+    def _unit(self) -> int:
+        """Tokens that are stored together: a per-channel group (KIVI keys), else one."""
+        return max([t.spec.group_size for t in (self.kb, self.vb) if isinstance(t, QTensor) and t.spec.axis == "channel"]
+                   or [1])
+
+    def drop_front(self, n: int) -> bool:
+        """Forget slots < n and renumber the rest from 0 (a sliding window moved on). Whole leading columns that
+        no row needs any more are released; a partly needed per-channel group stays, its gone tokens as filler.
+        Returns False when nothing of the segment is left."""
+        if self.index is None:
+            if self.start >= n:
+                self.start -= n
+                return True
+            d = n - self.start  # leading columns gone
+            if d >= self.count:
+                return False
+            index = None
+            if d % self._unit():
+                b = (self.kb.codes if isinstance(self.kb, QTensor) else self.kb).shape[0]
+                dev = self.kb.codes.device if isinstance(self.kb, QTensor) else self.kb.device
+                index = self.slot_index(b, dev) - n
+                index = torch.where(index >= 0, index, -1).to(torch.int32)
+            self.start = 0
+        else:
+            index = torch.where(self.index >= n, self.index - n, -1).to(torch.int32)
+            if bool((index < 0).all()):
+                return False
+            gone = (index < 0).all(0).to(torch.int32)
+            d = int(gone.cumprod(0).sum())  # leading columns no row needs
+        drop = d // self._unit() * self._unit()
+        if drop:
+            self.kb, self.vb = _shifted(self.kb, drop, self.count), _shifted(self.vb, drop, self.count)
+            self.count -= drop
+            if index is not None:
+                index = index[:, drop:].clone()
+        self.index = index
+        return True
 
     def append(self, other: "Segment") -> None:
         contiguous = self.index is None and other.index is None and other.start == self.start + self.n
@@ -247,6 +293,11 @@ class Residual:
         self.r0 += f
         if self.r0 == self.r1:  # empty (a whole block flushed): hold no bytes until the next push
             self._reset(self.kb[:, :, :0], self.vb[:, :, :0], self.bb[:, :0], 0)
+
+    def compact(self) -> None:
+        """Release the room before the live tokens (after a sliding window dropped some)."""
+        if self.r0:
+            self._reset(self.k, self.v, self.bits, len(self))
 
     def keep(self, n: int) -> None:
         """Keep the n oldest tokens (crop)."""
@@ -507,6 +558,22 @@ class LayerStore:
                 else:
                     seg.index = idx
         self.length = new_length
+
+    def drop_front(self, n: int) -> None:
+        """Forget slots 0 .. n-1 (a sliding window moved past them) and renumber the rest from 0; their bytes are
+        released (whole per-channel groups; a partly needed one stays with its gone tokens as filler)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"n must be in [0, {self.length}], got {n!r}")
+        if n == 0:
+            return
+        res_start = self.length - self.residual_len
+        if n > res_start:
+            self.residual.pop(n - res_start)
+            self.residual.compact()
+        for bits in list(self.segments):
+            if not self.segments[bits].drop_front(n):
+                del self.segments[bits]
+        self.length -= n
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension op to every stored tensor (beam reorder, repeat, select)."""

@@ -87,18 +87,14 @@ def inspect_attention(model, inputs: dict, tokenizer=None, num_pivots: int = 15,
     `keep_maps`, else None.
     """
     from ..cache import QuantizedKVCache, text_config
-    from ..models.hooks import MassiveActivationHooks
     from ..policies import get_policy
 
     orig = text_config(model)._attn_implementation or "sdpa"
     _set_text_attn(model, "eager")
     try:
-        with QuantizedKVCache(model, "fp16", tokenizer=tokenizer) as cache:
-            hooks = MassiveActivationHooks(model, cache)
-            try:
-                out = model(**inputs, past_key_values=cache, output_attentions=True, use_cache=True)
-            finally:
-                hooks.remove()
+        # fp16 storage with the massive-activation hooks of the pivot wrapper: the ratios reach cache.layer_stats
+        with QuantizedKVCache(model, "fp16+pivots", tokenizer=tokenizer) as cache:
+            out = model(**inputs, past_key_values=cache, output_attentions=True, use_cache=True)
             stats = {l: s["massive_activation"][:1] for l, s in cache.layer_stats.items()}
             types = cache.inputs.get("token_types")
     finally:

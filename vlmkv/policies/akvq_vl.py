@@ -10,8 +10,9 @@ Bits per prefill token, per layer (Section III-B/C):
 Per-token asymmetric quantization, group 128 or the head dimension if smaller (eqs. 3-6).
 Generated tokens stay in the recent window and then follow the text rule (they are text).
 
-WHT (`wht=True`): keys are stored Walsh-Hadamard-rotated after RoPE with the query rotated online,
-and H is folded into W_V / W_O (Figures 6-7; see `vlmkv/attention.py`).
+WHT (`wht=True`): keys are stored Walsh-Hadamard-rotated after RoPE with the query rotated online, and values
+rotated with the attention output rotated back (Figures 6-7; the paper folds H into W_V / W_O, which stores the
+same values: see `vlmkv/attention.py`).
 
 Ablation switches (Table III): `wht`, `text_4bit`, `pivots` (pivot tokens and the recent window);
 all off is RTN INT2 with clip 0.8. `tsa_layers=k` applies the paper's TSA/PSA layer split (Table I:
@@ -77,16 +78,9 @@ class AKVQVLPolicy(Policy):
     def bit_widths(self):
         return tuple(sorted({self.low_bits, self.text_bits}))
 
-    def install(self, model, cache) -> list:
-        from ..attention import install_hadamard
-        from ..models.hooks import MassiveActivationHooks
-
-        out = []
-        if self.pivots and self.num_pivots > 0:
-            out.append(MassiveActivationHooks(model, cache))
-        if self.wht:
-            out.extend(install_hadamard(model, cache))
-        return out
+    @property
+    def needs_massive_activations(self) -> bool:
+        return bool(self.pivots) and self.num_pivots > 0
 
     # ------------------------------------------------------------------ planning
     def pivot_mask(self, ctx: PrefillContext) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Policy interface: a policy decides bit-widths, the cache stores them, attention reads them.
 
-A policy is a pure `@dataclass`: no storage, no model access. At prefill it turns a `PrefillContext`
-(one layer's keys/values plus what is known of every token) into a `BitPlan`; for tokens generated
-later it gives a `DecodeRule`. Quantizer settings per bit-width come from `spec()`.
+A policy is a pure `@dataclass`: no storage, no model access, no state that changes after construction. At
+prefill it turns a `PrefillContext` (one layer's keys/values plus what is known of every token) into a
+`BitPlan`; for tokens generated later it gives a `DecodeRule`. Quantizer settings per bit-width come from
+`spec()`. What a policy needs from the model it declares (`needs_modality`, `needs_massive_activations`,
+`hadamard_keys`); the cache provides it and raises where it cannot.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,27 +24,23 @@ PAD, TEXT, IMAGE, SPECIAL = -1, 0, 1, 2
 class PrefillContext:
     """What a policy may look at when planning one layer's prefill tokens.
 
-    keys, values:     `[B, H_kv, S, D]` as the model hands them to the cache (keys after RoPE).
-    layer_idx:        index of the decoder layer; num_layers: how many there are.
+    keys, values:     `[B, H_kv, S, D]` as the model hands them to the cache (keys after RoPE; both
+                      Hadamard-rotated when the policy's `hadamard_keys` is set).
+    layer_idx:        index of the decoder layer.
     attention_mask:   bool `[B, S]`, False on padding (None: no padding).
     token_types:      int8 `[B, S]` of PAD / TEXT / IMAGE / SPECIAL (None: all text).
     frame_ids:        long `[B, S]`, image/frame index of visual tokens, -1 elsewhere (None: no images).
-    positions:        long `[B, S]`, position of each token (after padding), None if unknown.
-    massive_activation: float `[B, S]`, max |residual-stream activation| entering this layer
-                      (None when no hook collected it).
-    extras:           free-form dict for wrappers (e.g. prompt spans, similarity scores).
+    massive_activation: float `[B, S]`, max |residual-stream activation| / its median entering this layer
+                      (None unless the policy declared `needs_massive_activations`).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     layer_idx: int = 0
-    num_layers: int = 1
     attention_mask: torch.Tensor | None = None
     token_types: torch.Tensor | None = None
     frame_ids: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
     massive_activation: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -101,7 +99,12 @@ class Policy:
     keep_model_dtype: ClassVar[bool] = False
 
     def validate(self, head_dim: int) -> None:
-        """Raise ValueError if this policy cannot run with `head_dim` (called when the cache is built)."""
+        """Raise ValueError if this policy cannot run with `head_dim` (called when the cache is built, before it
+        touches the model)."""
+        if self.hadamard_keys:
+            from ..quant import hadamard_block_size
+
+            hadamard_block_size(head_dim)  # raises for odd head dims
         for bits in self.bit_widths():
             if bits != 16:
                 for kind in ("key", "value"):
@@ -123,20 +126,20 @@ class Policy:
         """Quantizer settings for `kind` ('key' or 'value') tokens stored at `bits`."""
         raise NotImplementedError
 
-    #: whether plan_prefill reads token modality labels (the cache then requires a family adapter)
+    #: whether plan_prefill reads token modality labels (the cache then requires a family adapter, and raises
+    #: when a vision-language model's prompt reaches it without labels)
     needs_modality: ClassVar[bool] = False
 
     @property
-    def hadamard_keys(self) -> bool:
-        """Whether keys are stored Walsh-Hadamard-rotated (the attention then rotates queries)."""
+    def needs_massive_activations(self) -> bool:
+        """Whether plan_prefill reads `ctx.massive_activation` (the cache then hooks the decoder layers)."""
         return False
 
-    def install(self, model, cache) -> list:
-        """Put what this policy needs on `model` (hooks, attention function, folded weights).
-
-        Returns objects with a `remove()` method; the cache calls them on `close()`. The base installs nothing.
-        """
-        return []
+    @property
+    def hadamard_keys(self) -> bool:
+        """Whether keys and values are stored Walsh-Hadamard-rotated (the cache rotates them, the attention
+        rotates the query and the output)."""
+        return False
 
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr) \

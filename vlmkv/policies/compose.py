@@ -3,7 +3,7 @@
     get_policy("windowquant+wht+pivots", budget=3.0)
     == WithPivots(WithHadamard(WindowQuantPolicy(budget=3.0)))
 
-`wht`:    keys stored Walsh-Hadamard-rotated, query rotated online, H folded into W_V / W_O.
+`wht`:    keys and values stored Walsh-Hadamard-rotated, query and output rotated online.
 `pivots`: tokens carrying massive activations (up to 15 per layer) kept at 16 bits, on top of whatever
           the inner policy planned (their bytes come on top of the inner policy's budget).
 """
@@ -39,6 +39,10 @@ class PolicyWrapper(Policy):
     def hadamard_keys(self) -> bool:
         return self.inner.hadamard_keys
 
+    @property
+    def needs_massive_activations(self) -> bool:
+        return self.inner.needs_massive_activations
+
     def validate(self, head_dim: int) -> None:
         self.inner.validate(head_dim)
 
@@ -53,9 +57,6 @@ class PolicyWrapper(Policy):
 
     def spec(self, bits, kind, head_dim):
         return self.inner.spec(bits, kind, head_dim)
-
-    def install(self, model, cache) -> list:
-        return self.inner.install(model, cache)
 
     def describe(self) -> str:
         return f"{self.inner.describe()}+{self.suffix}"
@@ -74,13 +75,9 @@ class WithHadamard(PolicyWrapper):
     def hadamard_keys(self) -> bool:
         return True
 
-    def install(self, model, cache) -> list:
-        from ..attention import install_hadamard
-
-        out = self.inner.install(model, cache)
-        if not self.inner.hadamard_keys:
-            out.extend(install_hadamard(model, cache))
-        return out
+    def validate(self, head_dim: int) -> None:
+        Policy.validate(self, head_dim)  # the rotation's own check, then the inner policy's
+        self.inner.validate(head_dim)
 
 
 class WithPivots(PolicyWrapper):
@@ -99,10 +96,9 @@ class WithPivots(PolicyWrapper):
         plan.bits[pivot_mask(ctx, self.num_pivots, self.threshold)] = 16
         return plan
 
-    def install(self, model, cache) -> list:
-        from ..models.hooks import MassiveActivationHooks
-
-        return self.inner.install(model, cache) + [MassiveActivationHooks(model, cache)]
+    @property
+    def needs_massive_activations(self) -> bool:
+        return self.num_pivots > 0
 
 
 WRAPPERS = {"wht": WithHadamard, "pivots": WithPivots}

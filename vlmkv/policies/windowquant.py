@@ -20,8 +20,7 @@ compares against).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,8 +46,6 @@ class WindowQuantPolicy(Policy):
     low_clip: float = 0.8
     granularity: str = "window"
     flush_every: int = 32
-    #: search time per layer (seconds), filled at prefill for benchmarks
-    search_seconds: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.candidates, str):
@@ -93,7 +90,6 @@ class WindowQuantPolicy(Policy):
         low = min(self.candidates)
         bits[types == PAD] = low
         vis = types == IMAGE
-        t0 = time.perf_counter()
         if vis.any():
             prompt = prompt_mask(types)
             scores = token_scores(ctx.keys, prompt, vis, self.scorer)
@@ -114,7 +110,6 @@ class WindowQuantPolicy(Policy):
                     s = scores[b, vis[b]]
                     tbits = greedy_search(s, torch.ones_like(s), self.candidates, self.budget, group, index_bits)
                     bits[b, vis[b]] = tbits.to(bits.device)
-        self.search_seconds.append(time.perf_counter() - t0)
         return BitPlan(bits, residual=min(self.recent, S))
 
     def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
