@@ -8,20 +8,10 @@ from vlmkv.models.hooks import decoder_layers
 from vlmkv.models.modality import IMAGE, PAD, TEXT, label_tokens, list_families
 from vlmkv.policies.base import PrefillContext
 
-from tiny_vlms import FAMILIES
-
-_BUILT = {}
-
-
-def family(name):
-    """Tiny VLMs are built once per session."""
-    if name not in _BUILT:
-        _BUILT[name] = FAMILIES[name]()
-    return _BUILT[name]
-
+from tiny_vlms import FAMILIES, expected_bytes
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_spans_multi_image_padded_batch(name):
+def test_spans_multi_image_padded_batch(name, family):
     model, inputs, types, frames = family(name)
     spans = label_tokens(model.config, inputs["input_ids"], inputs["attention_mask"])
     assert torch.equal(spans.token_types, types)
@@ -51,7 +41,7 @@ def test_text_only_model_is_all_text(tiny_llama, padded_batch):
     assert (spans.token_types[~mask.bool()] == PAD).all()
 
 
-def test_qwen2_video_frames_split_by_grid():
+def test_qwen2_video_frames_split_by_grid(family):
     from vlmkv.models.modality import adapter_for
 
     model, *_ = family("qwen2_vl")
@@ -194,30 +184,9 @@ def test_keys_and_values_are_stored_rotated(tiny_llama):
 
 # ---------------------------------------------------------------- end to end on every family
 
-def _expected_bytes(cache) -> int:
-    """Bytes the plan implies: per token and kv head, K and V each take D*b/8 code bytes plus a fp16 scale and
-    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map, the residual buffer and its
-    bit map."""
-    total = 0
-    for layer in cache.layers:
-        st = layer.store
-        for bits, seg in st.segments.items():
-            t = seg.k.codes if bits < 16 else seg.k
-            b, h = t.shape[:2]
-            n = seg.capacity  # spare capacity is held, so it counts
-            d = cache.head_dim
-            g = min(128, d)
-            per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)
-            total += 2 * b * h * n * per_tok + (0 if seg.index is None else seg.index.numel() * 4)
-        if st.residual is not None:  # the residual buffer's spare room is held, so it counts too
-            b, h, cap, d = st.residual.kb.shape
-            total += 2 * b * h * cap * d * 2 + b * cap * 2
-    return total
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 @torch.no_grad()
-def test_akvq_generate_on_every_family(name):
+def test_akvq_generate_on_every_family(name, family):
     model, inputs, types, _ = family(name)
     pol = get_policy("akvq-vl", recent=4, flush_every=2, num_pivots=2)
     with QuantizedKVCache(model, pol) as cache:
@@ -227,7 +196,7 @@ def test_akvq_generate_on_every_family(name):
         # visual tokens at 2 bits (or 16 as pivots), text at 4 (or 16)
         assert set(plan[types == IMAGE].tolist()) <= {2, 16} and 2 in set(plan[types == IMAGE].tolist())
         assert set(plan[types == TEXT].tolist()) <= {4, 16}
-        assert cache.nbytes() == _expected_bytes(cache)
+        assert cache.nbytes() == expected_bytes(cache)
         assert 2.0 < cache.bits_per_element() < 16.0
 
 
@@ -273,7 +242,7 @@ def test_akvq_bad_input():
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_inspect_attention_on_every_family(name, tmp_path):
+def test_inspect_attention_on_every_family(name, tmp_path, family):
     from vlmkv.analysis.attention_patterns import inspect_attention, plot_attention
     from vlmkv.cache import text_config
 
@@ -302,7 +271,7 @@ def test_inspect_attention_on_every_family(name, tmp_path):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
-def test_manual_decode_matches_generate(name):
+def test_manual_decode_matches_generate(name, family):
     """Hand-written decode steps (teacher forcing) with explicit position ids — M-RoPE deltas for Qwen2-VL —
     give generate()'s greedy tokens."""
     from vlmkv.eval.fidelity import teacher_forced_logits

@@ -292,7 +292,7 @@ def test_residual_buffer_is_append_only():
     kk, _ = store.materialize()
     torch.testing.assert_close(kk[:, :, 172:], k[:, :, 172:].half().float())
     res = store.residual
-    assert res.nbytes() == 2 * res.kb.numel() * 2 + res.bb.numel() * 2 and res.kb.shape[-2] <= 128 + 128 // 16 + 1
+    assert res.bb is None and res.nbytes() == 2 * res.kb.numel() * 2 and res.kb.shape[-2] <= 128 + 128 // 16 + 1
     assert store.nbytes() >= sum(s.nbytes() for s in store.segments.values()) + res.nbytes()
 
 
@@ -312,4 +312,4 @@ def test_residual_buffer_holds_no_spare_room_where_nothing_slides():
     grow.prefill(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), torch.full((1, 40), 16), residual=40)
     for _ in range(10):
         grow.append(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), 16, keep_recent=0, flush_every=None)
-    assert grow.nbytes() == 2 * 2 * 50 * 32 * 4 + 50 * 2  # K and V in float32, and the int16 bit map
+    assert grow.nbytes() == 2 * 2 * 50 * 32 * 4  # K and V in float32; one width for all: no bit map

@@ -6,7 +6,6 @@ from vlmkv.cli import main
 from vlmkv.eval.milebench import list_tasks, load_task, score, write_task
 from vlmkv.eval.synthetic import ANSWER_HINT, TASKS, make_dataset
 
-from test_vlm_cli import local_llava  # noqa: F401  (fixture)
 
 
 def test_milebench_round_trip_and_scoring(tmp_path):

@@ -8,8 +8,7 @@ from vlmkv.policies.base import PrefillContext
 from vlmkv.policies.windows import bits_cost, greedy_search, prompt_mask, window_ids
 from vlmkv.quant import dequantize, quantize
 
-from tiny_vlms import FAMILIES
-from test_akvq import _expected_bytes, family
+from tiny_vlms import FAMILIES, expected_bytes
 
 
 def test_windows_frame_aligned_and_fixed_size_never_cross_frames():
@@ -61,7 +60,7 @@ def test_search_gives_most_bits_to_most_similar_windows(scorer):
     assert all(int(bits[w * 8 + i]) == per_window[w] for w in range(4) for i in range(8))  # whole windows
 
 
-def test_greedy_search_budget_and_infeasible():
+def test_greedy_search_budget_and_infeasible(family):
     scores = torch.tensor([0.9, 0.1, 0.5, 0.7])
     sizes = torch.tensor([10, 10, 10, 10])
     for budget in (3.0, 4.0, 5.5, 9.0):
@@ -76,7 +75,7 @@ def test_greedy_search_budget_and_infeasible():
         QuantizedKVCache(*family("llava")[:1], get_policy("windowquant", budget=2.1))
 
 
-def test_infeasible_budget_rejected_at_cache_build():
+def test_infeasible_budget_rejected_at_cache_build(family):
     model = family("llava")[0]
     with pytest.raises(ValueError, match="budget"):
         QuantizedKVCache(model, get_policy("windowquant", budget=2.2))  # head_dim 16: 2 bits + 2 of metadata
@@ -84,12 +83,12 @@ def test_infeasible_budget_rejected_at_cache_build():
 
 @torch.no_grad()
 @pytest.mark.parametrize("budget", [5.0, 7.0])
-def test_budget_met_from_bytes(budget):
+def test_budget_met_from_bytes(budget, family):
     model, inputs, types, _ = family("llava")
     pol = get_policy("windowquant", budget=budget, recent=0)
     with QuantizedKVCache(model, pol) as cache:
         model(**inputs, past_key_values=cache)
-        assert cache.nbytes() == _expected_bytes(cache)  # the byte model below is exact
+        assert cache.nbytes() == expected_bytes(cache)  # the byte model below is exact
         H, D = 2, cache.head_dim
         for layer in range(cache.num_layers):
             bits = cache.plans[layer]["bits"]
@@ -123,7 +122,7 @@ def _fake_quant_reference(model, inputs, cache, steps=6):
 
 @torch.no_grad()
 @pytest.mark.parametrize("candidates", [(16,), (8, 4, 2)])
-def test_reordered_segments_equal_in_place_quantization_left_padded(candidates):
+def test_reordered_segments_equal_in_place_quantization_left_padded(candidates, family):
     """Windows are stored reordered into contiguous segments; decode attention (with the left-padding mask)
     must equal attention over the same values left in position order. With candidates (16,) every window is
     exact and only the text is quantized; either way the reordering itself changes nothing."""
@@ -147,7 +146,7 @@ def test_reordered_segments_equal_in_place_quantization_left_padded(candidates):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.parametrize("policy", ["windowquant", "windowquant+wht+pivots"])
 @torch.no_grad()
-def test_windowquant_generate_on_every_family(name, policy):
+def test_windowquant_generate_on_every_family(name, policy, family):
     model, inputs, types, _ = family(name)
     pol = get_policy(policy, budget=6.0, recent=2)
     with QuantizedKVCache(model, pol) as cache:

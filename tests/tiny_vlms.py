@@ -113,3 +113,24 @@ def tiny_llava_onevision():
 
 FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3,
             "smolvlm": lambda: tiny_idefics3("smolvlm"), "llava_onevision": tiny_llava_onevision}
+
+
+def expected_bytes(cache) -> int:
+    """Bytes the plan implies: per token and kv head, K and V each take D*b/8 code bytes plus a fp16 scale and
+    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map, the residual buffer and its
+    width map where the buffered tokens' widths differ."""
+    total = 0
+    for layer in cache.layers:
+        st = layer.store
+        for bits, seg in st.segments.items():
+            t = seg.k.codes if bits < 16 else seg.k
+            b, h = t.shape[:2]
+            n = seg.capacity  # spare capacity is held, so it counts
+            d = cache.head_dim
+            g = min(128, d)
+            per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)
+            total += 2 * b * h * n * per_tok + (0 if seg.index is None else seg.index.numel() * 4)
+        if st.residual is not None:  # the residual buffer's spare room is held, so it counts too
+            b, h, cap, d = st.residual.kb.shape
+            total += 2 * b * h * cap * d * 2 + (0 if st.residual.bb is None else b * cap * 2)  # width map if mixed
+    return total

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -304,6 +305,12 @@ def check_plan(policy: Policy, plan, ctx: PrefillContext) -> None:
         raise ValueError(f"plan.bits must be within {sorted(allowed)} for {policy.name}, got {sorted(got)!r}")
 
 
+def _release(leases: list) -> None:
+    """Release and forget every lease in `leases` (in place: the finalizer holds the same list)."""
+    while leases:
+        leases.pop().release()
+
+
 class QuantizedKVCache(Cache):
     """A transformers `Cache` storing each layer's KV at the bit-widths a `Policy` plans.
 
@@ -371,13 +378,15 @@ class QuantizedKVCache(Cache):
         self._acquire()
 
     def _acquire(self) -> None:
-        """Take a lease on each shared hook; on failure release what was taken (nothing is left on the model)."""
+        """Take a lease on each shared hook; on failure release what was taken (nothing is left on the model).
+        A cache that is garbage-collected without `close()` releases its leases then."""
         try:
             for kind, factory in self._kinds:
                 self._leases.append(hooks.acquire(self.model, kind, factory))
         except Exception:
             self.close()
             raise
+        weakref.finalize(self, _release, self._leases)
 
     def __deepcopy__(self, memo):
         """A copy with its own stored tokens and its own leases on the same model (the model is not copied)."""
@@ -433,9 +442,7 @@ class QuantizedKVCache(Cache):
 
     def close(self) -> None:
         """Release this cache's hooks on the model (removed once no other cache uses them). Idempotent."""
-        for lease in reversed(self._leases):
-            lease.release()
-        self._leases = []
+        _release(self._leases)
         for layer in self.layers:
             layer.closed = True
         self.closed = True

@@ -236,25 +236,41 @@ class Segment:
 class Residual:
     """The full-precision recent tokens of one layer, in an append-only buffer.
 
-    Buffers k, v `[B, H, capacity, D]` and bits int16 `[B, capacity]`; the live tokens are [r0, r1). A push writes
-    after r1 and a flush of the oldest tokens only moves r0, so most decode steps copy nothing. When the end is
-    reached, the live tokens move to the front of a new buffer with room for live / 16 more, but never more than
-    the caller's `limit`: the most its decode rule ever keeps (a window of W tokens flushed F at a time holds
-    W + F, or W + W / 16 when F is smaller, so that copies come every W / 16 steps and not every step). A buffer
-    that never flushes (limit 0) grows by exactly what arrives; one that empties is released. Bytes are
-    counted for the whole buffer, so the spare room is part of `nbytes()`.
+    Buffers k, v `[B, H, capacity, D]`, and the width each token will be stored at: one int while every live
+    token shares it (decode-time tokens all do), else an int16 map `[B, capacity]`. The live tokens are [r0, r1).
+    A push writes after r1 and a flush of the oldest tokens only moves r0, so most decode steps copy nothing. When
+    the end is reached, the live tokens move to the front of a new buffer with room for live / 16 more, but never
+    more than the caller's `limit`: the most its decode rule ever keeps (a window of W tokens flushed F at a time
+    holds W + F, or W + W / 16 when F is smaller, so that copies come every W / 16 steps and not every step). A
+    buffer that never flushes (limit 0) grows by exactly what arrives; one that empties is released. Bytes are
+    counted for the whole buffer, so the spare room (and the width map, where there is one) is part of `nbytes()`.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor | int):
         self._reset(k, v, bits, k.shape[-2])
+
+    @staticmethod
+    def _uniform(bits):
+        """bits as one int when every entry is the same, else the int16 tensor."""
+        if isinstance(bits, int):
+            return bits
+        if bits.numel() == 0:
+            return None
+        lo, hi = torch.aminmax(bits)
+        return int(lo) if int(lo) == int(hi) else bits.to(torch.int16)
 
     def _reset(self, k, v, bits, capacity: int) -> None:
         """Hold exactly these tokens at the front of a new buffer of `capacity` (>= their count) tokens."""
         B, H, n, D = k.shape
         self.kb = k.new_empty(B, H, capacity, D)
         self.vb = v.new_empty(B, H, capacity, D)
-        self.bb = bits.new_empty(B, capacity)
-        self.kb[:, :, :n], self.vb[:, :, :n], self.bb[:, :n] = k, v, bits
+        self.kb[:, :, :n], self.vb[:, :, :n] = k, v
+        bits = self._uniform(bits)
+        self.width = bits if not torch.is_tensor(bits) else None  # the shared width (None: see bb, or empty)
+        self.bb = None
+        if torch.is_tensor(bits):
+            self.bb = bits.new_empty(B, capacity)
+            self.bb[:, :n] = bits
         self.r0, self.r1 = 0, n
 
     def __len__(self) -> int:
@@ -268,43 +284,64 @@ class Residual:
     def v(self) -> torch.Tensor:
         return self.vb[:, :, self.r0:self.r1]
 
+    def block_bits(self, f: int):
+        """Widths of the f oldest live tokens: one int when they share it, else int16 `[B, f]`."""
+        if self.bb is None:
+            return self.width
+        return self._uniform(self.bb[:, self.r0:self.r0 + f])
+
     @property
     def bits(self) -> torch.Tensor:
-        return self.bb[:, self.r0:self.r1]
+        """int16 `[B, r]`: the width each live token will be stored at."""
+        if self.bb is not None:
+            return self.bb[:, self.r0:self.r1]
+        return torch.full((self.kb.shape[0], len(self)), self.width or 16, dtype=torch.int16, device=self.kb.device)
 
     def nbytes(self) -> int:
         return _nbytes(self.kb) + _nbytes(self.vb) + _nbytes(self.bb)
 
-    def push(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, limit: int = 0) -> None:
-        """Append tokens; when the buffer's end is reached, move to a new one (see the class docstring)."""
+    def push(self, k: torch.Tensor, v: torch.Tensor, bits: int, limit: int = 0) -> None:
+        """Append tokens that will all be stored at `bits`; when the buffer's end is reached, move to a new one
+        (see the class docstring)."""
         n = k.shape[-2]
+        if self.bb is None and self.width is not None and self.width != bits and len(self):
+            self.bb = torch.full((self.kb.shape[0], self.kb.shape[-2]), self.width, dtype=torch.int16,
+                                 device=self.kb.device)  # widths now differ: keep a map from here on
         if self.r1 + n > self.kb.shape[-2]:
             live = len(self) + n
             cap = max(live, min(limit, live + len(self) // 16))
-            self._reset(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), torch.cat([self.bits, bits], 1), cap)
+            new = torch.full((k.shape[0], n), bits, dtype=torch.int16, device=k.device)
+            widths = bits if self.bb is None and self.width in (None, bits) else torch.cat([self.bits, new], 1)
+            self._reset(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), widths, cap)
             return
         self.kb[:, :, self.r1:self.r1 + n] = k
         self.vb[:, :, self.r1:self.r1 + n] = v
-        self.bb[:, self.r1:self.r1 + n] = bits
+        if self.bb is not None:
+            self.bb[:, self.r1:self.r1 + n] = bits
+        elif self.width is None:
+            self.width = bits
         self.r1 += n
 
     def pop(self, f: int) -> None:
         """Drop the f oldest tokens (once they are committed to segments)."""
         self.r0 += f
         if self.r0 == self.r1:  # empty (a whole block flushed): hold no bytes until the next push
-            self._reset(self.kb[:, :, :0], self.vb[:, :, :0], self.bb[:, :0], 0)
+            self._reset(self.kb[:, :, :0], self.vb[:, :, :0], 0, 0)
+            self.width = None
 
     def compact(self) -> None:
         """Release the room before the live tokens (after a sliding window dropped some)."""
         if self.r0:
-            self._reset(self.k, self.v, self.bits, len(self))
+            self._reset(self.k, self.v, self.bits if self.bb is not None else self.width, len(self))
 
     def keep(self, n: int) -> None:
         """Keep the n oldest tokens (crop)."""
         self.r1 = self.r0 + n
 
     def map(self, fn) -> None:
-        self.kb, self.vb, self.bb = fn(self.kb), fn(self.vb), fn(self.bb)
+        self.kb, self.vb = fn(self.kb), fn(self.vb)
+        if self.bb is not None:
+            self.bb = fn(self.bb)
 
 
 class LayerStore:
@@ -458,9 +495,9 @@ class LayerStore:
         self._push_residual(k[:, :, cut:], v[:, :, cut:], bits[:, cut:])
 
     def _push_residual(self, k, v, bits, limit: int = 0) -> None:
+        """bits: int16 `[B, n]` (prefill: the first write) or one int for every token (decode)."""
         if k.shape[-2] == 0 and self.residual is not None:
             return
-        bits = bits.to(torch.int16)
         k, v = k.to(self.full_dtype), v.to(self.full_dtype)
         if self.residual is None:
             self.residual = Residual(k, v, bits)
@@ -479,16 +516,14 @@ class LayerStore:
         # the most the buffer ever holds: keep_recent + flush_every tokens (keep_recent / 16 of room where the
         # window slides by fewer, so that it is copied every keep_recent / 16 steps); never flushed: no spare room
         limit = 0 if flush_every is None else keep_recent + max(flush_every, keep_recent // 16)
-        self._push_residual(k, v, torch.full((B, n), bits, dtype=torch.int16, device=k.device), limit)
+        self._push_residual(k, v, int(bits), limit)
         if flush_every is None:
             return
         while self.residual_len >= keep_recent + flush_every:
             start = self.length - self.residual_len
             f = flush_every
-            fb = self.res_bits[:, :f]
-            lo, hi = torch.aminmax(fb)
             # one width for the whole block (every decode-time token): no per-token bookkeeping in commit
-            fbits = int(lo) if int(lo) == int(hi) else fb
+            fbits = self.residual.block_bits(f)
             self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], fbits, start)
             self.residual.pop(f)
 
