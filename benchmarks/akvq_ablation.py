@@ -78,7 +78,7 @@ def main():
         fid = fidelity(model, x["input_ids"], x["attention_mask"], [pol], steps=args.steps)
         r = next(iter(fid.values()))
         with vlmkv.QuantizedKVCache(model, pol) as cache:
-            out = model.generate(**xc, past_key_values=cache, max_new_tokens=12 * len(rows), do_sample=False)
+            out = model.generate(**xc, **vlmkv.cache_kwargs(cache), max_new_tokens=12 * len(rows), do_sample=False)
         ans = tok.decode(out[0, xc["input_ids"].shape[1]:], skip_special_tokens=True)
         results.append({"method": label, "kl": r["kl"], "top1": r["top1"], "bits_per_element": r["bits_per_element"],
                         "copy_acc": score_copy(ans, rows), "policy": r["policy"]})

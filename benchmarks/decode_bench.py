@@ -85,7 +85,7 @@ def run(args):
         ids = torch.tensor([(base * (ctx // len(base) + 1))[:ctx]])
         t0 = time.perf_counter()
         ref = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=ref, logits_to_keep=1)
+        out = model(input_ids=ids, **vlmkv.cache_kwargs(ref), logits_to_keep=1)
         t_prefill = time.perf_counter() - t0
         kv1 = [(layer.keys, layer.values) for layer in ref.layers]
         del ref
@@ -103,7 +103,7 @@ def run(args):
                     tok_in = nxt1.repeat(batch, 1)
                     for step in range(args.steps + 2):
                         t0 = time.perf_counter()
-                        o = model(input_ids=tok_in, past_key_values=cache, logits_to_keep=1)
+                        o = model(input_ids=tok_in, **vlmkv.cache_kwargs(cache), logits_to_keep=1)
                         dt = time.perf_counter() - t0
                         tok_in = o.logits[:, -1:].argmax(-1)
                         if step >= 2:

@@ -45,18 +45,18 @@ def profile(model, tok, method: str, ctx: int, steps: int) -> dict:
     base = tok(TEXT, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([(base * (ctx // len(base) + 1))[:ctx]])
     ref = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=ref, logits_to_keep=1)
+    out = model(input_ids=ids, **vlmkv.cache_kwargs(ref), logits_to_keep=1)
     cache = make_cache(method, model)
     for i, layer in enumerate(ref.layers):
         cache.update(layer.keys.clone(), layer.values.clone(), i)
     t = out.logits[:, -1:].argmax(-1)
     for _ in range(2):  # warm-up
-        t = model(input_ids=t, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        t = model(input_ids=t, **vlmkv.cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
     from torch.profiler import profile as tprofile
 
     with tprofile() as p:
         for _ in range(steps):
-            t = model(input_ids=t, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            t = model(input_ids=t, **vlmkv.cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
     groups, calls, top = defaultdict(float), 0, []
     for e in p.key_averages():
         # only leaf-level self time, so nested ops are not counted twice

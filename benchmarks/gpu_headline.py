@@ -76,7 +76,7 @@ def run_once(model, method: str, batch: int, args, device: str) -> dict:
     try:
         with torch.no_grad():
             t0 = time.perf_counter()
-            out = model(**x, past_key_values=cache, use_cache=True)
+            out = model(**x, **vlmkv.cache_kwargs(cache), use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             mask = x["attention_mask"]
             del out
@@ -86,7 +86,7 @@ def run_once(model, method: str, batch: int, args, device: str) -> dict:
             t0 = time.perf_counter()
             for _ in range(args.new_tokens):
                 mask = torch.cat([mask, mask[:, -1:]], 1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(input_ids=nxt, attention_mask=mask, **vlmkv.cache_kwargs(cache), use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
                 del out
             if device == "cuda":

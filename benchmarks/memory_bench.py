@@ -64,13 +64,13 @@ def one(method: str, context: int, batches: list[int], steps: int) -> dict:
             t0 = time.perf_counter()
             # logits of the last token only: full-vocabulary logits of every prompt token (3 GiB at batch 8)
             # would be the peak, hiding the cache
-            o = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+            o = model(input_ids=ids, **vlmkv.cache_kwargs(cache), logits_to_keep=1)
             t_prefill = time.perf_counter() - t0
             nxt = o.logits[:, -1:].argmax(-1)
             times = []
             for s in range(steps + 1):
                 t0 = time.perf_counter()
-                o = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1)
+                o = model(input_ids=nxt, **vlmkv.cache_kwargs(cache), logits_to_keep=1)
                 if s:
                     times.append(time.perf_counter() - t0)
                 nxt = o.logits[:, -1:].argmax(-1)

@@ -101,7 +101,7 @@ def part1(model, tok, args):
             search = sum(cache.plan_seconds())  # planning time of every layer (scoring + search)
         with vlmkv.QuantizedKVCache(model, make_policy(name, opts, args.budget)) as cache:
             cache.set_spans(ctypes, cframes)
-            o = model.generate(**xc, past_key_values=cache, max_new_tokens=12 * len(rows), do_sample=False)
+            o = model.generate(**xc, **vlmkv.cache_kwargs(cache), max_new_tokens=12 * len(rows), do_sample=False)
         acc = score_copy(tok.decode(o[0, xc["input_ids"].shape[1]:], skip_special_tokens=True), rows)
         label = name + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items()))
         out.append({"method": label, "bits_per_element": bpe, "kl": kl, "top1": top1, "copy_acc": acc,

@@ -2,8 +2,9 @@
 
     import vlmkv
     model, tok = vlmkv.load_model("smollm2-135m")
-    cache = vlmkv.QuantizedKVCache(model, vlmkv.get_policy("kivi", bits=2))
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache = vlmkv.QuantizedKVCache(model, "kivi", bits=2)
+    out = model.generate(**inputs, **vlmkv.cache_kwargs(cache), max_new_tokens=64)
+    # transformers >= 5.24: cache=cache; older: past_key_values=cache
 """
 from .policies import BitPlan, DecodeRule, Policy, PrefillContext, get_policy, list_policies, register_policy
 
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # transformers-dependent parts are imported lazily so that `vlmkv.quant` stays light
-    if name in ("QuantizedKVCache", "QuantizedKVLayer"):
+    if name in ("QuantizedKVCache", "QuantizedKVLayer", "cache_kwargs", "cache_kwarg"):
         from . import cache
 
         return getattr(cache, name)
@@ -23,5 +24,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'vlmkv' has no attribute {name!r}")
 
 
-__all__ = ["QuantizedKVCache", "load_model", "get_policy", "list_policies", "register_policy",
+__all__ = ["QuantizedKVCache", "cache_kwargs", "load_model", "get_policy", "list_policies", "register_policy",
            "Policy", "BitPlan", "DecodeRule", "PrefillContext", "__version__"]

@@ -291,7 +291,9 @@ def _make_attention(impl: str):
             key, value = fwht(key), fwht(value)
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = NAMES[impl]
-    return attention
+    from .cache import eager
+
+    return eager(attention)
 
 
 def register() -> None:

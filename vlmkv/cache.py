@@ -37,6 +37,21 @@ from .quant import fwht
 from .storage import LayerStore
 
 
+def cache_kwarg() -> str:
+    """The name transformers' `generate()` and `forward()` take the cache under: `cache` from 5.24 on (the old
+    `past_key_values` is deprecated there and removed from `forward` in 5.40), `past_key_values` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """`{cache_kwarg(): cache}`: pass a cache under the spelling the installed transformers wants, e.g.
+    `model.generate(**inputs, **vlmkv.cache_kwargs(cache))`. Both spellings reach the same policies."""
+    return {cache_kwarg(): cache}
+
+
 def head_dim_of(cfg) -> int:
     hd = getattr(cfg, "head_dim", None)
     return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
@@ -64,6 +79,18 @@ def sliding_windows(cfg) -> list[int | None]:
             raise ValueError(f"config.layer_types[{i}] must be full, sliding or chunked attention with its window "
                              f"set for a QuantizedKVCache, got {t!r}")
     return out
+
+
+COMPILE_REASON = ("vlmkv's cache plans, packs and reads variable-length quantized segments (data-dependent shapes): "
+                  "it runs eagerly between compiled pieces; use torch.compile(model) without fullgraph=True")
+
+
+def eager(fn):
+    """`fn` kept out of torch.compile graphs (a graph break under torch.compile; fullgraph=True fails naming why)."""
+    try:
+        return torch.compiler.disable(fn, reason=COMPILE_REASON)
+    except TypeError:  # torch < 2.7 has no `reason`
+        return torch.compiler.disable(fn)
 
 
 class PromptSource:
@@ -187,6 +214,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # ------------------------------------------------------------------ writing
+    @eager
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.closed and self.rotate:
             raise ValueError("cache is closed: its keys are stored Hadamard-rotated for an attention function that "

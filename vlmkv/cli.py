@@ -60,6 +60,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from . import QuantizedKVCache, load_model
+    from .cache import cache_kwargs
 
     policy = _policy_from_args(args)
     t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
         gen.update(temperature=args.temperature, top_p=args.top_p)
     with QuantizedKVCache(model, policy, tokenizer=tok) as cache:
         t0 = time.perf_counter()
-        out = model.generate(**inputs, past_key_values=cache, pad_token_id=tok.pad_token_id, **gen)
+        out = model.generate(**inputs, **cache_kwargs(cache), pad_token_id=tok.pad_token_id, **gen)
         dt = time.perf_counter() - t0
         answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         n_new = out.shape[1] - inputs["input_ids"].shape[1]
@@ -87,6 +88,8 @@ def cmd_generate(args) -> int:
         print(f"KV cache    {_fmt_bytes(cache.nbytes())} for {cache.get_seq_length()} tokens "
               f"(FP16 would be {_fmt_bytes(cache.fp16_nbytes())}; {cache.bits_per_element():.2f} bits/element, "
               f"{cache.fp16_nbytes() / max(1, cache.nbytes()):.2f}x smaller than FP16)")
+        print("stored      " + ", ".join(f"{b}-bit {n}" for b, n in cache.bits_histogram().items())
+              + " tokens (layers x rows; the full-precision window counts as 16)")
         print(f"time        {dt:.2f} s for {n_new} new tokens ({n_new / dt:.1f} tokens/s); model load {t_load:.1f} s")
     return 0
 
@@ -98,6 +101,7 @@ EVAL_METHODS = "fp16,rtn-4,rtn-2,kivi-2,smoothquant-2,akvq-vl,windowquant"
 
 def cmd_demo(args) -> int:
     from . import QuantizedKVCache, load_model
+    from .cache import cache_kwargs
     from .eval.fidelity import fidelity
     from .eval.prompts import copy_table_prompt, score_copy
 
@@ -128,7 +132,7 @@ def cmd_demo(args) -> int:
     for m in methods:
         with QuantizedKVCache(model, m) as cache:
             t0 = time.perf_counter()
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=12 * len(rows), do_sample=False,
+            out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=12 * len(rows), do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             dt = time.perf_counter() - t0
             ans = tok.decode(out[0, n_prompt:], skip_special_tokens=True).strip()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..models.modality import IMAGE, PAD, SPECIAL, TEXT
+from ..cache import cache_kwargs
 
 
 @dataclass
@@ -94,7 +95,7 @@ def inspect_attention(model, inputs: dict, tokenizer=None, num_pivots: int = 15,
     try:
         # fp16 storage with the massive-activation hooks of the pivot wrapper: the ratios reach cache.layer_stats
         with QuantizedKVCache(model, "fp16+pivots", tokenizer=tokenizer) as cache:
-            out = model(**inputs, past_key_values=cache, output_attentions=True, use_cache=True)
+            out = model(**inputs, **cache_kwargs(cache), output_attentions=True, use_cache=True)
             stats = {l: s["massive_activation"][:1] for l, s in cache.layer_stats.items()}
             types = cache.inputs.get("token_types")
     finally:

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from ..cache import QuantizedKVCache
 from ..models.positions import decode_position_ids, prefill_position_ids
+from ..cache import cache_kwargs
 
 
 @torch.no_grad()
@@ -21,13 +22,13 @@ def teacher_forced_logits(model, input_ids, attention_mask, cache, continuation,
     follow `generate()`'s (padding-aware; M-RoPE deltas for Qwen2-VL)."""
     pos = prefill_position_ids(model, attention_mask)
     extra = {} if pos is None or inputs else {"position_ids": pos}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True,
                 **inputs, **extra)
     logits = [out.logits[:, -1]]
     am = attention_mask
     for t in range(continuation.shape[1] - 1):
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-        out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, past_key_values=cache, use_cache=True,
+        out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, **cache_kwargs(cache), use_cache=True,
                     position_ids=decode_position_ids(model, am))
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1).float()
@@ -38,7 +39,7 @@ def fidelity(model, input_ids, attention_mask, policies, steps: int = 32) -> dic
     """For each policy (name or Policy): mean KL, top-1 agreement vs full precision, bytes and bits."""
     ref_cache = DynamicCache(config=model.config)
     gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps,
-                         min_new_tokens=steps, do_sample=False, past_key_values=ref_cache)
+                         min_new_tokens=steps, do_sample=False, **cache_kwargs(ref_cache))
     cont = gen[:, input_ids.shape[1]:]
     ref = teacher_forced_logits(model, input_ids, attention_mask, DynamicCache(config=model.config), cont)
     logp_ref = ref.log_softmax(-1)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..cache import QuantizedKVCache
 from .fidelity import teacher_forced_logits
 from .milebench import Sample, load_task, score
+from ..cache import cache_kwargs
 
 
 @dataclass
@@ -127,7 +128,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
             with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
-                out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                out = model.generate(**inp, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
                                      min_new_tokens=2, pad_token_id=tok.pad_token_id)
             ref = out[:, inp["input_ids"].shape[1]:]
             with QuantizedKVCache(model, "fp16", tokenizer=tok) as c0:
@@ -137,7 +138,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             if old[label] is not None:
                 continue
             with QuantizedKVCache(model, m, tokenizer=tok) as cache:
-                out = model.generate(**inp, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                out = model.generate(**inp, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
                 ans = tok.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
