@@ -192,9 +192,8 @@ def cmd_make_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import load_model
-    from .eval import presets
     from .eval.milebench import list_tasks
-    from .eval.runner import _distributed, baselines, evaluate, table, write_outputs
+    from .eval.runner import _distributed
 
     if args.data is None:  # the demo VLM's own held-out clips, written once in MileBench's format
         from .eval.synthetic import TASKS, make_dataset
@@ -207,6 +206,21 @@ def cmd_eval(args) -> int:
     model, proc = load_model(args.model, device=args.device)
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
+    try:
+        return _eval_and_report(args, model, proc, tasks, state)
+    finally:
+        if state is not None:  # tear the process group down: a rank that exits with gloo's threads alive aborts
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+
+def _eval_and_report(args, model, proc, tasks, state) -> int:
+    from .eval import presets
+    from .eval.runner import baselines, evaluate, table, write_outputs
+
     main_proc = state is None or state.is_main_process
     # records.jsonl in each output directory: one line per (sample, method) as it finishes; --resume reuses them
     run = lambda methods, log_dir: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731

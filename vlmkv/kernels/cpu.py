@@ -47,36 +47,123 @@ def build_dir() -> Path:
     return cache_dir() / "kernels" / f"cpu-{key}"
 
 
-def _build(d: Path) -> None:
-    """Compile into a scratch folder of this process (which also loads the library), then move it into place:
-    processes starting together (data-parallel eval) never run ninja in one folder or see a half-written file."""
-    from torch.utils import cpp_extension
+def _check_private(path: Path) -> None:
+    """Raise PermissionError unless `path` and every folder above it up to the cache root belong to this user (or
+    root) and nobody else can write them: a library planted in a shared cache must never be loaded."""
+    from ..models.loading import cache_dir
 
+    root = cache_dir().resolve()
+    p = path.resolve()
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for q in [p, *p.parents]:
+        st = q.stat()
+        if uid is not None and st.st_uid not in (uid, 0):
+            raise PermissionError(f"{q} belongs to uid {st.st_uid}, not to this user: the kernel is not loaded from it")
+        if q == root or root not in q.parents:
+            if st.st_mode & 0o022 and not (st.st_mode & 0o1000):  # sticky folders (/tmp) keep others' files out
+                raise PermissionError(f"{q} is writable by others: the kernel is not loaded from it")
+            break
+        if st.st_mode & 0o022:
+            raise PermissionError(f"{q} is writable by others: the kernel is not loaded from it")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_BUILDER = """
+import ctypes, os, signal, sys
+try:  # die with the parent (Linux), taking the compiler with us: nothing keeps running after a kill
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+signal.signal(signal.SIGTERM, lambda *a: os.killpg(0, signal.SIGKILL))
+from torch.utils import cpp_extension
+cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                   extra_ldflags=["-fopenmp"], build_directory=sys.argv[3], is_python_module=False, verbose=False)
+"""
+
+
+def _clean_stale(parent: Path) -> None:
+    """Remove scratch folders of builds whose process is gone (killed mid-build)."""
+    for tmp in parent.glob("*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            pass
+
+
+def _build(d: Path) -> None:
+    """Compile in a child process (its own process group, killed with this one) into a private scratch folder,
+    record the library's sha256 beside it, then move the folder into place: processes starting together
+    (data-parallel eval) never share a ninja run or see a half-written file."""
+    import subprocess
+    import sys
+
+    d.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_private(d.parent)
+    _clean_stale(d.parent)
     tmp = d.parent / f"{d.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(LIBRARY, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], build_directory=str(tmp), is_python_module=False, verbose=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    proc = subprocess.Popen([sys.executable, "-c", _BUILDER, LIBRARY, str(SOURCE), str(tmp)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=900)
+    except BaseException:  # interrupted or timed out: stop the compiler, leave nothing behind
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    so = tmp / f"{LIBRARY}.so"
+    if proc.returncode != 0 or not so.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"the CPU kernel build failed: {out.strip()[-500:]}")
+    (tmp / "SHA256").write_text(_digest(so))
     try:
         os.rename(tmp, d)
     except OSError:  # another process got there first: its copy is the same
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _verified(d: Path) -> Path | None:
+    """The library in `d` if the folder is private and its bytes match the digest written at build time; a
+    corrupt or truncated build is removed (and rebuilt by the caller). Raises PermissionError for a folder that
+    others could have written."""
+    so = d / f"{LIBRARY}.so"
+    if not so.exists():
+        return None
+    _check_private(d)
+    _check_private(so)
+    want = d / "SHA256"
+    if want.exists() and want.read_text().strip() == _digest(so):
+        return so
+    warnings.warn(f"vlmkv: the CPU kernel in {d} does not match its build digest (corrupt or truncated): rebuilding",
+                  RuntimeWarning, stacklevel=3)
+    shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
 def load() -> bool:
-    """Build (first time on this machine) and load the CPU kernels; False, with one warning, if that fails."""
+    """Build (first time on this machine), verify and load the CPU kernels; False, with one warning, if that fails."""
     if _STATE["loaded"] is None:
         try:
             d = build_dir()
-            so = d / f"{LIBRARY}.so"
-            if so.exists():
-                torch.ops.load_library(str(so))
-            else:
+            so = _verified(d)
+            if so is None:
                 _build(d)
+                so = _verified(d)
+                if so is None:
+                    raise RuntimeError(f"the CPU kernel built in {d} did not verify")
+            torch.ops.load_library(str(so))
             _STATE["loaded"] = True
-        except Exception as e:  # no compiler, no ninja, a read-only cache: keep the torch twins
+        except Exception as e:  # no compiler, no ninja, a read-only or shared cache: keep the torch twins
             _STATE["loaded"] = False
             _STATE["error"] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"vlmkv: the CPU kernels did not build, decoding uses the slower torch path "
+            warnings.warn(f"vlmkv: the CPU kernels are not used, decoding uses the slower torch path "
                           f"({_STATE['error'][:300]})", RuntimeWarning, stacklevel=2)
     return _STATE["loaded"]
 

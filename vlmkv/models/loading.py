@@ -28,6 +28,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLMKV_CACHE", Path.home() / ".cache" / "vlmkv"))
 
 
+MANIFEST = "vlmkv_manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file in a folder vlmkv built (a converted or assembled model)."""
+    import hashlib
+    import json
+
+    files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def verified(folder: Path) -> bool:
+    """Whether `folder` holds exactly what its manifest recorded at build time. A folder that fails (bytes flipped,
+    a file truncated or missing, no manifest) is removed with a warning, so the caller rebuilds it."""
+    import hashlib
+    import json
+    import shutil
+    import warnings
+
+    if not folder.exists():
+        return False
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+        ok = bool(files) and all(hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+                                 for name, digest in files.items())
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn(f"vlmkv: {folder} does not match what was built there (corrupt, incomplete or from an older "
+                      f"version): rebuilding it", RuntimeWarning, stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+    return ok
+
+
 def _package_dir(package: str, pip: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate without importing (the package imports `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -39,7 +75,7 @@ def embedded_path(name: str) -> Path:
     """Directory with the safetensors conversion of an embedded model, converting it on first use."""
     info = EMBEDDED_MODELS[name]
     out = cache_dir() / name
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if verified(out):
         return out
     try:
         import gguf  # noqa: F401
@@ -54,14 +90,18 @@ def embedded_path(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # per process: concurrent first runs never mix files
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_manifest(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

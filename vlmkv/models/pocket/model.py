@@ -116,16 +116,14 @@ def pocket_path(weights: Path | str | None = None) -> Path:
     """A local model directory for pocket, assembled once per weights file (backbone + committed weights)."""
     from safetensors.torch import load_file
 
-    from ..loading import cache_dir
+    from ..loading import cache_dir, verified, write_manifest
 
     w = Path(weights) if weights else WEIGHTS
     if not w.exists():
         raise ValueError(f"weights must be a pocket.safetensors file, got {str(w)!r}")
     out = cache_dir() / f"pocket-{weights_digest(w)}"
-    if (out / "config.json").exists() and (out / "processor_config.json").exists():
+    if verified(out):  # checksums written when it was assembled: a corrupt copy is removed and rebuilt
         return out
-    if out.exists():  # left incomplete by an older version: rebuild
-        shutil.rmtree(out, ignore_errors=True)
     model, proc = build_untrained()
     load_trained(model, load_file(w))
     # a per-process scratch name: processes of `accelerate launch` may assemble at the same time
@@ -138,6 +136,7 @@ def pocket_path(weights: Path | str | None = None) -> Path:
     if card.exists():
         shutil.copy(card, tmp / "README.md")
     (tmp / "vlmkv_pocket.json").write_text(json.dumps({"weights": str(w), "digest": weights_digest(w)}))
+    write_manifest(tmp)
     try:
         tmp.rename(out)
     except OSError:  # another process finished first: its copy is the same model

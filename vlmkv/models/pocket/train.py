@@ -20,6 +20,7 @@ sees the same batches; held-out clips come from a disjoint seed.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -194,6 +195,31 @@ def _init_from(model, path: str) -> None:
                 m.lora_B.copy_(lora[f"{n}.lora_B"] / m.scale)  # stored already scaled
 
 
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write a resumable checkpoint (tensors, numbers, strings only) atomically: a kill mid-write leaves the
+    previous checkpoint, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `save_checkpoint`, loaded without running code from the file (`weights_only`:
+    tensors, numbers, strings and containers only). Anything else (a planted pickle, a corrupt file) is refused."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint vlmkv wrote (refused: {type(e).__name__}: {str(e)[:200]}); "
+                         f"delete it to start the run afresh") from None
+    if not isinstance(state, dict) or not {"stage", "step", "seconds", "opt", "params"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint vlmkv wrote: missing keys, got {sorted(state) if isinstance(state, dict) else type(state).__name__!r}")
+    return state
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run the stages not yet done under `cfg.out`; returns the run record (also written as train.json)."""
     import json
@@ -218,7 +244,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     record_path = out / "train.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"config": asdict(cfg), "stages": {}}
     ckpt = out / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    state = load_checkpoint(ckpt) if ckpt.exists() else None
     if state is not None:
         model.load_state_dict(state["params"], strict=False)
         log(f"resumed at stage {state['stage']} step {state['step']}")
@@ -244,16 +270,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % 50 == 0 and step + 1 < steps:
-                torch.save({"stage": name, "step": step + 1, "seconds": time.perf_counter() - t0, "opt": opt.state_dict(),
-                            "params": {n: p for n, p in model.named_parameters() if p.requires_grad}}, ckpt)
+                save_checkpoint({"stage": name, "step": step + 1, "seconds": time.perf_counter() - t0,
+                                 "opt": opt.state_dict(), "params": _trainable(model)}, ckpt)
         secs = time.perf_counter() - t0
         # after `align`, images in: how much of stage 1 the visual route carries before any joint step
         acc = heldout_accuracy(model, proc, cfg, as_words=name == "text")
         record["stages"][name] = {"done": True, "steps": steps, "seconds": round(secs, 1), "final_loss": round(loss.item(), 4),
                                   "heldout_accuracy": acc}
         log(f"stage {name}: {steps} steps in {secs:.0f} s, loss {loss.item():.3f}, held-out {acc}")
-        torch.save({"stage": name + ":done", "step": steps, "seconds": secs, "opt": None,
-                    "params": {n: p for n, p in model.named_parameters() if p.requires_grad}}, ckpt)
+        save_checkpoint({"stage": name + ":done", "step": steps, "seconds": secs, "opt": None,
+                         "params": _trainable(model)}, ckpt)
         save_file(trained_state(model), out / f"after_{name}.safetensors")
         record_path.write_text(json.dumps(record, indent=1))
 
