@@ -10,6 +10,8 @@ from vlmkv.eval.synthetic import ANSWER_HINT, TASKS, make_dataset
 
 def test_milebench_round_trip_and_scoring(tmp_path):
     (tmp_path / "T" / "images").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (tmp_path / "T" / "images" / name).write_bytes(b"")
     write_task(tmp_path, "T", ["Answer."], [
         {"sample_id": 1, "context": "A {image#1} then {image#2}. Which?", "images_path": ["a.png", "b.png"],
          "choice_list": ["red", "blue"], "response": "blue"},

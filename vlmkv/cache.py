@@ -284,6 +284,8 @@ class QuantizedKVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1 if self.sliding_window is None else self.sliding_window
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.x renamed it
+
     def reset(self) -> None:
         self.store = None
         self.offset = self._pending = 0

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cache import QuantizedKVCache
+from ..cache import QuantizedKVCache, cache_kwargs
 from .fidelity import teacher_forced_logits
-from .milebench import Sample, load_task, score
-from ..cache import cache_kwargs
+from .milebench import Sample, load_task, score, score_strict
 
 
 @dataclass
@@ -35,6 +34,7 @@ class Row:
     kv_mib: float
     kl: float
     top1: float
+    accuracy_strict: float = float("nan")  # whole-answer scoring (`score_strict`) beside MileBench's rule
 
 
 def build_sample_inputs(proc, sample: Sample) -> dict:
@@ -78,6 +78,46 @@ def _load_records(log_dir) -> dict:
     return done
 
 
+def load_samples(data_root, tasks: list[str], limit: int | None = None) -> list[Sample]:
+    """Every sample of `tasks`, validated (a clear error naming the file and the sample, before any model runs)."""
+    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"limit must be a positive number of samples per task, got {limit!r}")
+    if not tasks:
+        raise ValueError(f"data must hold at least one task (<root>/<Task>/<Task>.json), got none under {str(data_root)!r}")
+    return [s for t in tasks for s in load_task(data_root, t, limit)]
+
+
+class OutputLock:
+    """An exclusive lock on one output folder (per process rank): a second eval writing there is refused."""
+
+    def __init__(self, folder: Path, rank: str):
+        import fcntl
+
+        self.f = open(folder / f".lock{rank}", "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise ValueError(f"out must not be in use by another vlmkv eval, got {str(folder)!r} (locked): "
+                             f"wait for it or pick another --out") from None
+
+    def release(self) -> None:
+        self.f.close()
+
+
+def _check_settings(folder: Path, settings: dict, resume: bool) -> None:
+    """--resume reuses answers only from a run with the same settings; a fresh run records its settings."""
+    path = folder / "run.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"resume needs the settings of the run in {folder}, got changes "
+                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                             + " (start a fresh --out)")
+    path.write_text(json.dumps(settings, indent=1))
+
+
 @torch.no_grad()
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
@@ -95,7 +135,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
     method on its share) and the per-sample records are gathered, so every process returns the same rows.
     """
     tok = getattr(proc, "tokenizer", proc)
-    samples = [s for t in tasks for s in load_task(data_root, t, limit)]
+    samples = load_samples(data_root, tasks, limit)
     state = _distributed()
     order = list(range(len(samples)))
     if state is not None:
@@ -103,11 +143,23 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             order = list(mine)
     records = []
     entries = [(e, e) if isinstance(e, str) else e for e in methods]
-    done, log = {}, None
+    done, log, lock = {}, None, None
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        done = _load_records(log_dir) if resume else {}
         rank = "" if state is None else f".rank{state.process_index}"
+        lock = OutputLock(Path(log_dir), rank)
+        if state is None or state.is_main_process:
+            settings = {"model": str(getattr(model.config, "_name_or_path", "")), "data": str(Path(data_root).resolve()),
+                        "max_new_tokens": max_new_tokens, "fidelity": fidelity,
+                        "methods": {label: (m if isinstance(m, str) else m.describe()) for label, m in entries}}
+            try:
+                _check_settings(Path(log_dir), settings, resume)
+            except ValueError:
+                lock.release()
+                raise
+        if state is not None:
+            state.wait_for_everyone()
+        done = _load_records(log_dir) if resume else {}
         path = Path(log_dir) / f"records{rank}.jsonl"
         cut = resume and path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         log = open(path, "a" if resume else "w")
@@ -117,8 +169,9 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         s = samples[i]
         old = {label: done.get((s.task, s.sample_id, label)) for label, _ in entries}
         for label, r in old.items():
-            if r is not None:
-                records.append((i, label, s.task, r["correct"], r["bits"], r["bytes"], r["kl"], r["top1"]))
+            if r is not None:  # rescored from the stored answer: the scorers may have changed since
+                ok, strict = bool(score(r["answer"], s)), bool(score_strict(r["answer"], s))
+                records.append((i, label, s.task, ok, r["bits"], r["bytes"], r["kl"], r["top1"], strict))
                 if answers is not None:
                     answers.append({k: r[k] for k in ("sample_id", "task", "question", "method", "answer", "truth",
                                                       "correct", "bits")})
@@ -148,10 +201,11 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                     lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
                 kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
-            ok = bool(score(ans, s))
-            records.append((i, label, s.task, ok, bpe, nb, kl, top1))
+            ok, strict = bool(score(ans, s)), bool(score_strict(ans, s))
+            records.append((i, label, s.task, ok, bpe, nb, kl, top1, strict))
             rec = {"sample_id": s.sample_id, "task": s.task, "question": s.context.rsplit("\n", 1)[-1],
-                   "method": label, "answer": ans.strip(), "truth": s.answer, "correct": ok, "bits": bpe}
+                   "method": label, "answer": ans.strip(), "truth": s.answer, "correct": ok, "strict": strict,
+                   "bits": bpe}
             if answers is not None:
                 answers.append(rec)
             if log is not None:
@@ -159,6 +213,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 log.flush()
     if log is not None:
         log.close()
+    if lock is not None:
+        lock.release()
     if state is not None:
         from accelerate.utils import gather_object
 
@@ -171,7 +227,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 continue
             n = len(vals)
             rows.append(Row(label, t, n, sum(v[3] for v in vals) / n, sum(v[4] for v in vals) / n,
-                            sum(v[5] for v in vals) / n / 2**20, sum(v[6] for v in vals) / n, sum(v[7] for v in vals) / n))
+                            sum(v[5] for v in vals) / n / 2**20, sum(v[6] for v in vals) / n, sum(v[7] for v in vals) / n,
+                            sum(v[8] for v in vals) / n))
     return rows
 
 
@@ -211,11 +268,13 @@ def write_outputs(rows: list[Row], out_dir) -> list[Path]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| method | task | n | accuracy | bits/element | KV MiB | KL vs fp16 | top-1 vs fp16 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table; a `strict` column (whole-answer scoring) appears where it differs from MileBench's rule."""
+    strict = any(r.accuracy_strict == r.accuracy_strict and r.accuracy_strict != r.accuracy for r in rows)
+    head = "| method | task | n | accuracy |" + (" strict |" if strict else "") + " bits/element | KV MiB | KL vs fp16 | top-1 vs fp16 |"
+    lines = [head, "|---|---|---:|---:|" + ("---:|" if strict else "") + "---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.method} | {r.task} | {r.n} | {r.accuracy:.2f} | {r.bits_per_element:.2f} | {r.kv_mib:.2f} | "
-                     f"{r.kl:.4f} | {r.top1:.3f} |")
+        lines.append(f"| {r.method} | {r.task} | {r.n} | {r.accuracy:.2f} |" + (f" {r.accuracy_strict:.2f} |" if strict else "")
+                     + f" {r.bits_per_element:.2f} | {r.kv_mib:.2f} | {r.kl:.4f} | {r.top1:.3f} |")
     return "\n".join(lines)
 
 

@@ -388,8 +388,10 @@ std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor&
   return {m, l, o};
 }
 
-// fp16 scale rounded up: never below the float32 step, so the clipped range fits in 2^bits - 1 steps
+// fp16 scale rounded up: never below the float32 step, so the clipped range fits in 2^bits - 1 steps; saturates
+// at 65504 (NaN stays NaN)
 inline at::Half round_up_half(float x) {
+  if (x > 65504.f) x = 65504.f;
   at::Half h(x);
   if (float(h) < x) h = at::Half(uint16_t(h.x + 1), at::Half::from_bits());
   return h;
@@ -424,19 +426,24 @@ void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, c
       for (int64_t g = 0; g < D / group; ++g) {
         const float* xg = xr + g * group;
         float mx = xg[0], mn = xg[0];
+        bool nan = std::isnan(xg[0]);
         for (int64_t i = 1; i < group; ++i) {
           mx = std::max(mx, xg[i]);
           mn = std::min(mn, xg[i]);
+          nan |= std::isnan(xg[i]);
         }
         mx *= clipf;
         mn *= clipf;
         float s = (mx - mn) / qmax;
         if (s <= 0.f) s = std::max(std::fabs(mn), 1e-8f) / qmax;  // min == max: reconstruct the constant
+        s = std::max(s, std::fabs(mn) / 32767.f);  // the zero point fits int16
+        const bool bad = nan || !std::isfinite(s);  // NaN or inf in the group: it reads back NaN (as the reference)
+        if (bad) s = std::numeric_limits<float>::quiet_NaN();
         const at::Half sh = round_up_half(s);
         s = float(sh);
-        const float z = std::min(std::max(-std::nearbyint(mn / s), -32768.f), 32767.f);
+        const float z = bad ? 0.f : std::min(std::max(-std::nearbyint(mn / s), -32768.f), 32767.f);
         for (int64_t i = 0; i < group; ++i)
-          qv[i] = std::min(std::max(std::nearbyint(xg[i] / s) + z, 0.f), qmax);
+          qv[i] = bad ? 0.f : std::min(std::max(std::nearbyint(xg[i] / s) + z, 0.f), qmax);
         for (int64_t j = 0; j < group / per; ++j) {
           int byte = 0;
           for (int64_t k = 0; k < per; ++k) byte |= int(qv[j * per + k]) << (bits * k);

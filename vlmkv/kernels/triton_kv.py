@@ -30,17 +30,21 @@ def _quantize_pack_kernel(X, C, S, Z, D: tl.constexpr, G: tl.constexpr, BITS: tl
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = G // PER
     x = tl.load(X + row * D + g * G + tl.arange(0, G)).to(tl.float32)
+    nan = tl.sum((x != x).to(tl.int32), 0) > 0  # tl.max / tl.min may skip NaN: count them apart
     mx = tl.max(x, 0) * clip
     mn = tl.min(x, 0) * clip
     scale = (mx - mn) / QMAX
     scale = tl.where(scale <= 0.0, tl.maximum(tl.abs(mn), 1e-8) / QMAX, scale)
-    # stored scale: fp16 rounded up (the next fp16 above when round-to-nearest went below)
+    scale = tl.maximum(scale, tl.math.div_rn(tl.abs(mn), 32767.0))  # the zero point fits int16
+    bad = nan | (scale != scale) | (scale == float("inf"))  # NaN or inf in the group: it reads back NaN
+    # stored scale: fp16 rounded up (the next fp16 above when round-to-nearest went below), saturating at 65504
+    scale = tl.where(bad, float("nan"), tl.minimum(scale, 65504.0))
     s16 = scale.to(tl.float16)
     up = (s16.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
     s16 = tl.where(s16.to(tl.float32) < scale, up, s16)
     s = s16.to(tl.float32)
-    zero = tl.minimum(tl.maximum(-_rint(tl.math.div_rn(mn, s)), -32768.0), 32767.0)
-    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)) + zero, 0.0), QMAX).to(tl.int32)
+    zero = tl.where(bad, 0.0, tl.minimum(tl.maximum(-_rint(tl.math.div_rn(mn, s)), -32768.0), 32767.0))
+    q = tl.where(bad, 0.0, tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)) + zero, 0.0), QMAX)).to(tl.int32)
     shifts = (tl.arange(0, G) % PER) * BITS
     packed = tl.sum(tl.reshape(q << shifts, (NB, PER)), 1)
     tl.store(C + row * (D // PER) + g * NB + tl.arange(0, NB), packed.to(tl.uint8))

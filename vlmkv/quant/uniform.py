@@ -18,6 +18,15 @@ is an integer kept as int16 (exact for |zero| < 32768, i.e. unless a group's ran
 of its distance from zero at 2 bits).
 A group whose clipped range is zero (min == max) gets scale |min| / (2^n - 1), which reconstructs the
 constant exactly instead of dividing by zero.
+
+Edges, the same in every backend (this reference, the C++ and the Triton kernels):
+* the step is at least |clipped_min| / 32767, so the int16 zero point never saturates (values near 1e5 with a
+  tiny range come back within |x| / 65534 instead of off by 1e5);
+* the step saturates at the largest finite `meta_dtype` value (65504 for float16): a group spanning more than
+  (2^n - 1) * 65504 is clipped to that range, finite, never inf or NaN;
+* a group holding NaN or +-inf is stored with a NaN step, zero point 0 and codes 0: the whole group reads back
+  NaN, so a non-finite input is never turned into a finite value;
+* `dequantize` to float16 / bfloat16 saturates at that dtype's largest finite value (65504 stays 65504).
 """
 from __future__ import annotations
 
@@ -128,7 +137,9 @@ def _grouped(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
 
 
 def _round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast to `dtype`, rounding up so that the result is never below `x` (x >= 0)."""
+    """Cast to `dtype`, rounding up so that the result is never below `x` (x >= 0), saturating at the largest
+    finite value of `dtype` (NaN stays NaN)."""
+    x = x.clamp_max(torch.finfo(dtype).max)
     y = x.to(dtype)
     low = y.to(x.dtype) < x
     if low.any():
@@ -163,10 +174,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     flat = scale <= 0
     if flat.any():
         scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
+    scale = torch.maximum(scale, mn.abs() / 32767.0)  # the zero point fits int16 (see the module docstring)
+    bad = ~torch.isfinite(scale)  # NaN or inf in the group: it reads back NaN
+    scale = torch.where(bad, float("nan"), scale)
     scale_s = _round_up_to(scale, spec.meta_dtype)
     scale = scale_s.float()
-    zero = (-torch.round(mn / scale)).clamp(-32768, 32767)
-    q = (torch.round(xg / scale) + zero).clamp_(0, qmax)
+    zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-32768, 32767))
+    q = torch.where(bad, 0.0, (torch.round(xg / scale) + zero).clamp_(0, qmax))
     codes = pack_bits(q.to(torch.uint8).reshape(*lead, n, d), spec.bits)
     return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
 
@@ -205,7 +219,12 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.addcmul(bias.unsqueeze(-1), q.reshape(*lead, n, d // g, g), scale.unsqueeze(-1))
     else:
         out = torch.addcmul(bias.unsqueeze(-2), q.reshape(*lead, n // g, g, d), scale.unsqueeze(-2))
-    return out.reshape(*lead, n, d).to(dtype or qt.dtype)
+    out = out.reshape(*lead, n, d)
+    dtype = dtype or qt.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # saturate, as the input could not have been beyond it
+        big = torch.finfo(dtype).max
+        out = out.clamp(-big, big)
+    return out.to(dtype)
 
 
 def quantization_step(qt: QTensor) -> torch.Tensor:
