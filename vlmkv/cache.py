@@ -272,7 +272,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._pending = 0
 
     # ------------------------------------------------------------------ sizes
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if torch.is_tensor(query_length):  # transformers < 5.2x passes the query's cache_position
+            query_length = query_length.shape[0]
         # the keys the next update returns: what is held, less what it drops first, plus the query; the first of
         # them is at position offset + pending
         held = 0 if self.store is None else self.store.length
@@ -373,7 +375,8 @@ class QuantizedKVCache(Cache):
         self.config = cfg
         self.num_layers = int(cfg.num_hidden_layers)
         self.head_dim = head_dim_of(cfg)
-        self.policy.validate(self.head_dim)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        self.policy.validate(self.head_dim, self.num_kv_heads)
         windows = sliding_windows(cfg)
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.rotate_keys = bool(self.policy.hadamard_keys)

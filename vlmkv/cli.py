@@ -14,23 +14,46 @@ import time
 from pathlib import Path
 
 
+BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _parse_options(pairs: list[str]) -> dict:
+    """`name=value` pairs: ints, floats, booleans (true/false, yes/no, on/off), else strings; the policy checks
+    each option's type, so `wht=maybe` is an error, never "true"."""
     opts = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--option must look like name=value, got {pair!r}")
+            raise ValueError(f"--option must look like name=value, got {pair!r}")
         k, v = pair.split("=", 1)
-        for conv in (int, float):
-            try:
-                v = conv(v)
-                break
-            except ValueError:
-                pass
+        if v.lower() in BOOLS and v not in ("0", "1"):
+            v = BOOLS[v.lower()]
         else:
-            if v.lower() in ("true", "false"):
-                v = v.lower() == "true"
+            for conv in (int, float):
+                try:
+                    v = conv(v)
+                    break
+                except ValueError:
+                    pass
         opts[k.replace("-", "_")] = v
     return opts
+
+
+def _bounded(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] (low excluded if `low_open`), with a clear message."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if v != v or (v <= low if low_open else v < low) or (high is not None and v > high):
+            rng = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}")
+        return v
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+NONNEG = _bounded(int, 0)
 
 
 def _policy_from_args(args):
@@ -193,7 +216,7 @@ def cmd_make_data(args) -> int:
 def cmd_eval(args) -> int:
     from . import load_model
     from .eval.milebench import list_tasks
-    from .eval.runner import _distributed
+    from .eval.runner import _distributed, load_samples
 
     if args.data is None:  # the demo VLM's own held-out clips, written once in MileBench's format
         from .eval.synthetic import TASKS, make_dataset
@@ -203,8 +226,9 @@ def cmd_eval(args) -> int:
         if not all(Path(args.data, t, f"{t}.json").exists() for t in TASKS):
             make_dataset(args.data, TASKS, samples=n, frames=8, seed=1)
             print(f"wrote {n} held-out synthetic clips per task to {args.data}", flush=True)
-    model, proc = load_model(args.model, device=args.device)
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
+    load_samples(args.data, tasks, args.limit)  # a bad data file fails here, before the model loads
+    model, proc = load_model(args.model, device=args.device)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
     try:
         return _eval_and_report(args, model, proc, tasks, state)
@@ -303,13 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m", help="embedded name (smollm2-135m), Hugging Face id or local path")
     g.add_argument("--method", default="kivi", help="registered method name, e.g. fp16, rtn-2, kivi, akvq-vl, "
                                                      "windowquant+wht (see `vlmkv list`)")
-    g.add_argument("--bits", type=int, default=None, help="bit-width for methods that take one (2, 4 or 8)")
+    g.add_argument("--bits", type=_bounded(int, 2, 8), default=None, help="bit-width for methods that take one (2, 4 or 8)")
     g.add_argument("--option", action="append", metavar="NAME=VALUE", help="other method option, e.g. group_size=64; repeatable")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--image", action="append", help="image file for a vision-language model; repeatable")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold when sampling")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=_bounded(float, 0.0), default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True), default=0.95, help="nucleus sampling threshold when sampling")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -323,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="pocket", help="pocket (default), smollm2-135m, a Hugging Face id or local path")
     d.add_argument("--methods", default=None,
                    help=f"comma-separated (default {VLM_DEMO_METHODS} for a VLM, {DEMO_METHODS} for a text model)")
-    d.add_argument("--clips", type=int, default=2, help="VLM: held-out clips per task type (default 2)")
+    d.add_argument("--clips", type=POSITIVE, default=2, help="VLM: held-out clips per task type (default 2)")
     d.add_argument("--tasks", default="ObjectExistence,FrameColour,WhichFrame,Counting",
                    help="VLM: synthetic task types (default: the four pocket can do; it is at chance on "
                         "StateChange, see its model card)")
     d.add_argument("--out", default="out/demo", help="VLM: directory for the CSV, JSON, answers and plot")
-    d.add_argument("--rows", type=int, default=24, help="text model: table rows to copy (1-24)")
-    d.add_argument("--steps", type=int, default=24, help="text model: teacher-forced decode steps for top-1/KL")
+    d.add_argument("--rows", type=_bounded(int, 1, 24), default=24, help="text model: table rows to copy (1-24)")
+    d.add_argument("--steps", type=POSITIVE, default=24, help="text model: teacher-forced decode steps for top-1/KL")
     d.add_argument("--seed", type=int, default=2, help="text model: which random table")
     d.set_defaults(func=cmd_demo)
 
@@ -340,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--out", default="out/pocket-train", help="run directory (checkpoints, train.json, weights)")
     for f in _train_flags():
         td.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    td.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    td.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
     td.set_defaults(func=cmd_train_demo)
 
     ins = sub.add_parser("inspect", help="attention patterns: text / visual / pivot attention per layer and head, "
@@ -351,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face id or local path (LLM or VLM)")
     ins.add_argument("--prompt", default=None, help="user message (default: the demo's copy-table prompt)")
     ins.add_argument("--image", action="append", help="image file for a VLM; repeatable")
-    ins.add_argument("--num-pivots", type=int, default=15)
-    ins.add_argument("--threshold", type=float, default=100.0, help="massive activation: max|h| / median|h| at least this")
-    ins.add_argument("--bin", type=int, default=8, help="tokens per heat-map cell")
+    ins.add_argument("--num-pivots", type=NONNEG, default=15)
+    ins.add_argument("--threshold", type=_bounded(float, 1.0, low_open=True), default=100.0, help="massive activation: max|h| / median|h| at least this")
+    ins.add_argument("--bin", type=POSITIVE, default=8, help="tokens per heat-map cell")
     ins.add_argument("--out", default="out/inspect", help="directory for the report and PNGs")
     ins.set_defaults(func=cmd_inspect)
 
@@ -363,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "like real MileBench data.")
     md.add_argument("--out", required=True, help="dataset root directory")
     md.add_argument("--tasks", default=None, help="comma-separated (default: all synthetic tasks)")
-    md.add_argument("--samples", type=int, default=20, help="clips per task")
-    md.add_argument("--frames", type=int, default=8, help="frames per clip")
+    md.add_argument("--samples", type=POSITIVE, default=20, help="clips per task")
+    md.add_argument("--frames", type=POSITIVE, default=8, help="frames per clip")
     md.add_argument("--seed", type=int, default=0)
     md.set_defaults(func=cmd_make_data)
 
@@ -384,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="AKVQ-VL knob sweep like Fig. 8: clip=0.6:1.0:0.1, text_clip=..., recent=0,32,64,128,256, "
                          "pivots=0,5,10,15,20; repeatable; writes CSV and a PNG line plot per sweep")
     ev.add_argument("--tasks", default=None, help="comma-separated (default: every task under --data)")
-    ev.add_argument("--limit", type=int, default=None, help="samples per task")
-    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--limit", type=POSITIVE, default=None, help="samples per task")
+    ev.add_argument("--max-new-tokens", type=POSITIVE, default=8)
     ev.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 against fp16 (about half the time)")
     ev.add_argument("--resume", action="store_true",
                     help="reuse the per-sample results in OUT/records*.jsonl of a stopped run (same model and data)")
@@ -400,8 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; errors a user can fix (bad options, data, paths, missing extras) print one line to
+    stderr and return 2 (set VLMKV_DEBUG=1 for the traceback)."""
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, OSError, RuntimeError) as e:
+        if os.environ.get("VLMKV_DEBUG"):
+            raise
+        print(f"vlmkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

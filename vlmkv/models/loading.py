@@ -109,14 +109,47 @@ def embedded_path(name: str) -> Path:
 BUILT_MODELS = {"pocket": "the demo VLM: SmolLM2-135M + a small CLIP ViT trained on synthetic clips (vlmkv/models/pocket)"}
 
 
-def resolve(name_or_path: str) -> str:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers on port 443 within `timeout` seconds (HF_HUB_OFFLINE=1: never asked)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve(name_or_path: str) -> tuple[str, dict]:
+    """(what to pass to from_pretrained, extra kwargs): an embedded or built model's folder, a local folder, or a
+    Hugging Face id (from the local HF cache when the hub is unreachable). Raises ValueError at once for a path
+    that does not exist or an id that cannot be had offline, instead of waiting on the hub."""
     if name_or_path in EMBEDDED_MODELS:
-        return str(embedded_path(name_or_path))
+        return str(embedded_path(name_or_path)), {}
     if name_or_path in BUILT_MODELS:
         from .pocket.model import pocket_path
 
-        return str(pocket_path(os.environ.get("VLMKV_POCKET_WEIGHTS") or None))
-    return name_or_path
+        return str(pocket_path(os.environ.get("VLMKV_POCKET_WEIGHTS") or None)), {}
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ValueError(f"name_or_path must be a model folder with a config.json, got {name_or_path!r}")
+        return str(p), {}
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or p.exists()
+    if looks_like_path:
+        raise ValueError(f"name_or_path is not an existing model folder, got {name_or_path!r} "
+                         f"(embedded models: {sorted(EMBEDDED_MODELS) + sorted(BUILT_MODELS)})")
+    if _hub_reachable():
+        return name_or_path, {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path, {"local_files_only": True}
+    raise ValueError(f"name_or_path {name_or_path!r} is not embedded, not a local folder and not in the Hugging Face "
+                     f"cache, and the hub cannot be reached (offline); embedded models: "
+                     f"{sorted(EMBEDDED_MODELS) + sorted(BUILT_MODELS)}")
 
 
 def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | None = None, device: str = "cpu",
@@ -134,22 +167,22 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | No
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"name_or_path must be a model name or path, got {name_or_path!r}")
-    path = resolve(name_or_path)
+    path, hub = resolve(name_or_path)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    extra = dict(kwargs)
+    extra = dict(hub, **kwargs)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
-    if has_vision(AutoConfig.from_pretrained(path)):
+    if has_vision(AutoConfig.from_pretrained(path, **hub)):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
-        return model, AutoProcessor.from_pretrained(path)
+        return model, AutoProcessor.from_pretrained(path, **hub)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **hub)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -98,9 +98,9 @@ class Policy:
     #: store unquantized tokens in the model's dtype even when it is float32 (only the fp16 reference)
     keep_model_dtype: ClassVar[bool] = False
 
-    def validate(self, head_dim: int) -> None:
-        """Raise ValueError if this policy cannot run with `head_dim` (called when the cache is built, before it
-        touches the model)."""
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
+        """Raise ValueError if this policy cannot run with `head_dim` and `num_kv_heads` (called when the cache is
+        built, before it touches the model)."""
         if self.hadamard_keys:
             from ..quant import hadamard_block_size
 
@@ -158,12 +158,12 @@ def effective_group(group_size: int, head_dim: int) -> int:
 
 
 def check_bits(bits: int, allowed=SUPPORTED_BITS, name: str = "bits") -> None:
-    if bits not in allowed:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {bits!r}")
 
 
 def check_clip(clip: float, name: str = "clip_ratio") -> None:
-    if not isinstance(clip, (int, float)) or not (0.0 < float(clip) <= 1.0):
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not (0.0 < float(clip) <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {clip!r}")
 
 
@@ -182,8 +182,38 @@ def check_nonneg(value, name: str) -> None:
 _REGISTRY: dict[str, type[Policy]] = {}
 
 
+_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "tuple": (tuple,), "None": (type(None),)}
+
+
+def check_field_types(policy) -> None:
+    """Raise ValueError naming the option when a dataclass field holds a value of another type than its
+    annotation (`bits=2.0`, `wht="no"`, `clip_ratio=True`, `pivot_threshold="2"`), or a float that is not finite."""
+    import math
+
+    for f in dataclasses.fields(policy):
+        if not f.init or not isinstance(f.type, str):
+            continue
+        kinds = [k.strip() for k in f.type.split("|")]
+        if not all(k in _TYPES for k in kinds):
+            continue  # an annotation this check does not know: the policy's own checks apply
+        v = getattr(policy, f.name)
+        ok = any(isinstance(v, _TYPES[k]) and not (isinstance(v, bool) and k in ("int", "float")) for k in kinds)
+        if not ok:
+            raise ValueError(f"{f.name} must be {' or '.join(kinds)}, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{f.name} must be finite, got {v!r}")
+
+
 def register_policy(cls: type[Policy]) -> type[Policy]:
-    """Class decorator: make a policy available by `cls.name` to `get_policy` and the CLI."""
+    """Class decorator: make a policy available by `cls.name` to `get_policy` and the CLI; every instance's
+    options are type-checked after construction (`check_field_types`)."""
+    post = getattr(cls, "__post_init__", None)
+
+    def __post_init__(self):
+        check_field_types(self)  # before the policy's own checks, which assume the types
+        if post is not None:
+            post(self)
+    cls.__post_init__ = __post_init__
     _REGISTRY[cls.name] = cls
     return cls
 

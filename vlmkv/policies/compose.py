@@ -43,8 +43,8 @@ class PolicyWrapper(Policy):
     def needs_massive_activations(self) -> bool:
         return self.inner.needs_massive_activations
 
-    def validate(self, head_dim: int) -> None:
-        self.inner.validate(head_dim)
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
+        self.inner.validate(head_dim, num_kv_heads)
 
     def bit_widths(self):
         return self.inner.bit_widths()
@@ -75,9 +75,9 @@ class WithHadamard(PolicyWrapper):
     def hadamard_keys(self) -> bool:
         return True
 
-    def validate(self, head_dim: int) -> None:
-        Policy.validate(self, head_dim)  # the rotation's own check, then the inner policy's
-        self.inner.validate(head_dim)
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
+        Policy.validate(self, head_dim, num_kv_heads)  # the rotation's own check, then the inner policy's
+        self.inner.validate(head_dim, num_kv_heads)
 
 
 class WithPivots(PolicyWrapper):

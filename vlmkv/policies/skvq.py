@@ -56,7 +56,7 @@ class SKVQPolicy(Policy):
         check_nonneg(self.window, "window")
         check_nonneg(self.sinks, "sinks")
 
-    def validate(self, head_dim: int) -> None:
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
         return None  # groups run over H * D channels: checked at prefill, when H is known
 
     def bit_widths(self):

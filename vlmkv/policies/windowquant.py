@@ -36,7 +36,7 @@ class WindowQuantPolicy(Policy):
     name = "windowquant"
     needs_modality = True
     budget: float = 3.0
-    candidates: tuple = (8, 4, 2)
+    candidates: tuple | list | str = (8, 4, 2)
     window_size: int | None = None
     scorer: str = "key_attention"
     text_bits: int = 8
@@ -67,13 +67,15 @@ class WindowQuantPolicy(Policy):
         if self.granularity not in ("window", "token"):
             raise ValueError(f"granularity must be 'window' or 'token', got {self.granularity!r}")
         check_nonneg(self.recent, "recent")
-        if not isinstance(self.budget, (int, float)) or self.budget <= 0:
-            raise ValueError(f"budget must be a positive number of bits per element, got {self.budget!r}")
+        if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget <= 32:
+            # no plan costs more than 16 bits plus its slot map: a larger budget is a typo, not a request
+            raise ValueError(f"budget must be a number of bits per element in (0, 32], got {self.budget!r}")
 
-    def validate(self, head_dim: int) -> None:
-        super().validate(head_dim)
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
+        super().validate(head_dim, num_kv_heads)
         low = min(self.candidates)
-        need = bits_cost(low, effective_group(self.group_size, head_dim), 0.0)
+        # the narrowest width with its scales, zero points and its share of the slot map (as the search counts it)
+        need = bits_cost(low, effective_group(self.group_size, head_dim), 32.0 / (2 * num_kv_heads * head_dim))
         if self.budget < need:
             raise ValueError(f"budget must be at least {need:.3f} bits per element (the narrowest candidate {low} "
                              f"with its scales and zero points), got {self.budget!r}")
