@@ -4,8 +4,8 @@
     python benchmarks/decode_bench.py --contexts 1024,4096,16384 --batch 1,8 --out docs/bench_decode.json
 
 Protocol: the context (real text, repeated) is prefilled once with a DynamicCache at batch 1; for each batch
-size every method's cache is filled from those keys/values (repeated over the batch) through its own
-`update()` (as a prefill would), and we time
+size transformers' caches are filled from those keys/values (repeated over the batch) through their own
+`update()`, and vlmkv's by a prefill through the model (its policies read the prompt's activations), and we time
 `--steps` single-token forward passes (after 2 warm-up steps), reporting the median. KV bytes are
 counted from every tensor the cache holds (for transformers' caches: quantized data, scales, zero
 points and the residual buffer, found by walking the objects).
@@ -96,8 +96,12 @@ def run(args):
                 try:
                     cache = make_cache(method, model)
                     t0 = time.perf_counter()
-                    for i, (k, v) in enumerate(kv1):
-                        cache.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
+                    if isinstance(cache, vlmkv.QuantizedKVCache):
+                        # through the model, so that policies see the prompt (pivots need its activations)
+                        model(input_ids=ids.repeat(batch, 1), **vlmkv.cache_kwargs(cache), logits_to_keep=1)
+                    else:
+                        for i, (k, v) in enumerate(kv1):
+                            cache.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
                     row["fill_s"] = round(time.perf_counter() - t0, 4)
                     times = []
                     tok_in = nxt1.repeat(batch, 1)

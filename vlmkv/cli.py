@@ -3,6 +3,7 @@
     vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt "..."
     vlmkv demo                      # the demo VLM on held-out clips under each method (the README's main job)
     vlmkv train-demo --out DIR      # retrain the demo VLM (pocket) from scratch
+    vlmkv bench --model M           # decode ms/step and KV bytes per method on your model, beside DynamicCache
     vlmkv list                      # registered methods and their options
 """
 from __future__ import annotations
@@ -278,6 +279,42 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from . import load_model
+    from .bench import bench, markdown
+
+    model, proc = load_model(args.model, device=args.device)
+    tok = getattr(proc, "tokenizer", proc)
+    methods = [m for m in args.methods.split(",") if m]
+    rows = bench(model, tok, methods, context=args.context, batches=args.batch, steps=args.steps)
+    print(markdown(rows))
+    print(f"\n{args.model} on {args.device}, {torch_threads()} threads; decode: median of {args.steps} steps after 2 "
+          f"warm-up steps; bytes counted from the stored tensors")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"must be integers >= 1, got {text!r}")
+    return vals
+
+
 def _train_flags() -> list:
     """`TrainConfig` fields exposed as flags (all but `out`, which has its own, `tasks` and `bf16`)."""
     from .models.pocket.config import TrainConfig
@@ -416,6 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default="out/eval")
     ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="decode ms/step and KV bytes of each method on a model, beside DynamicCache",
+                       description="Prefill a text prompt with each method's cache, time single-token decode steps "
+                                   "and count the cache's bytes, beside transformers' DynamicCache (vlmkv/bench.py).")
+    b.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face id or local path (LLM or VLM)")
+    b.add_argument("--methods", default="dynamic,fp16,rtn-4,rtn-2,kivi-2,akvq-vl",
+                   help="comma-separated; 'dynamic' is transformers' DynamicCache")
+    b.add_argument("--context", type=POSITIVE, default=1024, help="prompt tokens (default 1024)")
+    b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
+    b.add_argument("--steps", type=POSITIVE, default=16, help="timed decode steps (default 16)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--out", default=None, help="also write the rows as JSON here")
+    b.set_defaults(func=cmd_bench)
 
     ls = sub.add_parser("list", help="list registered methods and their options",
                         description="List every registered KV-cache method with its default options.")
