@@ -65,11 +65,26 @@ def test_every_policy_through_generate(tiny_llama, padded_batch, name, opts):
             outs.append(tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                             max_new_tokens=12, do_sample=True, top_k=20))
     assert torch.equal(outs[0], outs[1])
-    # beam search (reorder_cache)
+    # beam search (reorder_cache): one beam is greedy search; three beams keep 2 x 3 rows of every layer, each as
+    # long as the sequence so far, and give the same answer twice
     with QuantizedKVCache(tiny_llama, name, **opts) as cache:
-        out = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
-                                  num_beams=3, do_sample=False)
-        assert out.shape[0] == 2
+        one = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                                  min_new_tokens=10, num_beams=1, do_sample=False)
+    with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+        greedy = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                                     min_new_tokens=10, do_sample=False)
+    assert torch.equal(one, greedy)
+    beams = []
+    for _ in range(2):
+        with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+            beams.append(tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                             max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False))
+            rows = {(layer.store.res_k if layer.store.res_k is not None and layer.store.res_k.numel()
+                     else next(iter(layer.store.segments.values())).k.codes if layer.store.segments else None)
+                    .shape[0] for layer in cache.layers}
+            assert rows == {6} and cache.get_seq_length() == n + 9
+    assert torch.equal(beams[0], beams[1]) and beams[0].shape == (2, n + 10)
+    assert torch.equal(beams[0][:, :n], ids)
 
 
 @torch.no_grad()
