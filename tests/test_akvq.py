@@ -101,6 +101,7 @@ def test_pivot_mask_threshold_and_count():
     assert not mask[1].any()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_pivots_are_not_only_the_first_token(smollm2):
     """Measured here: massive activations on SmolLM2-135M sit on the first token and, in layers 1-9,
@@ -137,7 +138,7 @@ def _unquantized_wht():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_hadamard_keys_and_values_leave_logits_unchanged(which, tiny_llama, padded_batch, request):
     if which == "tiny":
         model = tiny_llama

@@ -30,6 +30,7 @@ def test_fp16_bit_identical_to_dynamic_cache_tiny(tiny_llama, padded_batch):
     assert torch.equal(ref, got)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_fp16_bit_identical_to_dynamic_cache_smollm2(smollm2):
     model, tok = smollm2
@@ -187,6 +188,7 @@ def test_mixed_plan_rows_differ_and_slot_order_is_kept():
     assert hist[16] == 15 + 3 + 2 * 5 and hist[4] == 5
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_two_bit_cache_is_six_times_smaller(smollm2):
     """rtn-2 on a 2048-token cache: 2 bits + a fp16 scale and an int16 zero per 64-channel group

@@ -24,6 +24,7 @@ def test_list(capsys):
     assert "kivi" in out and "rtn" in out and "fp16" in out
 
 
+@pytest.mark.slow
 def test_generate_on_embedded_model(smollm2, capsys):
     assert main(["generate", "--model", "smollm2-135m", "--method", "kivi", "--bits", "2",
                  "--prompt", "What is the capital of France?", "--max-new-tokens", "8"]) == 0
@@ -40,6 +41,7 @@ def test_option_parsing():
     assert p.group_size == 32
 
 
+@pytest.mark.slow
 def test_inspect_on_smollm2(smollm2, tmp_path, capsys):
     assert main(["inspect", "--model", "smollm2-135m", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

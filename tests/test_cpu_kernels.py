@@ -133,7 +133,8 @@ def test_cache_decode_through_the_cpu_kernels_equals_the_torch_path(tiny_llama, 
     ids = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    opts = {"akvq-vl": {"recent": 16, "num_pivots": 2}, "kivi-2": {"residual_length": 32}}.get(method, {})
+    opts = {"akvq-vl": {"recent": 16, "num_pivots": 2}, "kivi-2": {"residual_length": 32},
+            "windowquant": {"budget": 4.0}}.get(method, {})
     outs = []
     for impl in ("cpu", "torch"):
         monkeypatch.setenv("VLMKV_KERNELS", impl)

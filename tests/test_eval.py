@@ -125,6 +125,7 @@ def test_sweep_parsing_and_table2_layout():
         parse_sweep("nope=1,2")
 
 
+@pytest.mark.slow
 def test_eval_data_parallel_with_accelerate_on_two_cpu_processes(local_llava, tmp_path):  # noqa: F811
     """`accelerate launch --num_processes 2 --cpu` splits the samples between processes and gathers them:
     the table equals a single-process run's."""

@@ -85,6 +85,7 @@ def test_kernels_reject_unsupported_layouts():
         decode_partial(torch.randn(1, 1, 1, 32, device=DEV), kq, kq, torch.ones(1, 32, dtype=torch.bool), 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtn-2", "akvq-vl"])
 def test_cache_decode_through_the_kernel_equals_the_torch_path(tiny_llama, monkeypatch, method):
     """End to end: generate with the fused decode kernel (interpreted on a CPU) and with the torch twin."""

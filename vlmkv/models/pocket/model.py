@@ -83,7 +83,8 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     """What `pocket.safetensors` stores: vision tower, projector, LoRA A/B and the added embedding rows."""
     from .lora import lora_state
 
-    out = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+    # the tower's own keys, without the `vision_model.` level older transformers releases wrap it in
+    out = {f"vision_tower.{k.removeprefix('vision_model.')}": v for k, v in model.model.vision_tower.state_dict().items()}
     out.update({f"multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()})
     out.update({f"language_model.{k}": v for k, v in lora_state(model.model.language_model).items()})
     return {k: v.detach().to(torch.float16).contiguous() for k, v in out.items()}
@@ -96,7 +97,10 @@ def part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 
 def load_vision(model, state: dict[str, torch.Tensor]) -> None:
     """Load the vision tower and projector of a `trained_state`."""
-    model.model.vision_tower.load_state_dict(part(state, "vision_tower."))
+    tower = part(state, "vision_tower.")
+    if all(k.startswith("vision_model.") for k in model.model.vision_tower.state_dict()):
+        tower = {f"vision_model.{k}": v for k, v in tower.items()}  # transformers 5.0 wraps the tower one level down
+    model.model.vision_tower.load_state_dict(tower)
     model.model.multi_modal_projector.load_state_dict(part(state, "multi_modal_projector."))
 
 
