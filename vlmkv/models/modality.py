@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-PAD, TEXT, IMAGE, SPECIAL = -1, 0, 1, 2
+from ..labels import IMAGE, PAD, SPECIAL, TEXT  # noqa: F401  (re-exported)
 
 
 @dataclass

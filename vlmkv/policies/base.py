@@ -16,8 +16,7 @@ import torch
 
 from ..quant import QuantSpec, SUPPORTED_BITS
 
-# Token modality labels used in PrefillContext.token_types.
-PAD, TEXT, IMAGE, SPECIAL = -1, 0, 1, 2
+from ..labels import IMAGE, PAD, SPECIAL, TEXT  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -180,6 +179,16 @@ def check_nonneg(value, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Registry
 _REGISTRY: dict[str, type[Policy]] = {}
+_WRAPPERS: dict[str, type] = {}
+
+
+def register_wrapper(suffix: str):
+    """Class decorator: make a wrapper policy available as the `+suffix` of a composed name."""
+    def deco(cls):
+        cls.suffix = suffix
+        _WRAPPERS[suffix] = cls
+        return cls
+    return deco
 
 
 _TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "tuple": (tuple,), "None": (type(None),)}
@@ -234,15 +243,13 @@ def get_policy(name: str, **options) -> Policy:
     key = name.strip().lower()
     if "+" in key:
         # composition: "windowquant+wht+pivots" wraps the base policy (options go to it)
-        from .compose import WRAPPERS
-
         base, *wraps = key.split("+")
         for w in wraps:
-            if w not in WRAPPERS:
-                raise ValueError(f"name's wrappers must be among {sorted(WRAPPERS)}, got {w!r} in {name!r}")
+            if w not in _WRAPPERS:
+                raise ValueError(f"name's wrappers must be among {sorted(_WRAPPERS)}, got {w!r} in {name!r}")
         policy = get_policy(base, **options)
         for w in wraps:
-            policy = WRAPPERS[w](policy)
+            policy = _WRAPPERS[w](policy)
         return policy
     if key not in _REGISTRY and "-" in key:
         base, _, suffix = key.rpartition("-")

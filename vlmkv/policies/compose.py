@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from .base import BitPlan, DecodeRule, Policy, PrefillContext
+from .base import BitPlan, DecodeRule, Policy, PrefillContext, register_wrapper
 from .pivots import pivot_mask
 
 
@@ -68,8 +68,8 @@ class PolicyWrapper(Policy):
         return getattr(self.inner, item)
 
 
+@register_wrapper("wht")
 class WithHadamard(PolicyWrapper):
-    suffix = "wht"
 
     @property
     def hadamard_keys(self) -> bool:
@@ -80,8 +80,8 @@ class WithHadamard(PolicyWrapper):
         self.inner.validate(head_dim, num_kv_heads)
 
 
+@register_wrapper("pivots")
 class WithPivots(PolicyWrapper):
-    suffix = "pivots"
 
     def __init__(self, inner: Policy, num_pivots: int = 15, threshold: float = 100.0):
         super().__init__(inner)
@@ -100,5 +100,3 @@ class WithPivots(PolicyWrapper):
     def needs_massive_activations(self) -> bool:
         return self.num_pivots > 0
 
-
-WRAPPERS = {"wht": WithHadamard, "pivots": WithPivots}
