@@ -259,8 +259,8 @@ def test_segment_attention_equals_materialized_attention(tiny_llama, padded_batc
         opts = {"residual_length": 16, "group_size": 8}
     if name == "skvq":
         opts = {"window": 4, "flush_every": 2, "group_size": 16, "key_bits": 4, "value_bits": 4}
-    old = att.CHUNK_TOKENS
-    att.CHUNK_TOKENS = 16  # several chunks per segment
+    old = att.CHUNK_TOKENS, att.CHUNK_ELEMENTS
+    att.CHUNK_TOKENS, att.CHUNK_ELEMENTS = 16, 1  # several chunks per segment (kernels take whole segments)
     try:
         runs = []
         for seg_attn in (True, False):
@@ -269,7 +269,7 @@ def test_segment_attention_equals_materialized_attention(tiny_llama, padded_batc
                 if seg_attn:
                     assert cache.layers[0].store.segments  # the segment path was taken
     finally:
-        att.CHUNK_TOKENS = old
+        att.CHUNK_TOKENS, att.CHUNK_ELEMENTS = old
     assert (runs[0] - runs[1]).abs().max() < 1e-4
 
 

@@ -3,7 +3,7 @@ machine set up by scripts/setup.sh has a compiler and ninja, so a kernel that do
 import pytest
 import torch
 
-from vlmkv.attention import pv_from_codes, qk_from_codes
+from vlmkv.kernels.reference import pv_from_codes, qk_from_codes
 from vlmkv.kernels import cpu
 from vlmkv.quant import QuantSpec, dequantize, quantize
 

@@ -31,7 +31,7 @@ def test_triton_quantize_pack_matches_the_reference(bits, head_dim, dtype, monke
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_decode_matches_the_reference(bits, head_dim, dtype):
-    from vlmkv.attention import pv_from_codes, qk_from_codes
+    from vlmkv.kernels.reference import pv_from_codes, qk_from_codes
     from vlmkv.kernels.triton_kv import decode_partial
 
     g = torch.Generator().manual_seed(head_dim + bits)

@@ -6,7 +6,7 @@ import torch
 # without a GPU, conftest.py has turned Triton's interpreter on (TRITON_INTERPRET=1) before triton was imported
 triton = pytest.importorskip("triton", reason="the Triton kernels need `pip install 'vlmkv[gpu]'`")
 
-from vlmkv.attention import pv_from_codes, qk_from_codes  # noqa: E402
+from vlmkv.kernels.reference import pv_from_codes, qk_from_codes  # noqa: E402
 from vlmkv.quant import QuantSpec, dequantize, quantize  # noqa: E402
 from vlmkv.quant.uniform import quantization_step  # noqa: E402
 

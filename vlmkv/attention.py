@@ -29,8 +29,8 @@ import threading
 import torch
 
 from . import kernels
-from .kernels import cpu
-from .models.hooks import attention_modules, text_config
+from .kernels.reference import masked, partial_softmax, pv_from_codes, qk_from_codes  # noqa: F401  (re-exported)
+from .models.hooks import text_config
 from .quant import QTensor, fwht
 
 _REGISTERED = False
@@ -57,62 +57,13 @@ def _allowed(mask: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
     return out
 
 
-def _masked(s: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:
-    """Scores `[B, H, r, n]` with -inf where ok `[B, n]` is False; ok None: nothing to mask."""
-    return s if ok is None else s.masked_fill(~ok[:, None, None, :], float("-inf"))
-
-
-def _codes(qt: QTensor) -> torch.Tensor:
-    """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied)."""
-    from .quant.uniform import _code_lut
-
-    lut = _code_lut(qt.spec.bits, qt.codes.device)
-    c = lut.index_select(0, qt.codes.reshape(-1).long()).view(*qt.codes.shape[:-1], -1)
-    return c if c.shape[-1] == qt.d else c[..., :qt.d]
-
-
-def qk_from_codes(q: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    """Scores q . k without dequantizing. Per-token groups: with k = s (c - z) per group g,
-    q . k = sum_g s_g (q_g . c_g) - s_g z_g sum(q_g); per-channel groups (KIVI keys): see below.
-    q: `[B, H, r, D]` float; returns `[B, H, r, n]`."""
-    c = _codes(qt)
-    B, H, n, D = c.shape
-    s = qt.scale.float()
-    b = -qt.zero.float() * s
-    if qt.spec.axis == "channel":
-        # per-channel groups of G tokens: k_td = c_td s_gd + b_gd, so q . k_t = (q * s_g) . c_t + q . b_g
-        G = qt.spec.group_size
-        ng = n // G
-        qs = q[:, :, :, None, :] * s[:, :, None]  # [B, H, r, ng, D]
-        sc = torch.einsum("bhrkd,bhkgd->bhrkg", qs, c.view(B, H, ng, G, D))
-        sc = sc + torch.einsum("bhrd,bhkd->bhrk", q, b)[..., None]
-        return sc.reshape(B, H, q.shape[2], n)
-    ng = qt.scale.shape[-1]  # per-token groups: s, b are [B, H, n, ng]
-    qg = q.view(B, H, q.shape[2], ng, D // ng)
-    qc = torch.einsum("bhrkg,bhnkg->bhrnk", qg, c.view(B, H, n, ng, D // ng))
-    return (qc * s[:, :, None]).sum(-1) + torch.einsum("bhrk,bhnk->bhrn", qg.sum(-1), b)
-
-
-def pv_from_codes(p: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    """sum_n p_n v_n for per-token-group values without dequantizing (v = s (c - z) per group).
-    p: `[B, H, r, n]` float; returns `[B, H, r, D]`."""
-    c = _codes(qt)
-    B, H, n, D = c.shape
-    ng = qt.scale.shape[-1]
-    s = qt.scale.float()
-    b = -qt.zero.float() * s
-    w = p[..., None] * s[:, :, None]  # [B, H, r, n, ng]
-    out = torch.einsum("bhrnk,bhnkg->bhrkg", w, c.view(B, H, n, ng, D // ng))
-    out = out + torch.einsum("bhrn,bhnk->bhrk", p, b)[..., None]
-    return out.reshape(B, H, p.shape[2], D)
-
-
 def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch.Tensor:
     """Decode attention over a `LayerStore`, segment by segment, without materializing the cache.
 
     query: `[B, Hq, 1, D]` (already rotated if the keys are). Returns `[B, 1, Hq, D]` (as
     transformers' sdpa_attention_forward), equal to softmax(q K^T * scaling + mask) V over all cached
-    tokens in slot order, up to float summation order.
+    tokens in slot order, up to float summation order. Each quantized segment goes to `kernels.decode_partial`
+    (the backend `kernels.decode_backend` picks, or the reference), float segments to a plain partial softmax.
     """
     B, Hq, _, D = query.shape
     L = store.length
@@ -120,51 +71,26 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     allowed = None if mask is None and all(seg.index is None for seg in store.segments.values()) \
         else _allowed(mask, B, L, query.device)
     parts = []
-    # fused decode: Triton on CUDA, the C++ op on the CPU; the torch twin below otherwise
-    backend = "triton" if kernels.available(query) else "cpu" if cpu.available(query) else None
-
-    def use_kernel(kq, vq) -> bool:
-        if backend == "cpu":
-            return cpu.fits_decode(kq, D, key=True) and cpu.fits_decode(vq, D, key=False)
-        return backend is not None and all(kernels.fits_decode(t, D) for t in (kq, vq))
+    cs = store.channel_scales
 
     def piece(k, v, ok):
         Hkv = k.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
-        s = torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling
-        s = _masked(s, ok)
-        m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-        e = torch.exp(s - m)
-        parts.append((m, e.sum(-1, keepdim=True), torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
+        m, den, e = partial_softmax(masked(torch.einsum("bgrd,bgcd->bgrc", q, k.float()) * scaling, ok))
+        parts.append((m, den, torch.einsum("bgrc,bgcd->bgrd", e, v.float())))
 
-    cs = store.channel_scales
-
-    def piece_codes(kq, vq, ok):
-        # scores and weighted values straight from the codes (one table lookup pass each, no dequantized copy)
+    def piece_codes(kq, vq, ok, backend):
+        # scores and weighted values straight from the codes, on the chosen backend (no dequantized copy)
         Hkv = kq.codes.shape[1]
         q = query.float().view(B, Hkv, Hq // Hkv, D)
         if cs is not None:
             q = q * cs[0].float()
-        fused = use_kernel(kq, vq)
-        if fused and backend == "cpu":  # one C++ pass over the packed bytes
-            m, den, o = cpu.decode_partial(q, kq, vq, ok, scaling)
-        elif fused:  # GPU: one fused Triton pass (flash-decoding over the packed codes)
-            from .kernels.triton_kv import decode_partial
-
-            if ok is None:
-                ok = torch.ones(B, kq.codes.shape[-2], dtype=torch.bool, device=query.device)
-            m, den, o = decode_partial(q, kq, vq, ok, scaling)
-        else:
-            s = qk_from_codes(q, kq) * scaling
-            s = _masked(s, ok)
-            m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-            e = torch.exp(s - m)
-            o, den = pv_from_codes(e, vq), e.sum(-1, keepdim=True)
+        m, den, o = kernels.decode_partial(q, kq, vq, ok, scaling, backend)
         if cs is not None:
             o = o * cs[1].float()
         parts.append((m, den, o))
 
-    def piece_codes_permuted(kq, vq, ok):
+    def piece_codes_permuted(kq, vq, ok, backend):
         # SKVQ: tokens stored flattened across kv heads with permuted channels. Each query head becomes a
         # query over all H*D channels (zeros outside its own head), permuted the same way, so scores come
         # straight from the codes; the weighted values are un-permuted and each head keeps its own channels.
@@ -176,17 +102,13 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         for h in range(Hkv):
             full[:, h, :, h] = q[:, h]
         qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
-        if backend == "cpu" and cpu.fits_decode(kq, Hkv * D, key=True) and cpu.fits_decode(vq, Hkv * D, key=False):
-            # the C++ kernel over the flattened rows: Hkv * r query "heads" of Hkv * D channels
-            m, den, o = cpu.decode_partial(qp, kq, vq, ok, scaling)
+        if backend == "cpu":  # the C++ kernel over the flattened rows: Hkv * r query "heads" of Hkv * D channels
+            m, den, o = kernels.decode_partial(qp, kq, vq, ok, scaling, backend)
             m, den = m.view(B, Hkv, r, 1), den.view(B, Hkv, r, 1)
-        else:
+        else:  # the reference, with each head's scores masked apart
             s = (qk_from_codes(qp, kq) * scaling).view(B, Hkv, r, -1)
-            s = _masked(s, ok)
-            m = s.amax(-1, keepdim=True).clamp_min(-1e30)
-            e = torch.exp(s - m)
+            m, den, e = partial_softmax(masked(s, ok))
             o = pv_from_codes(e.view(B, 1, Hkv * r, -1), vq)  # [B, 1, Hkv*r, H*D] in permuted channel order
-            den = e.sum(-1, keepdim=True)
         o = o.index_select(-1, torch.argsort(pv)).view(B, Hkv, r, Hkv, D)
         o = torch.stack([o[:, h, :, h] for h in range(Hkv)], dim=1)
         parts.append((m, den, o))
@@ -197,7 +119,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         quantized = isinstance(sk, QTensor)
         t = sk.codes if quantized else sk
         per_token = t.shape[1] * (sk.d if quantized else t.shape[-1])
-        step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, t.shape[0] * per_token)) if CHUNK_TOKENS >= 1024 else CHUNK_TOKENS
+        step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, t.shape[0] * per_token))
         if quantized:
             for qt in (sk, sv):  # chunks end on per-channel group boundaries
                 if qt.spec.axis == "channel":
@@ -206,7 +128,12 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         # permuted (SKVQ) segments: the codes path costs H x more products, worth it for few kv heads
         on_codes_perm = (quantized and store.channel_perm is not None and sk.spec.axis == "token"
                          and sv.spec.axis == "token" and store.channel_scales is None and store.num_heads <= 8)
-        if on_codes and use_kernel(sk, sv):
+        backend = "torch"
+        if on_codes:
+            backend = kernels.decode_backend(query, sk, sv, D)
+        elif on_codes_perm:
+            backend = kernels.decode_backend(query, sk, sv, store.num_heads * D, allow=("cpu",))
+        if backend != "torch":
             step = max(1, n)  # the kernel chunks and parallelizes the segment itself
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
@@ -218,12 +145,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
                 idx = seg.index[:, s0:s1].long()
                 ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
             whole = s0 == 0 and s1 == n
-            if on_codes:
-                piece_codes(sk if whole else sk.slice_tokens(s0, s1), sv if whole else sv.slice_tokens(s0, s1), ok)
-                continue
-            if on_codes_perm:
-                piece_codes_permuted(sk if whole else sk.slice_tokens(s0, s1), sv if whole else sv.slice_tokens(s0, s1),
-                                     ok)
+            if on_codes or on_codes_perm:
+                kq, vq = (sk, sv) if whole else (sk.slice_tokens(s0, s1), sv.slice_tokens(s0, s1))
+                (piece_codes if on_codes else piece_codes_permuted)(kq, vq, ok, backend)
                 continue
             k, v = store.read(seg, s0, s1)
             piece(k, v, ok)

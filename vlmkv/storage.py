@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from .kernels import cpu, fits_quantize
-from .quant import QTensor, QuantSpec, dequantize, quantize
+from . import kernels
+from .quant import QTensor, QuantSpec, dequantize
 
 SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
 
@@ -218,16 +218,16 @@ class Segment:
 
     def append_float(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
-        spare capacity with the CPU kernel: one call per tensor, no temporary QTensor. False (nothing done)
-        where that kernel does not apply; the caller then quantizes and appends."""
+        spare capacity with the CPU kernel (`kernels.quantize_into`): one call per tensor, no temporary
+        QTensor. False (nothing done) where that kernel does not apply; the caller then quantizes and appends."""
         if self.index is not None or not isinstance(self.kb, QTensor) or self.kb.codes.dim() != 4:
             return False
-        if not (all(fits_quantize(t.spec, t.d) for t in (self.kb, self.vb)) and cpu.available(k)):
+        if not all(kernels.quantize_backend(x, t.spec) == "cpu" for x, t in ((k, self.kb), (v, self.vb))):
             return False
         n = k.shape[-2]
         self._reserve(self.count + n)
         for src, buf in ((k, self.kb), (v, self.vb)):
-            cpu.quantize_into(src, buf.slice_tokens(self.count, self.count + n))
+            kernels.quantize_into(src, buf.slice_tokens(self.count, self.count + n))
         self.count += n
         return True
 
@@ -474,7 +474,7 @@ class LayerStore:
                 if index is None and old is not None and old.index is None and old.start + old.n == start \
                         and old.append_float(kk, vv):
                     continue
-                seg = Segment(b, quantize(kk, kspec), quantize(vv, vspec), index, start)
+                seg = Segment(b, kernels.quantize(kk, kspec), kernels.quantize(vv, vspec), index, start)
             if b in self.segments:
                 self.segments[b].append(seg)
             else:

@@ -1,16 +1,19 @@
-"""Fused kernels, each with its plain PyTorch twin beside it as fallback and test oracle. Two backends with the
-same two kernels:
+"""Fused kernels and the one place that picks a backend for them.
 
-* `triton_kv.py` (GPU, `pip install 'vlmkv[gpu]'`) and `cpu.py` + `cpu_kv.cpp` (CPU, a C++ torch op built on
-  first use);
-* `quantize_pack` (twin: `vlmkv.quant.quantize`): per-token groups quantized and bit-packed in one pass;
-* `decode_partial` (twin: `vlmkv.attention.qk_from_codes` / `pv_from_codes`): flash-decoding attention of a
-  one-token query over a packed 2/4/8-bit segment, GQA-aware, partial softmaxes merged by log-sum-exp.
+Two kernels, each with a pure PyTorch reference in `reference.py` (the definition the backends are tested
+against, and the fallback):
 
-`VLMKV_KERNELS` picks: `auto` (default: Triton for CUDA tensors, the C++ kernels for CPU tensors), `torch` (the
-twins everywhere), `triton` (Triton also for CPU tensors when its interpreter is on, `TRITON_INTERPRET=1`: how CI
-checks the Triton kernels without a GPU) or `cpu`. `available(x)` says whether `x` takes the Triton path,
-`cpu.available(x)` whether it takes the C++ one.
+* `quantize` (reference `quantize_pack_ref`, i.e. `vlmkv.quant.quantize`): per-token groups quantized and
+  bit-packed in one pass;
+* `decode_partial` (reference `decode_partial_ref`): flash-decoding attention of one-token queries over a packed
+  2/4/8-bit segment, GQA-aware, returned as a partial softmax that the caller merges by log-sum-exp.
+
+Backends: `triton_kv.py` (GPU, `pip install 'vlmkv[gpu]'`) and `cpu.py` + `cpu_kv.cpp` (CPU, a C++ torch op built
+on first use). `VLMKV_KERNELS` picks: `auto` (default: Triton for CUDA tensors, the C++ kernels for CPU tensors),
+`torch` (the references everywhere), `triton` (Triton also for CPU tensors when its interpreter is on,
+`TRITON_INTERPRET=1`: how CI checks the Triton kernels without a GPU) or `cpu`. `quantize_backend` and
+`decode_backend` are the only functions that choose; storage and attention call `quantize`, `quantize_into` and
+`decode_partial` here and never a backend directly.
 """
 from __future__ import annotations
 
@@ -75,5 +78,78 @@ def check_rows(qt, name: str) -> None:
         raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
 
 
-__all__ = ["MODES", "available", "check_quantize", "check_rows", "fits_decode", "fits_quantize", "mode",
-           "triton_installed"]
+# ------------------------------------------------------------------------------------- the dispatcher
+def quantize_backend(x, spec) -> str:
+    """"triton", "cpu" or "torch": which backend `quantize(x, spec)` runs."""
+    from . import cpu
+
+    if not fits_quantize(spec, x.shape[-1]):
+        return "torch"
+    if available(x):
+        return "triton"
+    return "cpu" if cpu.available(x) else "torch"
+
+
+def quantize(x, spec):
+    """Quantize float `x` `[..., n, d]` with `spec` on the backend `quantize_backend` picks; the same QTensor as
+    `reference.quantize_pack_ref(x, spec)` (bit for bit on the CPU; on the GPU codes may differ where x / scale
+    lands within float error of a rounding tie)."""
+    be = quantize_backend(x, spec)
+    if be == "triton":
+        from .triton_kv import quantize_pack
+
+        return quantize_pack(x, spec)
+    if be == "cpu":
+        from .cpu import quantize_pack
+
+        return quantize_pack(x, spec)
+    from .reference import quantize_pack_ref
+
+    return quantize_pack_ref(x, spec)
+
+
+def quantize_into(x, out) -> bool:
+    """Quantize `x` `[B, H, n, D]` straight into `out`'s buffers (a QTensor view of a segment's spare room) where a
+    backend can; False (nothing written) where none can: the caller then quantizes and appends."""
+    from . import cpu
+
+    if out.codes.dim() != 4 or quantize_backend(x, out.spec) != "cpu":
+        return False
+    cpu.quantize_into(x, out)
+    return True
+
+
+def decode_backend(q, kq, vq, d: int, allow=("triton", "cpu")) -> str:
+    """"triton", "cpu" or "torch": which backend `decode_partial` runs for these operands (rows of d channels)."""
+    from . import cpu
+
+    if "triton" in allow and available(q) and fits_decode(kq, d) and fits_decode(vq, d):
+        return "triton"
+    if "cpu" in allow and cpu.available(q) and cpu.fits_decode(kq, d, key=True) and cpu.fits_decode(vq, d, key=False):
+        return "cpu"
+    return "torch"
+
+
+def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
+    """Partial attention of one-token queries over a packed segment on `backend` (default: `decode_backend`'s
+    choice). Arguments and result as `reference.decode_partial_ref`."""
+    be = backend or decode_backend(q, kq, vq, kq.d)
+    if be == "cpu":
+        from . import cpu
+
+        return cpu.decode_partial(q, kq, vq, ok, scaling)
+    if be == "triton":
+        import torch
+
+        from .triton_kv import decode_partial as triton_decode
+
+        if ok is None:
+            ok = torch.ones(q.shape[0], kq.codes.shape[-2], dtype=torch.bool, device=q.device)
+        return triton_decode(q, kq, vq, ok, scaling)
+    from .reference import decode_partial_ref
+
+    return decode_partial_ref(q, kq, vq, ok, scaling)
+
+
+__all__ = ["MODES", "available", "check_quantize", "check_rows", "decode_backend", "decode_partial", "fits_decode",
+           "fits_quantize", "mode", "quantize", "quantize_backend", "quantize_into", "triton_installed"]

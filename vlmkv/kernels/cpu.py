@@ -43,7 +43,8 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     from ..models.loading import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + _BUILDER.encode() + torch.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu-{key}"
 
 
@@ -79,7 +80,8 @@ except Exception:
     pass
 signal.signal(signal.SIGTERM, lambda *a: os.killpg(0, signal.SIGKILL))
 from torch.utils import cpp_extension
-cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+# no contraction into fused multiply-adds: the kernel must round as the reference does, operation by operation
+cpp_extension.load(sys.argv[1], [sys.argv[2]], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                    extra_ldflags=["-fopenmp"], build_directory=sys.argv[3], is_python_module=False, verbose=False)
 """
 

@@ -148,23 +148,14 @@ def _round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """Quantize a float tensor `[..., n, d]` (fp32, fp16 or bf16) as equations (3)-(6)."""
+    """Quantize a float tensor `[..., n, d]` (fp32, fp16 or bf16) as equations (3)-(6), in plain PyTorch.
+
+    This is the reference the fused kernels are tested against (`vlmkv.kernels.quantize` picks a backend)."""
     if spec.bits == 16:
         raise ValueError(f"bits=16 means 'keep as is': store the tensor itself, got spec {spec!r}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got dtype {x.dtype!r}")
     *lead, n, d = x.shape
-    from .. import kernels  # the fused quantize+pack kernels, for which this function is the twin and oracle
-
-    if kernels.fits_quantize(spec, d):
-        if kernels.available(x):  # Triton (GPU)
-            from ..kernels.triton_kv import quantize_pack
-
-            return quantize_pack(x, spec)
-        from ..kernels import cpu
-
-        if cpu.available(x):  # C++ (CPU): the same codes, scales and zero points, bit for bit
-            return cpu.quantize_pack(x, spec)
     xg, rdim = _grouped(x.float(), spec)
     qmax = (1 << spec.bits) - 1
     mx = xg.amax(dim=rdim, keepdim=True) * spec.clip_ratio
