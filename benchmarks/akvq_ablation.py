@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
-from vlmkv.cli import _chat_inputs  # noqa: E402
+from vlmkv.eval.prompts import chat_inputs  # noqa: E402
 from vlmkv.eval.fidelity import fidelity  # noqa: E402
 from vlmkv.eval.prompts import CITIES, copy_table_prompt, score_copy  # noqa: E402
 
@@ -66,9 +66,9 @@ def main():
     p.add_argument("--only", default=None, help="comma-separated method labels to run (default: all)")
     args = p.parse_args()
     model, tok = vlmkv.load_model("smollm2-135m")
-    x = _chat_inputs(tok, [long_prompt(args.paragraphs)], True)
+    x = chat_inputs(tok, [long_prompt(args.paragraphs)], True)
     msg, rows = copy_table_prompt()
-    xc = _chat_inputs(tok, [msg], True)
+    xc = chat_inputs(tok, [msg], True)
     print(f"fidelity prompt: {x['input_ids'].shape[1]} tokens; copy prompt: {xc['input_ids'].shape[1]} tokens",
           file=sys.stderr)
     results = []

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
-from vlmkv.cli import _chat_inputs  # noqa: E402
+from vlmkv.eval.prompts import chat_inputs  # noqa: E402
 from vlmkv.eval.synthetic import COLOURS, SHAPES, TASKS, make_question  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main():
             q, choices, ans = make_question(task, clip, rng)
             frames = "\n".join(f"Frame {k + 1}: {c} {s}" for k, (c, s) in enumerate(clip))
             opts = "\n".join(f"{string.ascii_uppercase[j]}. {c}" for j, c in enumerate(choices))
-            x = _chat_inputs(tok, [f"{frames}\nQuestion: {q}\nOptions:\n{opts}\nAnswer with the option's letter."], True)
+            x = chat_inputs(tok, [f"{frames}\nQuestion: {q}\nOptions:\n{opts}\nAnswer with the option's letter."], True)
             o = model.generate(**x, max_new_tokens=3, do_sample=False)
             a = tok.decode(o[0, x["input_ids"].shape[1]:], skip_special_tokens=True).strip()
             ok += a[:1].upper() == string.ascii_uppercase[choices.index(ans)]

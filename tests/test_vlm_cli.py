@@ -1,7 +1,6 @@
 """A local VLM directory (tiny random LLaVA with SmolLM2's tokenizer and a real LlavaProcessor) through
 `load_model` and `vlmkv generate --image`: the path a user with downloaded weights takes."""
 import pytest
-import torch
 
 from vlmkv.cli import main
 

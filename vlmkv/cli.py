@@ -66,22 +66,14 @@ def _policy_from_args(args):
     return get_policy(args.method, **opts)
 
 
-def _chat_inputs(tok, prompts: list[str], chat: bool):
-    tok.padding_side = "left"
-    if chat and getattr(tok, "chat_template", None):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                 for p in prompts]
-    else:
-        texts = prompts
-    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def cmd_generate(args) -> int:
     import torch
+
+    from .eval.prompts import chat_inputs
 
     from . import QuantizedKVCache, load_model
     from .cache import cache_kwargs
@@ -94,7 +86,7 @@ def cmd_generate(args) -> int:
     if args.image:
         inputs = {k: (v.to(args.device) if hasattr(v, "to") else v) for k, v in build_inputs(proc, args.prompt, args.image).items()}
     else:
-        inputs = _chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
+        inputs = chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
@@ -127,7 +119,7 @@ def cmd_demo(args) -> int:
     from . import QuantizedKVCache, load_model
     from .cache import cache_kwargs
     from .eval.fidelity import fidelity
-    from .eval.prompts import copy_table_prompt, score_copy
+    from .eval.prompts import chat_inputs, copy_table_prompt, score_copy
 
     print(f"Loading {args.model} (the first run converts the GGUF file and assembles the demo VLM once, ~30 s)...",
           flush=True)
@@ -146,7 +138,7 @@ def cmd_demo(args) -> int:
         return 0
     args.methods = args.methods or DEMO_METHODS
     message, rows = copy_table_prompt(n_rows=args.rows, seed=args.seed)
-    inputs = _chat_inputs(tok, [message], True)
+    inputs = chat_inputs(tok, [message], True)
     n_prompt = inputs["input_ids"].shape[1]
     print(f"Task: copy a {len(rows)}-row table of people and cities shown in a {n_prompt}-token prompt.")
     print(f"Truth starts: {' | '.join(rows[:3])} | ...\n")
@@ -178,8 +170,10 @@ def cmd_demo(args) -> int:
 def build_inputs(proc, prompt: str, images: list[str] | None = None):
     """Chat-formatted inputs for a tokenizer (text) or a processor (images + text)."""
     if not images:
+        from .eval.prompts import chat_inputs
+
         tok = getattr(proc, "tokenizer", proc)
-        return dict(_chat_inputs(tok, [prompt], True))
+        return dict(chat_inputs(tok, [prompt], True))
     from PIL import Image
 
     pics = [Image.open(p).convert("RGB") for p in images]

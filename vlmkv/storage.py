@@ -422,7 +422,9 @@ class LayerStore:
         return self._specs[key]
 
     def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int) -> None:
-        """Store tokens at slots `start .. start+n-1` into precision segments.
+        """Store tokens at slots `start .. start+n-1` into precision segments, one width at a time: select the
+        width's tokens (`_select`), bring them to the quantized layout (`_to_quantized_layout`), then store them
+        (`_store`).
 
         k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}, or one int for every token
         (decode steps: no per-token bookkeeping).
@@ -434,51 +436,67 @@ class LayerStore:
             return
         uniform = isinstance(bits, int)
         for b in [bits] if uniform else sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
-            sel = None if uniform else bits == b
             d_q = H * D if self.channel_perm is not None else D  # channels a quantized token carries
-            kspec = self._spec(b, "key", d_q) if b != 16 else None
-            vspec = self._spec(b, "value", d_q) if b != 16 else None
-            mult = 1
-            for s in (kspec, vspec):
-                if s is not None and s.axis == "channel":
-                    mult = max(mult, s.group_size)
-            if (uniform or bool(sel.all())) and n % mult == 0:
-                kk, vv, index = k, v, None
-            else:
-                if sel is None:
-                    sel = torch.ones(B, n, dtype=torch.bool, device=k.device)
-                counts = sel.sum(dim=1)
-                m = int(counts.max())
-                if m == 0:
-                    continue
-                m_pad = -(-m // mult) * mult
-                # selected positions first, in order (stable), then the rest
-                order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
-                if m_pad > n:
-                    order = torch.cat([order, order[:, :1].expand(B, m_pad - n)], dim=1)
-                order = order[:, :m_pad]
-                valid = torch.arange(m_pad, device=k.device)[None, :] < counts[:, None]
-                order = torch.where(valid, order, order[:, :1])  # filler: a copy of the row's first token
-                gather = order[:, None, :, None].expand(B, H, m_pad, D)
-                kk, vv = k.gather(2, gather), v.gather(2, gather)
-                index = torch.where(valid, order + start, -1).to(torch.int32)
+            specs = (self._spec(b, "key", d_q), self._spec(b, "value", d_q)) if b != 16 else (None, None)
+            # per-channel groups (KIVI keys) take whole groups of tokens: a segment grows by multiples of them
+            mult = max([s.group_size for s in specs if s is not None and s.axis == "channel"] or [1])
+            picked = self._select(k, v, None if uniform else bits == b, mult, start)
+            if picked is None:
+                continue
+            kk, vv, index = picked
             if b == 16:
                 seg = Segment(16, kk.to(self.full_dtype).contiguous(), vv.to(self.full_dtype).contiguous(), index, start)
             else:
-                if self.channel_scales is not None:
-                    sk, sv = self.channel_scales
-                    kk, vv = kk / sk.to(kk.dtype), vv / sv.to(vv.dtype)
-                if self.channel_perm is not None:
-                    kk, vv = _flatten(kk, self.channel_perm[0]), _flatten(vv, self.channel_perm[1])
-                old = self.segments.get(b)
-                if index is None and old is not None and old.index is None and old.start + old.n == start \
-                        and old.append_float(kk, vv):
-                    continue
-                seg = Segment(b, kernels.quantize(kk, kspec), kernels.quantize(vv, vspec), index, start)
+                seg = self._store(b, *self._to_quantized_layout(kk, vv), index, start, specs)
+                if seg is None:
+                    continue  # written in place into the existing segment
             if b in self.segments:
                 self.segments[b].append(seg)
             else:
                 self.segments[b] = seg
+
+    @staticmethod
+    def _select(k, v, sel, mult: int, start: int):
+        """The tokens of one width: (k, v, index), index None when they are all of `k`, `v` in slot order, else
+        the selected tokens first (stable), padded to a multiple of `mult` with filler (a copy of the row's first
+        token, slot -1); None when no row selects any."""
+        B, H, n, D = k.shape
+        if (sel is None or bool(sel.all())) and n % mult == 0:
+            return k, v, None
+        if sel is None:
+            sel = torch.ones(B, n, dtype=torch.bool, device=k.device)
+        counts = sel.sum(dim=1)
+        m = int(counts.max())
+        if m == 0:
+            return None
+        m_pad = -(-m // mult) * mult
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
+        if m_pad > n:
+            order = torch.cat([order, order[:, :1].expand(B, m_pad - n)], dim=1)
+        order = order[:, :m_pad]
+        valid = torch.arange(m_pad, device=k.device)[None, :] < counts[:, None]
+        order = torch.where(valid, order, order[:, :1])
+        gather = order[:, None, :, None].expand(B, H, m_pad, D)
+        return k.gather(2, gather), v.gather(2, gather), torch.where(valid, order + start, -1).to(torch.int32)
+
+    def _to_quantized_layout(self, k, v):
+        """Float tokens as they are quantized: divided by the channel scales (SmoothQuant), flattened across kv
+        heads with permuted channels (SKVQ); `read` undoes both."""
+        if self.channel_scales is not None:
+            sk, sv = self.channel_scales
+            k, v = k / sk.to(k.dtype), v / sv.to(v.dtype)
+        if self.channel_perm is not None:
+            k, v = _flatten(k, self.channel_perm[0]), _flatten(v, self.channel_perm[1])
+        return k, v
+
+    def _store(self, b: int, k, v, index, start: int, specs) -> Segment | None:
+        """Quantize tokens of width b: straight into the end of the existing segment where the slots follow on and
+        a kernel can write in place (returns None), else as a new Segment to append."""
+        old = self.segments.get(b)
+        if index is None and old is not None and old.index is None and old.start + old.n == start \
+                and old.append_float(k, v):
+            return None
+        return Segment(b, kernels.quantize(k, specs[0]), kernels.quantize(v, specs[1]), index, start)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int,
                 channel_scales: tuple | None = None, channel_perm: tuple | None = None) -> None:

@@ -26,3 +26,15 @@ def copy_table_prompt(n_rows: int = 24, seed: int = 2) -> tuple[str, list[str]]:
 def score_copy(answer: str, rows: list[str]) -> float:
     """Fraction of expected rows that appear verbatim in the answer."""
     return sum(r in answer for r in rows) / len(rows)
+
+
+def chat_inputs(tok, prompts: list[str], chat: bool):
+    """Tokenized `prompts` (left-padded), each as one user turn of the tokenizer's chat template when `chat` and
+    the tokenizer has one, else as raw text."""
+    tok.padding_side = "left"
+    if chat and getattr(tok, "chat_template", None):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                 for p in prompts]
+    else:
+        texts = prompts
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)

@@ -71,7 +71,6 @@ class SKVQPolicy(Policy):
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         B, H, S, D = ctx.keys.shape
-        self._group(H * D)
         bits = uniform_plan(ctx, self.key_bits)
         if self.sinks:
             real = (ctx.token_types != PAD) if ctx.token_types is not None else torch.ones(B, S, dtype=torch.bool)
