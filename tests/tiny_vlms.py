@@ -126,7 +126,7 @@ def expected_bytes(cache) -> int:
     for layer in cache.layers:
         st = layer.store
         for bits, seg in st.segments.items():
-            t = seg.k.codes if bits < 16 else seg.k
+            t = seg.k.codes
             b, h = t.shape[:2]
             n = seg.capacity  # spare capacity is held, so it counts
             d = cache.head_dim

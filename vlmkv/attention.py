@@ -117,8 +117,8 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         n = seg.n
         sk, sv = seg.k, seg.v  # views of the used tokens (each access builds them anew: take them once)
         quantized = isinstance(sk, QTensor)
-        t = sk.codes if quantized else sk
-        per_token = t.shape[1] * (sk.d if quantized else t.shape[-1])
+        t = sk.codes
+        per_token = t.shape[1] * sk.d
         step = max(CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, t.shape[0] * per_token))
         if quantized:
             for qt in (sk, sv):  # chunks end on per-channel group boundaries

@@ -53,20 +53,54 @@ def _unflatten(x: torch.Tensor, perm: torch.Tensor, heads: int, inverse: torch.T
     return y.view(B, n, heads, HD // heads).permute(0, 2, 1, 3)
 
 
-def _rows(t: QTensor | torch.Tensor, tokens: int, part: str) -> int:
+@dataclass
+class Plain:
+    """A 16-bit segment's tokens `[B, H, n, D]`, kept as they are, behind QTensor's interface (the codes are the
+    values themselves, with no scales), so that segments of every width are handled alike."""
+
+    codes: torch.Tensor
+    spec = None
+
+    @property
+    def d(self) -> int:
+        return self.codes.shape[-1]
+
+    def slice_tokens(self, start: int, stop: int) -> "Plain":
+        return Plain(self.codes[..., start:stop, :])
+
+    def map(self, fn) -> "Plain":
+        return Plain(fn(self.codes))
+
+    def nbytes(self) -> int:
+        return _nbytes(self.codes)
+
+
+Stored = QTensor | Plain
+
+
+def _per_channel(t: Stored) -> bool:
+    return t.spec is not None and t.spec.axis == "channel"
+
+
+def _rows(t: Stored, tokens: int, part: str) -> int:
     """Rows along dim -2 that `tokens` tokens occupy in `part` ('codes' or 'meta') of a stored tensor."""
-    if isinstance(t, QTensor) and part == "meta" and t.spec.axis == "channel":
-        return tokens // t.spec.group_size
-    return tokens
+    return tokens // t.spec.group_size if part == "meta" and _per_channel(t) else tokens
 
 
-def _parts(t: QTensor | torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(t, QTensor):
-        return [("codes", t.codes), ("meta", t.scale), ("meta", t.zero)]
-    return [("codes", t)]
+def _parts(t: Stored) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(t, Plain):
+        return [("codes", t.codes)]
+    return [("codes", t.codes), ("meta", t.scale), ("meta", t.zero)]
 
 
-def _grown(buf: QTensor | torch.Tensor, used: int, cap: int):
+def _like(buf: Stored, parts: list[torch.Tensor]) -> Stored:
+    """A stored tensor of `buf`'s kind over new part tensors (as `_parts` lists them)."""
+    if isinstance(buf, Plain):
+        return Plain(parts[0])
+    return QTensor(parts[0], parts[1], parts[2], buf.spec, buf.d, buf.dtype)
+
+
+def _grown(buf: Stored, used: int, cap: int) -> Stored:
     """A copy of `buf` with room for `cap` tokens, its first `used` tokens kept."""
     out = []
     for part, x in _parts(buf):
@@ -74,37 +108,32 @@ def _grown(buf: QTensor | torch.Tensor, used: int, cap: int):
         r = _rows(buf, used, part)
         y[..., :r, :] = x[..., :r, :]
         out.append(y)
-    if isinstance(buf, QTensor):
-        return QTensor(out[0], out[1], out[2], buf.spec, buf.d, buf.dtype)
-    return out[0]
+    return _like(buf, out)
 
 
-def _shifted(buf, drop: int, used: int):
+def _shifted(buf: Stored, drop: int, used: int) -> Stored:
     """A copy of `buf` holding exactly its tokens [drop, used) (`drop` a whole number of groups)."""
-    out = [x[..., _rows(buf, drop, part):_rows(buf, used, part), :].clone() for part, x in _parts(buf)]
-    if isinstance(buf, QTensor):
-        return QTensor(out[0], out[1], out[2], buf.spec, buf.d, buf.dtype)
-    return out[0]
+    return _like(buf, [x[..., _rows(buf, drop, part):_rows(buf, used, part), :].clone() for part, x in _parts(buf)])
 
 
-def _write(buf, src, at: int) -> None:
+def _write(buf: Stored, src: Stored, at: int) -> None:
     """Copy all of `src` into `buf` starting at token `at`."""
     for (part, x), (_, y) in zip(_parts(buf), _parts(src)):
         r = _rows(buf, at, part)
         x[..., r:r + y.shape[-2], :] = y
 
 
-def _capacity(buf) -> int:
-    if isinstance(buf, QTensor) and buf.spec.axis == "channel":
+def _capacity(buf: Stored) -> int:
+    if _per_channel(buf):
         return buf.scale.shape[-2] * buf.spec.group_size
-    return (buf.codes if isinstance(buf, QTensor) else buf).shape[-2]
+    return buf.codes.shape[-2]
 
 
 @dataclass
 class Segment:
     """Tokens of one bit-width of one layer.
 
-    kb, vb: storage buffers, QTensor (bits < 16) or raw `[B, H, capacity, D]` tensors, of which the first
+    kb, vb: storage buffers, QTensor (bits < 16) or Plain (16 bits) `[B, H, capacity, .]`, of which the first
     `count` tokens are used (`k`, `v` are views of them). Appends write in place and grow the buffers by a
     margin (max(16 tokens, 1/64 of the segment)) only when full, so decode steps never copy the segment;
     the spare capacity is counted in `nbytes()` (at most ~1.6% of a long segment).
@@ -126,12 +155,12 @@ class Segment:
         return self.count
 
     @property
-    def k(self):
-        return self.kb.slice_tokens(0, self.count) if isinstance(self.kb, QTensor) else self.kb[:, :, :self.count]
+    def k(self) -> Stored:
+        return self.kb.slice_tokens(0, self.count)
 
     @property
-    def v(self):
-        return self.vb.slice_tokens(0, self.count) if isinstance(self.vb, QTensor) else self.vb[:, :, :self.count]
+    def v(self) -> Stored:
+        return self.vb.slice_tokens(0, self.count)
 
     @property
     def capacity(self) -> int:
@@ -139,9 +168,7 @@ class Segment:
 
     def nbytes(self) -> int:
         total = _nbytes(self.index)
-        for t in (self.kb, self.vb):
-            total += t.nbytes() if isinstance(t, QTensor) else _nbytes(t)
-        return total
+        return total + self.kb.nbytes() + self.vb.nbytes()
 
     def slot_index(self, batch: int, device) -> torch.Tensor:
         """The index map, materialized if the segment is contiguous."""
@@ -152,8 +179,7 @@ class Segment:
 
     def map(self, fn) -> None:
         """Apply a batch-dimension op (index_select, repeat_interleave, ...) to everything."""
-        self.kb = self.kb.map(fn) if isinstance(self.kb, QTensor) else fn(self.kb)
-        self.vb = self.vb.map(fn) if isinstance(self.vb, QTensor) else fn(self.vb)
+        self.kb, self.vb = self.kb.map(fn), self.vb.map(fn)
         if self.index is not None:
             self.index = fn(self.index)
 
@@ -161,15 +187,14 @@ class Segment:
         """Room for `need` tokens: grown by a margin only when full, so most appends copy nothing."""
         if need > self.capacity:
             cap = need + max(16, self.count // 64)
-            if isinstance(self.kb, QTensor) and self.kb.spec.axis == "channel":
+            if _per_channel(self.kb):
                 g = self.kb.spec.group_size
                 cap = -(-cap // g) * g
             self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
 
     def _unit(self) -> int:
         """Tokens that are stored together: a per-channel group (KIVI keys), else one."""
-        return max([t.spec.group_size for t in (self.kb, self.vb) if isinstance(t, QTensor) and t.spec.axis == "channel"]
-                   or [1])
+        return max([t.spec.group_size for t in (self.kb, self.vb) if _per_channel(t)] or [1])
 
     def drop_front(self, n: int) -> bool:
         """Forget slots < n and renumber the rest from 0 (a sliding window moved on). Whole leading columns that
@@ -184,8 +209,8 @@ class Segment:
                 return False
             index = None
             if d % self._unit():
-                b = (self.kb.codes if isinstance(self.kb, QTensor) else self.kb).shape[0]
-                dev = self.kb.codes.device if isinstance(self.kb, QTensor) else self.kb.device
+                b = self.kb.codes.shape[0]
+                dev = self.kb.codes.device
                 index = self.slot_index(b, dev) - n
                 index = torch.where(index >= 0, index, -1).to(torch.int32)
             self.start = 0
@@ -207,8 +232,8 @@ class Segment:
     def append(self, other: "Segment") -> None:
         contiguous = self.index is None and other.index is None and other.start == self.start + self.n
         if not contiguous:
-            b = (self.kb.codes if isinstance(self.kb, QTensor) else self.kb).shape[0]
-            dev = self.kb.codes.device if isinstance(self.kb, QTensor) else self.kb.device
+            b = self.kb.codes.shape[0]
+            dev = self.kb.codes.device
             self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
         need = self.count + other.n
         self._reserve(need)
@@ -220,7 +245,7 @@ class Segment:
         """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
         spare capacity with the CPU kernel (`kernels.quantize_into`): one call per tensor, no temporary
         QTensor. False (nothing done) where that kernel does not apply; the caller then quantizes and appends."""
-        if self.index is not None or not isinstance(self.kb, QTensor) or self.kb.codes.dim() != 4:
+        if self.index is not None or isinstance(self.kb, Plain) or self.kb.codes.dim() != 4:
             return False
         if not all(kernels.quantize_backend(x, t.spec) == "cpu" for x, t in ((k, self.kb), (v, self.vb))):
             return False
@@ -397,8 +422,7 @@ class LayerStore:
             b, h, _, d = self.res_k.shape
         elif self.segments:
             s = next(iter(self.segments.values()))
-            t = s.k.codes if isinstance(s.k, QTensor) else s.k
-            b, h, d = t.shape[0], t.shape[1], (s.k.d if isinstance(s.k, QTensor) else t.shape[-1])  # h*d is per token
+            b, h, d = s.kb.codes.shape[0], s.kb.codes.shape[1], s.kb.d  # h * d is per token
         else:
             return 0
         return 2 * b * h * self.length * d
@@ -407,7 +431,7 @@ class LayerStore:
         """Valid (non-filler) tokens per bit-width, residual counted as 16 (summed over rows)."""
         hist: dict[int, int] = {}
         for bits, s in self.segments.items():
-            n = int((s.index >= 0).sum()) if s.index is not None else s.n * (s.k.codes if isinstance(s.k, QTensor) else s.k).shape[0]
+            n = int((s.index >= 0).sum()) if s.index is not None else s.n * s.kb.codes.shape[0]
             hist[bits] = hist.get(bits, 0) + n
         if self.res_k is not None:
             hist[16] = hist.get(16, 0) + self.res_k.shape[0] * self.residual_len
@@ -445,7 +469,8 @@ class LayerStore:
                 continue
             kk, vv, index = picked
             if b == 16:
-                seg = Segment(16, kk.to(self.full_dtype).contiguous(), vv.to(self.full_dtype).contiguous(), index, start)
+                seg = Segment(16, Plain(kk.to(self.full_dtype).contiguous()), Plain(vv.to(self.full_dtype).contiguous()),
+                              index, start)
             else:
                 seg = self._store(b, *self._to_quantized_layout(kk, vv), index, start, specs)
                 if seg is None:
@@ -552,9 +577,9 @@ class LayerStore:
             return self.res_k.to(self.dtype), self.res_v.to(self.dtype)
         L = self.length
         seg0 = next(iter(self.segments.values()))
-        ref = seg0.k.codes if isinstance(seg0.k, QTensor) else seg0.k
+        ref = seg0.kb.codes
         B, H = ref.shape[0], self.num_heads
-        D = (seg0.k.d if isinstance(seg0.k, QTensor) else seg0.k.shape[-1]) * ref.shape[1] // H
+        D = seg0.kb.d * ref.shape[1] // H
         dev = ref.device
         kbuf = torch.empty(B, H, L + 1, D, dtype=self.dtype, device=dev)  # column L takes filler
         vbuf = torch.empty_like(kbuf)
@@ -577,8 +602,8 @@ class LayerStore:
     def read(self, seg: Segment, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [start, stop) of a segment as float `[B, H, n, D]` in the model dtype, every transform undone."""
         stop = seg.n if stop is None else stop
-        if not isinstance(seg.k, QTensor):
-            return seg.k[:, :, start:stop].to(self.dtype), seg.v[:, :, start:stop].to(self.dtype)
+        if isinstance(seg.kb, Plain):
+            return seg.kb.codes[:, :, start:stop].to(self.dtype), seg.vb.codes[:, :, start:stop].to(self.dtype)
         dk = dequantize(seg.k.slice_tokens(start, stop), self.dtype)
         dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
         if self.channel_perm is not None:
@@ -603,7 +628,7 @@ class LayerStore:
                 self.residual.keep(0)
             for bits in list(self.segments):
                 seg = self.segments[bits]
-                b = (seg.k.codes if isinstance(seg.k, QTensor) else seg.k).shape[0]
+                b = seg.kb.codes.shape[0]
                 idx = seg.slot_index(b, self.device)
                 idx = torch.where(idx >= new_length, -1, idx).to(torch.int32)
                 if bool((idx < 0).all()):
