@@ -269,3 +269,63 @@ def test_cache_kwargs_uses_the_spelling_the_installed_transformers_wants(tiny_ll
         assert vlmkv.cache_kwargs(c) == {cache_kwarg(): c}
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     assert (cache_kwarg() == "cache") == (major_minor >= (5, 24))
+
+
+@torch.no_grad()
+def test_library_calls_emit_no_future_warnings(tiny_llama, local_llava, capsys):
+    """vlmkv's own calls into transformers use the spelling the installed release wants (no FutureWarning about
+    the cache argument from fidelity, generate or eval)."""
+    import warnings
+
+    from vlmkv.cli import main
+    from vlmkv.eval.fidelity import fidelity
+
+    ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    d, img = local_llava
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        fidelity(tiny_llama, ids, torch.ones_like(ids), ["fp16", "rtn-4"], steps=3)
+        assert main(["generate", "--model", str(d), "--method", "rtn-4", "--prompt", "hi", "--image", str(img),
+                     "--max-new-tokens", "2"]) == 0
+
+
+def test_bench_reports_time_and_bytes_beside_dynamic_cache(local_llava, capsys, tmp_path):
+    import json
+
+    from vlmkv.cli import main
+
+    d, _ = local_llava
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(d), "--methods", "dynamic,fp16,rtn-2,akvq-vl", "--context", "96",
+                 "--steps", "2", "--batch", "1,2", "--out", str(out)]) == 0
+    rows = {(r["method"], r["batch"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 8 and "| dynamic |" in capsys.readouterr().out
+    for b in (1, 2):
+        assert rows["dynamic", b]["bytes_vs_dynamic"] == 1.0 and rows["fp16", b]["kv_bytes"] <= rows["dynamic", b]["kv_bytes"]
+        assert rows["rtn-2", b]["bytes_vs_dynamic"] < 0.2 and rows["rtn-2", b]["decode_ms"] > 0
+    assert rows["rtn-2", 2]["kv_bytes"] > rows["rtn-2", 1]["kv_bytes"]
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+@torch.no_grad()
+def test_full_hadamard_rotation_on_non_power_of_two_head_dims(head_dim):
+    """Head dims 80 and 96 take a full (Paley x Sylvester) Hadamard rotation, which is not symmetric: keys and values
+    stored rotated, the query rotated and the output rotated back by H^T leave the logits of DynamicCache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlmkv.quant import hadamard_matrix
+
+    assert not torch.allclose(hadamard_matrix(head_dim), hadamard_matrix(head_dim).T)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=2 * head_dim, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=head_dim)).eval()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = _prefill_and_decode(model, ids, DynamicCache(config=model.config), steps=6)
+    for seg_attn in (True, False):
+        with QuantizedKVCache(model, "rtn-8+wht", residual_dtype=torch.float32, segment_attention=seg_attn) as c:
+            got = _prefill_and_decode(model, ids, c, steps=6)
+        assert (got - ref).abs().max() < 0.05 * ref.abs().max(), float((got - ref).abs().max())
+    with QuantizedKVCache(model, get_policy("akvq-vl", recent=100000), residual_dtype=torch.float32) as c:
+        got = _prefill_and_decode(model, ids, c, steps=6)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5

@@ -70,15 +70,54 @@ def test_pack_unpack_round_trip(bits, shape):
     assert torch.equal(unpack_bits(packed, bits, shape[-1]), codes)
 
 
-@pytest.mark.parametrize("d", [2, 8, 64, 128, 96, 80])
+@pytest.mark.parametrize("d", [2, 8, 64, 128, 96, 80, 112, 160, 192, 36])
 @pytest.mark.parametrize("rows", [(3, 5), (40, 10)])  # a decode step's few rows (dense product), a prefill's many
-def test_fwht_matches_dense_and_is_involution(d, rows):
+def test_fwht_matches_dense_and_inverts(d, rows):
+    from vlmkv.quant import fwht_inverse
+
     torch.manual_seed(d)
     x = torch.randn(*rows, d, dtype=torch.float64)
     h = hadamard_matrix(d, torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(fwht(x), x @ h, atol=1e-12)
-    assert torch.allclose(fwht(fwht(x)), x, atol=1e-12)
+    assert torch.allclose(fwht_inverse(fwht(x)), x, atol=1e-12)
+    q, k = torch.randn(7, d, dtype=torch.float64), torch.randn(9, d, dtype=torch.float64)
+    assert torch.allclose(fwht(q) @ fwht(k).T, q @ k.T, atol=1e-10)  # the q . k invariance attention relies on
+
+
+@pytest.mark.parametrize("d", [80, 96, 112, 160, 192, 12, 20, 28, 2, 16, 64, 128, 256])
+def test_hadamard_matrix_is_full_where_one_exists(d):
+    """A full orthogonal Hadamard matrix (every entry +-1/sqrt(d)) for powers of two and 12, 20, 28 times them."""
+    h = hadamard_matrix(d, torch.float64)
+    assert torch.allclose(h.abs(), torch.full_like(h, d ** -0.5), atol=1e-12)
+    assert torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [36, 44, 72, 6])
+def test_other_even_dims_keep_the_block_diagonal_form(d):
+    from vlmkv.quant import hadamard_block_size
+
+    h = hadamard_matrix(d, torch.float64)
+    b = hadamard_block_size(d)
+    assert torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    assert torch.count_nonzero(h) == d * b  # blocks of b only
+
+
+def test_full_rotation_spreads_outliers_better_than_blocks_at_d80():
+    """Two outlier channels at d = 80, 4-bit per-token groups of the whole head: the full 80 x 80 matrix spreads
+    them over all channels, the block-diagonal one only within a block of 16."""
+    from vlmkv.quant import fwht_inverse
+    from vlmkv.quant.hadamard import _butterflies
+
+    torch.manual_seed(0)
+    k = torch.randn(1, 1, 512, 80)
+    k[..., 3] *= 20
+    k[..., 41] *= 15
+    spec = QuantSpec(4, group_size=80)
+    err = lambda r: float((r - k).norm() / k.norm())  # noqa: E731
+    full = err(fwht_inverse(dequantize(quantize(fwht(k), spec))))
+    block = err(_butterflies(dequantize(quantize(_butterflies(k, 16), spec)), 16))
+    assert full < 0.8 * block, (full, block)
 
 
 def test_fwht_spreads_an_outlier_channel():

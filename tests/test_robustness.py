@@ -259,3 +259,26 @@ def test_quantizer_edges_are_decided_and_the_same_in_every_backend(backend, monk
         h[0, 0, 1, ::2] = -65504.0
         back = dequantize(quantize(h, QuantSpec(bits, group_size=32)))
         assert back.isfinite().all() and float(back.max()) <= 65504
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_leaves_no_compiler_and_its_scratch_is_cleaned(tmp_path):
+    """SIGKILL of the process building the CPU kernel: the compiler dies with it (its builder holds
+    PR_SET_PDEATHSIG and its own process group), and the next load removes the scratch folder it left."""
+    import signal
+    import time
+
+    env = dict(os.environ, VLMKV_CACHE=str(tmp_path))
+    os.chmod(tmp_path, 0o700)
+    p = subprocess.Popen([sys.executable, "-c", "from vlmkv.kernels import cpu; cpu._build(cpu.build_dir())"], env=env)
+    time.sleep(4)  # the compiler is running by now
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(3)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps, [line for line in ps.splitlines() if str(tmp_path) in line]
+    assert list((tmp_path / "kernels").glob("*.tmp-*"))  # left behind by the kill...
+    from vlmkv.kernels import cpu
+
+    cpu._clean_stale(tmp_path / "kernels")
+    assert not list((tmp_path / "kernels").glob("*.tmp-*"))  # ...and cleaned by the next build

@@ -78,3 +78,21 @@ def test_skvq_groups_similar_ranges_and_keeps_sinks(tiny_llama):
 def test_skvq_group_falls_back_to_a_divisor():
     p = get_policy("skvq")
     assert p._group(192) == 96 and p._group(4096) == 128 and p._group(64) == 64
+
+
+def test_exact_smoothing_scales_follow_the_formula_and_pow2_rounds_them():
+    """Against the formula written out here: s_c = max_t |x_tc| ^ alpha over unpadded tokens; pow2 rounds log2 s_c."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 12, 8) * torch.tensor([1, 3, 0.2, 7, 1, 1, 40, 0.5])
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, :2] = False
+    x[0, :, 0, 6] = 1e4  # on padding: ignored
+    alpha = 0.5
+    want = torch.stack([torch.stack([x[0, h, 2:, c].abs().max() ** alpha for c in range(8)]) for h in range(2)])
+    exact = smoothing_scales(x, alpha, mask, exact=True)[0, :, 0]
+    pow2 = smoothing_scales(x, alpha, mask)[0, :, 0]
+    torch.testing.assert_close(exact.float(), want.to(torch.float16).float())
+    torch.testing.assert_close(pow2.float(), torch.exp2(torch.round(torch.log2(want))))
+    from vlmkv import get_policy
+
+    assert get_policy("smoothquant", exact_scales=True).exact_scales

@@ -10,10 +10,10 @@ switched to them behaves as before for any other cache. `AttentionSwitch` select
 model only (VLMs keep their vision tower's implementation); it is shared by every cache on a model through
 `models.hooks.acquire` and restored when the last one closes.
 
-Rotation: a cache with Hadamard keys stores K' = K H and V' = V H (H = `hadamard_matrix(D)`, symmetric and
-orthogonal). Where the cache returns float keys and values it returns them rotated back (K' H = K), so the
-model's own attention needs nothing; on the segment path the query is rotated instead (q H K'^T = q K^T) and
-the output rotated back (softmax(.) V' H = softmax(.) V). The paper folds H into W_V / W_O offline; rotating
+Rotation: a cache with Hadamard keys stores K' = K H and V' = V H (H = `hadamard_matrix(D)`, orthogonal: full for
+powers of two and 12/20/28 times them, block-diagonal otherwise). Where the cache returns float keys and values it
+returns them rotated back (K' H^T = K), so the model's own attention needs nothing; on the segment path the query is
+rotated instead ((q H) K'^T = q K^T) and the output rotated back (softmax(.) V' H^T = softmax(.) V). The paper folds H into W_V / W_O offline; rotating
 values in the cache gives the same stored values without touching the model's weights, which keeps caches
 independent and works for fused or differently named projections.
 
@@ -31,7 +31,7 @@ import torch
 from . import kernels
 from .kernels.reference import masked, partial_softmax, pv_from_codes, qk_from_codes  # noqa: F401  (re-exported)
 from .models.hooks import text_config
-from .quant import QTensor, fwht
+from .quant import QTensor, fwht, fwht_inverse
 
 _REGISTERED = False
 NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
@@ -209,10 +209,10 @@ def _make_attention(impl: str):
             if rotated:
                 query = fwht(query)  # keys are stored rotated: q H . k H = q . k
             out = segment_attention(query, store, attention_mask, scaling)
-            return (fwht(out) if rotated else out), None  # values are stored rotated: o H H = o
+            return (fwht_inverse(out) if rotated else out), None  # values are stored rotated: o H H^T = o
         key, value = store.materialize()  # anything unusual: the plain path over the full cache
         if rotated:
-            key, value = fwht(key), fwht(value)
+            key, value = fwht_inverse(key), fwht_inverse(value)
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = NAMES[impl]
     from .cache import eager

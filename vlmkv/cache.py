@@ -33,7 +33,7 @@ from .models import hooks
 from .models.hooks import text_config
 from .policies import PrefillContext, get_policy
 from .policies.base import PAD, TEXT, Policy
-from .quant import fwht
+from .quant import fwht, fwht_inverse
 from .storage import LayerStore
 
 
@@ -239,7 +239,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
         kk, vv = store.materialize()
         self._drop(self._excess())
-        return (fwht(kk), fwht(vv)) if self.rotate else (kk, vv)
+        return (fwht_inverse(kk), fwht_inverse(vv)) if self.rotate else (kk, vv)
 
     def _prefill(self, k, v) -> None:
         t0 = time.perf_counter()

@@ -3,9 +3,11 @@
 parameter alpha set to 0.5").
 
 Per layer, kv head and channel c, from the prefill keys (and values): s_c = max_t |X_{t,c}|^alpha, rounded
-to a power of two. Quantized tokens are stored as X / s (per-token asymmetric groups, as `rtn`) and read
-back as X' * s, so channel outliers are flattened before quantization and the transform itself is exact
-(division and multiplication by a power of two lose nothing). The partner side of SmoothQuant's formula
+to a power of two (default) or, with `exact_scales=True`, kept as it is (stored in fp16; SmoothQuant's own
+formula: power-of-two rounding can leave a channel up to sqrt(2) off its smoothing target, which on SmolLM2's
+values was worse than no smoothing). Quantized tokens are stored as X / s (per-token asymmetric groups, as `rtn`)
+and read back as X' * s, so channel outliers are flattened before quantization (with powers of two the division
+and multiplication lose nothing; exact scales cost one float32 rounding each way). The partner side of SmoothQuant's formula
 (max |W|^(1-alpha); for keys that would be the query) is taken as 1: the cache sees keys and values only.
 The divisors cost 2 x H x D fp16 values per row and layer, counted in `nbytes()`.
 """
@@ -19,8 +21,9 @@ from .base import BitPlan, PrefillContext, register_policy
 from .rtn import RTNPolicy
 
 
-def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, H, 1, D]` float16 powers of two: 2^round(log2(max_t |x| ^ alpha)) over the unmasked tokens.
+def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+    """`[B, H, 1, D]` float16 divisors max_t |x| ^ alpha over the unmasked tokens, rounded to the nearest power of
+    two unless `exact`.
 
     x: `[B, H, S, D]`; mask: bool `[B, S]` (False on padding) or None.
     """
@@ -28,7 +31,9 @@ def smoothing_scales(x: torch.Tensor, alpha: float, mask: torch.Tensor | None = 
     if mask is not None:
         a = a * mask[:, None, :, None].to(a.dtype)
     m = a.amax(dim=2, keepdim=True).clamp_min(1e-4) ** alpha
-    return torch.exp2(torch.round(torch.log2(m))).clamp(2.0 ** -14, 2.0 ** 14).to(torch.float16)
+    if not exact:
+        m = torch.exp2(torch.round(torch.log2(m)))
+    return m.clamp(2.0 ** -14, 2.0 ** 14).to(torch.float16)
 
 
 @register_policy
@@ -39,6 +44,7 @@ class SmoothQuantPolicy(RTNPolicy):
     name = "smoothquant"
     bits: int = 2
     alpha: float = 0.5
+    exact_scales: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,6 +53,6 @@ class SmoothQuantPolicy(RTNPolicy):
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         plan = super().plan_prefill(ctx)
-        plan.channel_scales = (smoothing_scales(ctx.keys, self.alpha, ctx.attention_mask),
-                               smoothing_scales(ctx.values, self.alpha, ctx.attention_mask))
+        plan.channel_scales = (smoothing_scales(ctx.keys, self.alpha, ctx.attention_mask, self.exact_scales),
+                               smoothing_scales(ctx.values, self.alpha, ctx.attention_mask, self.exact_scales))
         return plan

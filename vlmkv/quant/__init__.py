@@ -2,11 +2,11 @@
 
 Nothing here imports `transformers`; everything works on plain `torch` tensors.
 """
-from .hadamard import fwht, hadamard_block_size, hadamard_matrix
+from .hadamard import fwht, fwht_inverse, hadamard_block_size, hadamard_matrix
 from .packing import pack_bits, unpack_bits
 from .uniform import QTensor, QuantSpec, dequantize, quantize, SUPPORTED_BITS
 
 __all__ = [
     "QTensor", "QuantSpec", "SUPPORTED_BITS", "quantize", "dequantize",
-    "pack_bits", "unpack_bits", "fwht", "hadamard_matrix", "hadamard_block_size",
+    "pack_bits", "unpack_bits", "fwht", "fwht_inverse", "hadamard_matrix", "hadamard_block_size",
 ]
