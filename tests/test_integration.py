@@ -23,7 +23,7 @@ def _clean(model, impl="sdpa"):
     assert not model._forward_pre_hooks and not model._forward_hooks
     for layer in decoder_layers(model):
         assert not layer._forward_pre_hooks and not layer.self_attn._forward_pre_hooks
-    assert not hooks._SHARED.get(model)
+    assert all(hooks.holders(model, kind) == 0 for kind in ("inputs", "massive", "attention"))
     cfg = model.config.get_text_config(decoder=True)
     assert cfg._attn_implementation == impl
 

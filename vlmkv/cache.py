@@ -102,12 +102,11 @@ class PromptSource:
     `PrefillContext`. A policy that reads modality labels on a vision-language model gets them or an error.
     """
 
-    def __init__(self, config, adapter, needs_modality: bool, needs_massive: bool, hooked: bool):
+    def __init__(self, config, adapter, needs_modality: bool, needs_massive: bool):
         self.config = config
         self.adapter = adapter
         self.needs_modality = needs_modality
         self.needs_massive = needs_massive
-        self.hooked = hooked
         self.span_override: tuple | None = None
         self.inputs: dict = {}  # the last prefill's inputs and labels (token_types, frame_ids), for inspection
 
@@ -117,7 +116,7 @@ class PromptSource:
 
         return self.adapter is not None and not isinstance(self.adapter, TextOnlyAdapter)
 
-    def _labels(self, frame, B: int, S: int, device) -> dict:
+    def _labels(self, frame) -> dict:
         """Inputs and labels of this forward call (computed once per call and source)."""
         key = id(self)
         if frame is not None and key in frame.memo:
@@ -141,7 +140,7 @@ class PromptSource:
 
         B, _, S, _ = keys.shape
         frame = current_frame()
-        got = self._labels(frame, B, S, keys.device)
+        got = self._labels(frame)
         am = got.get("attention_mask")
         mask = None
         if torch.is_tensor(am) and am.dim() == 2 and am.shape[0] == B and am.shape[1] >= S:
@@ -394,7 +393,7 @@ class QuantizedKVCache(Cache):
             if self.policy.needs_modality:
                 raise
             adapter = None
-        self.source = PromptSource(cfg, adapter, self.policy.needs_modality, needs_massive, self.model is not None)
+        self.source = PromptSource(cfg, adapter, self.policy.needs_modality, needs_massive)
         self._kinds = []
         if self.model is not None:
             self._kinds.append(("inputs", hooks.ForwardRecorder))

@@ -284,19 +284,15 @@ def cmd_bench(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     rows = bench(model, tok, methods, context=args.context, batches=args.batch, steps=args.steps)
     print(markdown(rows))
-    print(f"\n{args.model} on {args.device}, {torch_threads()} threads; decode: median of {args.steps} steps after 2 "
+    import torch
+
+    print(f"\n{args.model} on {args.device}, {torch.get_num_threads()} threads; decode: median of {args.steps} steps after 2 "
           f"warm-up steps; bytes counted from the stored tensors")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.out}")
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _int_list(text: str) -> list[int]:
