@@ -329,3 +329,42 @@ def test_full_hadamard_rotation_on_non_power_of_two_head_dims(head_dim):
     with QuantizedKVCache(model, get_policy("akvq-vl", recent=100000), residual_dtype=torch.float32) as c:
         got = _prefill_and_decode(model, ids, c, steps=6)
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
+
+
+@torch.no_grad()
+def test_a_forward_that_raised_mid_step_does_not_poison_the_next(tiny_llama, monkeypatch):
+    """A decode step that fails between the cache update and the attention leaves a handoff nobody took; the next
+    forward call starts clean instead of reporting a changed attention implementation."""
+    from vlmkv import attention
+
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = QuantizedKVCache(tiny_llama, "rtn-4")
+    nxt = tiny_llama(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    real = attention.segment_attention
+    monkeypatch.setattr(attention, "_take", lambda module: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_llama(input_ids=nxt, past_key_values=cache)
+    monkeypatch.undo()
+    assert attention.segment_attention is real
+    cache.layers[0].crop(40)  # drop the half-written step (layer 0 stored the new token before its attention failed)
+    tiny_llama(input_ids=nxt, past_key_values=cache)  # no stale-handoff error
+    cache.close()
+
+
+@torch.no_grad()
+def test_assisted_decoding_crops_the_cache_under_either_crop_convention(tiny_llama):
+    """Assisted generation rolls the cache back after rejected draft tokens (`crop`: a negative count on recent
+    transformers, a length to keep on earlier 5.x): the fp16 cache gives plain greedy decoding's tokens."""
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = tiny_llama.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    with QuantizedKVCache(tiny_llama, "fp16") as c:
+        out = tiny_llama.generate(input_ids=ids, max_new_tokens=12, do_sample=False, assistant_model=tiny_llama,
+                                  **vlmkv.cache_kwargs(c))
+    assert torch.equal(out, ref)
+    with QuantizedKVCache(tiny_llama, "rtn-8") as c:
+        tiny_llama(input_ids=ids, **vlmkv.cache_kwargs(c))
+        c.crop(-5)
+        assert c.get_seq_length() == 25
+        for layer in c.layers:
+            layer.crop(20)  # the earlier convention: the length to keep
+        assert c.get_seq_length() == 20

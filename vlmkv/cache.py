@@ -301,14 +301,20 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ editing
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens (transformers >= 5.2x's convention); a positive value is the
+        length to keep (the convention of earlier 5.x releases, whose assisted decoding calls it so); 0: nothing."""
+        if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool):
+            raise ValueError(f"tokens_to_remove must be an int, got {tokens_to_remove!r}")
         if self.store is None or tokens_to_remove == 0:
             return
-        if tokens_to_remove > 0:
-            raise ValueError(f"tokens_to_remove must be negative (tokens to drop), got {tokens_to_remove!r}")
+        total = self.get_seq_length()
+        keep = min(total, tokens_to_remove) if tokens_to_remove > 0 else max(0, total + tokens_to_remove)
+        if keep == total:
+            return
         if self.offset or self._pending:
             raise RuntimeError(f"layer {self.layer_idx} is a sliding-window layer that already evicted {self.offset} "
                                f"tokens: it cannot be cropped back (as transformers' DynamicSlidingWindowLayer)")
-        self.store.crop(max(0, self.store.length + tokens_to_remove))
+        self.store.crop(keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.store is not None:

@@ -142,7 +142,12 @@ class ForwardRecorder:
         for key in INPUT_KEYS:
             if kwargs.get(key) is not None:
                 inputs[key] = kwargs[key]
-        _stack().append(Frame(module, inputs))
+        stack = _stack()
+        if not stack:  # an outermost call starts: a decode handoff left by a call that raised is stale
+            from ..attention import clear_handoff
+
+            clear_handoff()
+        stack.append(Frame(module, inputs))
         return None
 
     @staticmethod
