@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import vlmkv
 from vlmkv import QuantizedKVCache, get_policy
+from vlmkv.bench import dynamic_bytes
 from vlmkv.cache import cache_kwarg
 from vlmkv.models import hooks
 from vlmkv.models.hooks import decoder_layers
@@ -208,10 +209,6 @@ def _sliding_models():
             "gemma3": lambda: Gemma3ForCausalLM(gemma3)}
 
 
-def _dynamic_bytes(cache) -> int:
-    return sum(2 * l.keys.numel() * l.keys.element_size() for l in cache.layers if getattr(l, "keys", None) is not None)
-
-
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
 @torch.no_grad()
 def test_sliding_window_layers_never_hold_more_than_dynamic_cache(arch):
@@ -230,7 +227,7 @@ def test_sliding_window_layers_never_hold_more_than_dynamic_cache(arch):
             mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
             a = model(input_ids=nxt, attention_mask=mask, past_key_values=cache)
             b = model(input_ids=nxt, attention_mask=mask, past_key_values=ref)
-            assert cache.nbytes() <= _dynamic_bytes(ref), (policy, cache.nbytes(), _dynamic_bytes(ref))
+            assert cache.nbytes() <= dynamic_bytes(ref), (policy, cache.nbytes(), dynamic_bytes(ref))
             worst = max(worst, float((a.logits - b.logits).abs().max()))
             agree.append(torch.equal(a.logits.argmax(-1), b.logits.argmax(-1)))
             nxt = b.logits[:, -1:].argmax(-1)
