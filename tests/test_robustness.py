@@ -13,6 +13,7 @@ from vlmkv import get_policy
 from vlmkv.cli import _parse_options, main
 from vlmkv.eval.milebench import DatasetError, Sample, load_task, score, score_strict
 from vlmkv.eval.synthetic import make_dataset
+from vlmkv.models.loading import write_manifest
 from vlmkv.quant import QuantSpec, dequantize, quantize
 
 
@@ -47,7 +48,7 @@ def test_kernel_folder_others_can_write_is_refused(tmp_path, monkeypatch):
     d = tmp_path / "kernels" / "cpu-x"
     d.mkdir(parents=True)
     (d / f"{cpu.LIBRARY}.so").write_bytes(b"\x7fELF planted")
-    (d / "SHA256").write_text(cpu._digest(d / f"{cpu.LIBRARY}.so"))
+    write_manifest(d)  # even with a matching manifest: others could have written both
     os.chmod(tmp_path, 0o700)
     os.chmod(tmp_path / "kernels", 0o777)
     with pytest.raises(PermissionError, match="writable by others"):
@@ -68,10 +69,10 @@ def test_corrupt_kernel_is_removed_for_a_rebuild_and_stale_scratch_cleaned(tmp_p
     os.chmod(tmp_path / "kernels", 0o700)
     so = d / f"{cpu.LIBRARY}.so"
     so.write_bytes(b"a full library")
-    (d / "SHA256").write_text(cpu._digest(so))
+    write_manifest(d)
     assert cpu._verified(d) == so
     so.write_bytes(b"a full lib")  # truncated
-    with pytest.warns(RuntimeWarning, match="does not match its build digest"):
+    with pytest.warns(RuntimeWarning, match="does not match what was built"):
         assert cpu._verified(d) is None
     assert not d.exists()
     stale = tmp_path / "kernels" / "cpu-x.tmp-999999999"

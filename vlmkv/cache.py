@@ -102,8 +102,7 @@ class PromptSource:
     `PrefillContext`. A policy that reads modality labels on a vision-language model gets them or an error.
     """
 
-    def __init__(self, config, adapter, needs_modality: bool, needs_massive: bool):
-        self.config = config
+    def __init__(self, adapter, needs_modality: bool, needs_massive: bool):
         self.adapter = adapter
         self.needs_modality = needs_modality
         self.needs_massive = needs_massive
@@ -399,7 +398,7 @@ class QuantizedKVCache(Cache):
             if self.policy.needs_modality:
                 raise
             adapter = None
-        self.source = PromptSource(cfg, adapter, self.policy.needs_modality, needs_massive)
+        self.source = PromptSource(adapter, self.policy.needs_modality, needs_massive)
         self._kinds = []
         if self.model is not None:
             self._kinds.append(("inputs", hooks.ForwardRecorder))

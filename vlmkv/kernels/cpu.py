@@ -68,10 +68,6 @@ def _check_private(path: Path) -> None:
             raise PermissionError(f"{q} is writable by others: the kernel is not loaded from it")
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 _BUILDER = """
 import ctypes, os, signal, sys
 try:  # die with the parent (Linux), taking the compiler with us: nothing keeps running after a kill
@@ -100,7 +96,7 @@ def _clean_stale(parent: Path) -> None:
 
 def _build(d: Path) -> None:
     """Compile in a child process (its own process group, killed with this one) into a private scratch folder,
-    record the library's sha256 beside it, then move the folder into place: processes starting together
+    record the sha256 of what it built (a manifest), then move the folder into place: processes starting together
     (data-parallel eval) never share a ninja run or see a half-written file."""
     import subprocess
     import sys
@@ -124,7 +120,9 @@ def _build(d: Path) -> None:
     if proc.returncode != 0 or not so.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"the CPU kernel build failed: {out.strip()[-500:]}")
-    (tmp / "SHA256").write_text(_digest(so))
+    from ..models.loading import write_manifest
+
+    write_manifest(tmp)  # the sha256 of every file built, checked before each load
     try:
         os.rename(tmp, d)
     except OSError:  # another process got there first: its copy is the same
@@ -132,21 +130,17 @@ def _build(d: Path) -> None:
 
 
 def _verified(d: Path) -> Path | None:
-    """The library in `d` if the folder is private and its bytes match the digest written at build time; a
-    corrupt or truncated build is removed (and rebuilt by the caller). Raises PermissionError for a folder that
-    others could have written."""
+    """The library in `d` if the folder is private and its files match the manifest written at build time
+    (`models.loading.verified`, which removes a corrupt or truncated build for the caller to rebuild). Raises
+    PermissionError for a folder that others could have written."""
+    from ..models.loading import verified
+
     so = d / f"{LIBRARY}.so"
     if not so.exists():
         return None
     _check_private(d)
     _check_private(so)
-    want = d / "SHA256"
-    if want.exists() and want.read_text().strip() == _digest(so):
-        return so
-    warnings.warn(f"vlmkv: the CPU kernel in {d} does not match its build digest (corrupt or truncated): rebuilding",
-                  RuntimeWarning, stacklevel=3)
-    shutil.rmtree(d, ignore_errors=True)
-    return None
+    return so if verified(d) else None
 
 
 def load() -> bool:
