@@ -26,11 +26,8 @@ from transformers import DynamicCache, QuantizedCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
+from vlmkv.bench import PASSAGE as TEXT  # noqa: E402  (the passage `vlmkv bench` uses)
 
-TEXT = ("The history of the city begins with a small settlement on the river bank, where traders met to "
-        "exchange salt, grain and cloth. Over the centuries the market grew into a town with walls, a cathedral "
-        "and a university, and the town became a city whose bridges, printing houses and harbour drew people "
-        "from every province. ")
 
 
 def tensor_bytes(obj, seen=None) -> int:
