@@ -74,8 +74,6 @@ class Lease:
                 del _SHARED[model][self.kind]
                 entry[0].remove()
 
-    remove = release  # a Lease can stand where a hook handle is expected
-
 
 def acquire(model: torch.nn.Module, kind: str, factory) -> Lease:
     """A lease on the hook `kind` of `model`, installed by `factory(model)` (an object with `remove()`) when
