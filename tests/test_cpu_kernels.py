@@ -134,7 +134,7 @@ def test_cache_decode_through_the_cpu_kernels_equals_the_torch_path(tiny_llama, 
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     opts = {"akvq-vl": {"recent": 16, "num_pivots": 2}, "kivi-2": {"residual_length": 32},
-            "windowquant": {"budget": 4.0}}.get(method, {})
+            "windowquant": {"budget": 4.0}, "skvq": {"grouping": "sorted"}}.get(method, {})
     outs = []
     for impl in ("cpu", "torch"):
         monkeypatch.setenv("VLMKV_KERNELS", impl)

@@ -113,9 +113,23 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
         o = torch.stack([o[:, h, :, h] for h in range(Hkv)], dim=1)
         parts.append((m, den, o))
 
+    def ok_for(seg, s0, s1):
+        if allowed is None:
+            return None
+        if seg.index is None:
+            return allowed[:, seg.start + s0:seg.start + s1]
+        idx = seg.index[:, s0:s1].long()
+        return allowed.gather(1, torch.where(idx >= 0, idx, L))
+
     for seg in store.segments.values():
-        n = seg.n
-        sk, sv = seg.k, seg.v  # views of the used tokens (each access builds them anew: take them once)
+        n = seg.split  # tokens [n, seg.n) hold deferred (full-precision) values: read as floats below
+        if n < seg.n:
+            k, v = store.read(seg, n, seg.n)
+            piece(k, v, ok_for(seg, n, seg.n))
+        if n == 0:
+            continue
+        # views of the used tokens (each access builds them anew: take them once)
+        sk, sv = (seg.k, seg.v) if n == seg.n else (seg.kb.slice_tokens(0, n), seg.vb.slice_tokens(0, n))
         quantized = isinstance(sk, QTensor)
         t = sk.codes
         per_token = t.shape[1] * sk.d
@@ -137,13 +151,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
             step = max(1, n)  # the kernel chunks and parallelizes the segment itself
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
-            if allowed is None:
-                ok = None
-            elif seg.index is None:
-                ok = allowed[:, seg.start + s0:seg.start + s1]
-            else:
-                idx = seg.index[:, s0:s1].long()
-                ok = allowed.gather(1, torch.where(idx >= 0, idx, L))
+            ok = ok_for(seg, s0, s1)
             whole = s0 == 0 and s1 == n
             if on_codes or on_codes_perm:
                 kq, vq = (sk, sv) if whole else (sk.slice_tokens(s0, s1), sv.slice_tokens(s0, s1))
@@ -209,8 +217,10 @@ def _make_attention(impl: str):
             if rotated:
                 query = fwht(query)  # keys are stored rotated: q H . k H = q . k
             out = segment_attention(query, store, attention_mask, scaling)
+            store.settle()  # flushes a decode rule defers until the step has attended (KIVI's reference)
             return (fwht_inverse(out) if rotated else out), None  # values are stored rotated: o H H^T = o
         key, value = store.materialize()  # anything unusual: the plain path over the full cache
+        store.settle()
         if rotated:
             key, value = fwht_inverse(key), fwht_inverse(value)
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)

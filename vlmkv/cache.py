@@ -227,7 +227,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
             self._drop(self._pending)
         rule = self.policy.decode_rule(self.layer_idx)
-        store.append(k, v, rule.bits, rule.keep_recent, rule.flush_every)
+        store.append(k, v, rule.bits, rule.keep_recent, rule.flush_every, rule.value_window, rule.after_attention)
         if (self.attn_config is not None and key_states.shape[-2] == 1 and store.segments
                 and attention.active(self.attn_config)):
             # the registered attention reads the segments directly: hand it the store, not a float copy; tokens
@@ -236,6 +236,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._pending = self._excess()
             return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
         kk, vv = store.materialize()
+        store.settle()  # the floats returned are the step's view; what a rule defers until after attention is done
         self._drop(self._excess())
         return (fwht_inverse(kk), fwht_inverse(vv)) if self.rotate else (kk, vv)
 
@@ -250,7 +251,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         cut = S - keep  # a sliding layer stores only the tokens its window can still see
         self.offset = cut
         self.store.prefill(k[:, :, cut:], v[:, :, cut:], plan.bits[:, cut:], min(plan.residual, keep),
-                           plan.channel_scales, plan.channel_perm)
+                           plan.channel_scales, plan.channel_perm, self.policy.decode_rule(self.layer_idx).value_window,
+                           plan.spec_fields)
         self.plan = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual, "seconds": seconds}
         self.stats = {} if ctx.massive_activation is None else {"massive_activation": ctx.massive_activation}
 

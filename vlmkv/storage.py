@@ -14,6 +14,8 @@ Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
   read, and it cannot widen a per-channel group's range). Filler bytes are counted like any others.
 * the residual buffer: the most recent tokens, unquantized `[B, H, r, D]` with the bit-width
   each will be stored at when it is flushed (int16 `[B, r]`).
+* deferred values (KIVI's reference rule): a segment's last tokens may have quantized keys but values still in
+  full precision (`Segment.vpend`), until they leave the value window and are quantized one token at a time.
 
 "16 bits" (16-bit segments and the residual buffer) is stored in `full_dtype`: the model's dtype when
 that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
@@ -24,6 +26,7 @@ already quantized is ever dequantized and quantized again, and a decode step nev
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +34,7 @@ import torch
 
 from . import kernels
 from .quant import QTensor, QuantSpec, dequantize
+from .quant.packing import TRITS_PER_BYTE, packed_length
 
 SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
 
@@ -129,6 +133,16 @@ def _capacity(buf: Stored) -> int:
     return buf.codes.shape[-2]
 
 
+def _empty_codes(like: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """A QTensor of no tokens for `like`'s `[B, H, ., D]` (a block whose values are all deferred)."""
+    B, H, _, D = like.shape
+    groups = len(spec.bounds) - 1 if spec.bounds is not None else D // spec.group_size if spec.axis == "token" else D
+    nbytes = -(-D // TRITS_PER_BYTE) if spec.levels == 3 else packed_length(D, spec.bits)
+    codes = torch.empty(B, H, 0, nbytes, dtype=torch.uint8, device=like.device)
+    scale = torch.empty(B, H, 0, groups, dtype=spec.meta_dtype, device=like.device)
+    return QTensor(codes, scale, torch.empty(B, H, 0, groups, dtype=torch.int16, device=like.device), spec, D, like.dtype)
+
+
 @dataclass
 class Segment:
     """Tokens of one bit-width of one layer.
@@ -145,6 +159,9 @@ class Segment:
     index: torch.Tensor | None  # int32 [B, n] slot of each stored token, -1 for filler; None: contiguous
     start: int = 0  # first slot when index is None
     count: int = -1
+    #: values of the last p tokens `[B, H, p, D]` (full precision) whose keys are quantized but whose values are
+    #: not yet (KIVI's value window); vb then holds the values of the first `coded` = count - p tokens only
+    vpend: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.count < 0:
@@ -155,19 +172,30 @@ class Segment:
         return self.count
 
     @property
+    def coded(self) -> int:
+        """Tokens whose values are quantized (all of them unless some are deferred in `vpend`)."""
+        return self.count - (0 if self.vpend is None else self.vpend.shape[-2])
+
+    @property
+    def split(self) -> int:
+        """The last group boundary at or before `coded`: tokens [0, split) can be read straight from the codes."""
+        return self.coded // self._unit() * self._unit()
+
+    @property
     def k(self) -> Stored:
         return self.kb.slice_tokens(0, self.count)
 
     @property
     def v(self) -> Stored:
-        return self.vb.slice_tokens(0, self.count)
+        """The quantized values (of the first `coded` tokens)."""
+        return self.vb.slice_tokens(0, self.coded)
 
     @property
     def capacity(self) -> int:
         return _capacity(self.kb)
 
     def nbytes(self) -> int:
-        total = _nbytes(self.index)
+        total = _nbytes(self.index) + _nbytes(self.vpend)
         return total + self.kb.nbytes() + self.vb.nbytes()
 
     def slot_index(self, batch: int, device) -> torch.Tensor:
@@ -182,15 +210,40 @@ class Segment:
         self.kb, self.vb = self.kb.map(fn), self.vb.map(fn)
         if self.index is not None:
             self.index = fn(self.index)
+        if self.vpend is not None:
+            self.vpend = fn(self.vpend)
 
-    def _reserve(self, need: int) -> None:
-        """Room for `need` tokens: grown by a margin only when full, so most appends copy nothing."""
-        if need > self.capacity:
-            cap = need + max(16, self.count // 64)
-            if _per_channel(self.kb):
-                g = self.kb.spec.group_size
-                cap = -(-cap // g) * g
-            self.kb, self.vb = _grown(self.kb, self.count, cap), _grown(self.vb, self.count, cap)
+    def _reserve(self, need: int, need_v: int | None = None) -> None:
+        """Room for `need` keys and `need_v` values (default `need`): each buffer is grown by a margin only when
+        full, so most appends copy nothing (deferred values are not given room before they are quantized)."""
+        for attr, used, want in (("kb", self.count, need), ("vb", self.coded, need if need_v is None else need_v)):
+            buf = getattr(self, attr)
+            if want > _capacity(buf):
+                cap = want + max(16, used // 64)
+                if _per_channel(buf):
+                    g = buf.spec.group_size
+                    cap = -(-cap // g) * g
+                setattr(self, attr, _grown(buf, used, cap))
+
+    def quantize_values(self, m: int) -> None:
+        """Quantize the m oldest deferred values (they left the value window) into the value codes."""
+        if m <= 0 or self.vpend is None:
+            return
+        p = self.vpend.shape[-2]
+        if m > p:
+            raise ValueError(f"m must be at most the {p} deferred values, got {m!r}")
+        coded = self.coded
+        q = kernels.quantize(self.vpend[:, :, :m], self.vb.spec)
+        self._reserve(self.count, coded + m)
+        _write(self.vb, q, coded)
+        # a copy, so that the bytes held are exactly the p - m values left (KIVI's reference copies likewise)
+        self.vpend = self.vpend[:, :, m:].clone() if m < p else None
+
+    def deferred_slots(self, batch: int, device) -> torch.Tensor | None:
+        """int32 `[B, p]`: the slots of the deferred values (-1 for filler), None when there are none."""
+        if self.vpend is None:
+            return None
+        return self.slot_index(batch, device)[:, self.coded:]
 
     def _unit(self) -> int:
         """Tokens that are stored together: a per-channel group (KIVI keys), else one."""
@@ -222,7 +275,10 @@ class Segment:
             d = int(gone.cumprod(0).sum())  # leading columns no row needs
         drop = d // self._unit() * self._unit()
         if drop:
-            self.kb, self.vb = _shifted(self.kb, drop, self.count), _shifted(self.vb, drop, self.count)
+            coded = self.coded
+            self.kb, self.vb = _shifted(self.kb, drop, self.count), _shifted(self.vb, min(drop, coded), coded)
+            if drop > coded:  # the window also passed some deferred values
+                self.vpend = self.vpend[:, :, drop - coded:].clone() if drop - coded < self.vpend.shape[-2] else None
             self.count -= drop
             if index is not None:
                 index = index[:, drop:].clone()
@@ -235,17 +291,22 @@ class Segment:
             b = self.kb.codes.shape[0]
             dev = self.kb.codes.device
             self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
-        need = self.count + other.n
-        self._reserve(need)
+        if self.vpend is not None and other.coded:
+            raise RuntimeError("values are quantized in slot order: a block with quantized values cannot follow "
+                               f"{self.vpend.shape[-2]} deferred ones")
+        need, coded = self.count + other.n, self.coded
+        self._reserve(need, coded + other.coded)
         _write(self.kb, other.kb, self.count)
-        _write(self.vb, other.vb, self.count)
+        _write(self.vb, other.v, coded)
+        if other.vpend is not None:
+            self.vpend = other.vpend if self.vpend is None else torch.cat([self.vpend, other.vpend], -2)
         self.count = need
 
     def append_float(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
         spare capacity with the CPU kernel (`kernels.quantize_into`): one call per tensor, no temporary
         QTensor. False (nothing done) where that kernel does not apply; the caller then quantizes and appends."""
-        if self.index is not None or isinstance(self.kb, Plain) or self.kb.codes.dim() != 4:
+        if self.index is not None or isinstance(self.kb, Plain) or self.kb.codes.dim() != 4 or self.vpend is not None:
             return False
         if not all(kernels.quantize_backend(x, t.spec) == "cpu" for x, t in ((k, self.kb), (v, self.vb))):
             return False
@@ -389,6 +450,10 @@ class LayerStore:
         self.num_heads: int | None = None
         self._inverse_perm: tuple | None = None
         self._specs: dict = {}
+        #: the last decode write's rule (bits, keep_recent, flush_every, value_window), for `settle`
+        self.rule: tuple | None = None
+        self.value_window: int | None = None  # values of the last this many slots stay full precision
+        self.spec_fields: tuple | None = None  # (k, v) QuantSpec fields of this layer (uneven groups, clips)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -413,6 +478,8 @@ class LayerStore:
         """Every byte held: packed codes, scales, zero points, index maps, residual buffer and its bit map."""
         cs = sum(_nbytes(t) for t in self.channel_scales) if self.channel_scales else 0
         cs += sum(_nbytes(t) for t in self.channel_perm) if self.channel_perm else 0
+        for fields in self.spec_fields or ():  # group bounds and clips: one 16-bit number each
+            cs += 2 * sum(len(v) for v in fields.values())
         return (sum(s.nbytes() for s in self.segments.values())
                 + (self.residual.nbytes() if self.residual is not None else 0) + cs)
 
@@ -442,21 +509,28 @@ class LayerStore:
         """spec_fn's answer, asked once per (bits, kind, d): decode steps ask it every token."""
         key = (bits, kind, d)
         if key not in self._specs:
-            self._specs[key] = self.spec_fn(bits, kind, d)
+            spec = self.spec_fn(bits, kind, d)
+            if self.spec_fields is not None:
+                spec = dataclasses.replace(spec, **self.spec_fields[0 if kind == "key" else 1])
+            self._specs[key] = spec
         return self._specs[key]
 
-    def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int) -> None:
+    def commit(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, start: int, defer: int = 0) -> None:
         """Store tokens at slots `start .. start+n-1` into precision segments, one width at a time: select the
         width's tokens (`_select`), bring them to the quantized layout (`_to_quantized_layout`), then store them
         (`_store`).
 
         k, v: `[B, H, n, D]`; bits: int `[B, n]` with values in {2, 4, 8, 16}, or one int for every token
-        (decode steps: no per-token bookkeeping).
+        (decode steps: no per-token bookkeeping). defer: the values of the last `defer` tokens stay in full
+        precision (`Segment.vpend`) while their keys are quantized (one quantized width only).
         """
         B, H, n, D = k.shape
         if self.num_heads is None:
             self.num_heads = H
         if n == 0:
+            return
+        if defer:
+            self._commit_deferred(k, v, bits, start, defer)
             return
         uniform = isinstance(bits, int)
         for b in [bits] if uniform else sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
@@ -479,6 +553,29 @@ class LayerStore:
                 self.segments[b].append(seg)
             else:
                 self.segments[b] = seg
+
+    def _commit_deferred(self, k, v, bits, start: int, defer: int) -> None:
+        """commit() for a block whose last `defer` values stay in full precision: keys quantized now, the values
+        before them too; the block must be one quantized width and follow the segment's slots."""
+        n = k.shape[-2]
+        b = bits if isinstance(bits, int) else Residual._uniform(bits)
+        if not isinstance(b, int) or b == 16 or not 0 < defer <= n:
+            raise ValueError(f"defer needs one quantized width over the block and 0 < defer <= {n}, got bits {b!r}, "
+                             f"defer {defer!r}")
+        if self.channel_perm is not None or self.channel_scales is not None:
+            raise ValueError("defer cannot keep values of a permuted or smoothed layout, got a layer with "
+                             f"channel_perm={self.channel_perm is not None}, channel_scales={self.channel_scales is not None}")
+        sk, sv = self._spec(b, "key", k.shape[-1]), self._spec(b, "value", v.shape[-1])
+        # per-channel keys take whole groups: filler (slot -1) pads the block, its values deferred with the last
+        k, v, index = self._select(k, v, None, sk.group_size if sk.axis == "channel" else 1, start)
+        coded = n - defer
+        vq = kernels.quantize(v[:, :, :coded], sv) if coded else _empty_codes(v, sv)
+        seg = Segment(b, kernels.quantize(k, sk), vq, index, start, k.shape[-2],
+                      vpend=v[:, :, coded:].to(self.full_dtype).contiguous())
+        if b in self.segments:
+            self.segments[b].append(seg)
+        else:
+            self.segments[b] = seg
 
     @staticmethod
     def _select(k, v, sel, mult: int, start: int):
@@ -524,16 +621,23 @@ class LayerStore:
         return Segment(b, kernels.quantize(k, specs[0]), kernels.quantize(v, specs[1]), index, start)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, residual: int,
-                channel_scales: tuple | None = None, channel_perm: tuple | None = None) -> None:
-        """First write: commit all but the last `residual` tokens, keep those in the buffer."""
+                channel_scales: tuple | None = None, channel_perm: tuple | None = None,
+                value_window: int | None = None, spec_fields: tuple | None = None) -> None:
+        """First write: commit all but the last `residual` tokens, keep those in the buffer. value_window: the values
+        of the last `value_window` tokens stay in full precision, also where their keys are quantized (KIVI).
+        spec_fields: (keys, values) QuantSpec fields this layer adds to `spec_fn`'s (BitPlan.spec_fields)."""
         self.channel_scales = channel_scales
+        self.spec_fields = spec_fields
+        self._specs = {}
         self.num_heads = k.shape[1]
         self.channel_perm = None if channel_perm is None else tuple(p.to(torch.int16) for p in channel_perm)
+        self.value_window = value_window
         n = k.shape[-2]
         if not 0 <= residual <= n:
             raise ValueError(f"residual must be in [0, {n}], got {residual!r}")
         cut = n - residual
-        self.commit(k[:, :, :cut], v[:, :, :cut], bits[:, :cut], self.length)
+        defer = 0 if value_window is None else min(cut, max(0, value_window - residual))
+        self.commit(k[:, :, :cut], v[:, :, :cut], bits[:, :cut], self.length, defer)
         self.length += cut
         self._push_residual(k[:, :, cut:], v[:, :, cut:], bits[:, cut:])
 
@@ -548,10 +652,26 @@ class LayerStore:
             self.residual.push(k, v, bits, limit)
         self.length += k.shape[-2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None) -> None:
-        """Decode-time write: new tokens enter the residual buffer, full blocks are flushed."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, bits: int, keep_recent: int, flush_every: int | None,
+               value_window: int | None = None, after_attention: bool = False) -> None:
+        """Decode-time write: new tokens enter the residual buffer, full blocks are flushed.
+
+        value_window: values of the last `value_window` slots stay in full precision after their keys are
+        quantized; older ones are quantized one token at a time (KIVI's reference rule).
+        after_attention: flush (and quantize values) after the step's attention read the cache, not before, so
+        that the step attends to its own tokens in full precision (KIVI's reference); the attention calls
+        `settle()`, and the next write does if it did not.
+        """
         B, _, n, _ = k.shape
-        if flush_every == 1 and keep_recent == 0 and self.residual_len == 0 and bits != 16:
+        self.rule = (int(bits), keep_recent, flush_every, value_window)
+        if value_window is not None:
+            self.value_window = value_window
+        if after_attention:
+            self.settle()  # what the previous step left, if its attention did not settle it
+            limit = 0 if flush_every is None else keep_recent + flush_every + n
+            self._push_residual(k, v, int(bits), limit)
+            return
+        if flush_every == 1 and keep_recent == 0 and self.residual_len == 0 and bits != 16 and value_window is None:
             # quantized on arrival (rtn, smoothquant): straight into the segment, no residual round trip
             self.commit(k, v, bits, self.length)
             self.length += n
@@ -560,15 +680,37 @@ class LayerStore:
         # window slides by fewer, so that it is copied every keep_recent / 16 steps); never flushed: no spare room
         limit = 0 if flush_every is None else keep_recent + max(flush_every, keep_recent // 16)
         self._push_residual(k, v, int(bits), limit)
-        if flush_every is None:
+        self.settle()
+
+    def settle(self) -> None:
+        """Apply the decode rule to what is held: flush full blocks of the residual buffer into segments, then
+        quantize the deferred values that left the value window. Idempotent."""
+        if self.rule is None:
             return
-        while self.residual_len >= keep_recent + flush_every:
-            start = self.length - self.residual_len
-            f = flush_every
-            # one width for the whole block (every decode-time token): no per-token bookkeeping in commit
-            fbits = self.residual.block_bits(f)
-            self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], fbits, start)
-            self.residual.pop(f)
+        _, keep_recent, flush_every, window = self.rule
+        if flush_every is not None:
+            while self.residual_len >= keep_recent + flush_every:
+                start = self.length - self.residual_len
+                f = flush_every
+                # one width for the whole block (every decode-time token): no per-token bookkeeping in commit
+                fbits = self.residual.block_bits(f)
+                defer = 0 if window is None else min(f, max(0, start + f - (self.length - window)))
+                self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], fbits, start, defer)
+                self.residual.pop(f)
+        if window is not None:
+            self._age_values(self.length - window)
+
+    def _age_values(self, before: int) -> None:
+        """Quantize the deferred values of slots < `before` (and of filler), oldest first."""
+        for seg in self.segments.values():
+            if seg.vpend is None:
+                continue
+            if seg.index is None:
+                m = before - (seg.start + seg.coded)
+            else:
+                old = (seg.deferred_slots(seg.index.shape[0], self.device) < before).all(0)
+                m = int(old.to(torch.int32).cumprod(0).sum())
+            seg.quantize_values(min(max(m, 0), seg.vpend.shape[-2]))
 
     # ------------------------------------------------------------------ reading
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -605,7 +747,13 @@ class LayerStore:
         if isinstance(seg.kb, Plain):
             return seg.kb.codes[:, :, start:stop].to(self.dtype), seg.vb.codes[:, :, start:stop].to(self.dtype)
         dk = dequantize(seg.k.slice_tokens(start, stop), self.dtype)
-        dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
+        coded = seg.coded
+        if stop <= coded:
+            dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
+        else:  # deferred values (only where no permutation or scales apply: see commit's defer)
+            tail = seg.vpend[:, :, max(start, coded) - coded:stop - coded].to(self.dtype)
+            dv = tail if start >= coded else torch.cat([dequantize(seg.v.slice_tokens(start, coded), self.dtype), tail], -2)
+            return dk, dv
         if self.channel_perm is not None:
             if self._inverse_perm is None:  # derived, not stored: computed once per layer
                 self._inverse_perm = tuple(torch.argsort(p.long()) for p in self.channel_perm)

@@ -17,6 +17,8 @@ on first use). `VLMKV_KERNELS` picks: `auto` (default: Triton for CUDA tensors, 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 
@@ -55,13 +57,14 @@ def fits_quantize(spec, d: int) -> bool:
     """Whether `quantize_pack` takes this spec: per-token 2/4/8-bit groups, power of two, fp16 scales."""
     import torch
 
-    return (spec.axis == "token" and spec.bits in (2, 4, 8) and _pow2(spec.group_size) and d % spec.group_size == 0
+    return (spec.plain and spec.axis == "token" and spec.bits in (2, 4, 8) and _pow2(spec.group_size) and d % spec.group_size == 0
             and spec.group_size % (8 // spec.bits) == 0 and spec.meta_dtype == torch.float16)
 
 
 def fits_decode(qt, d: int) -> bool:
     """Whether `decode_partial` reads this QTensor: per-token 2/4/8-bit groups and a power-of-two head dim."""
-    return fits_quantize(qt.spec, d) and _pow2(d) and qt.d == d
+    spec = qt.spec if qt.spec.clips is None else dataclasses.replace(qt.spec, clips=None)  # clips: quantize-time only
+    return fits_quantize(spec, d) and _pow2(d) and qt.d == d
 
 
 def check_quantize(spec, d: int) -> None:

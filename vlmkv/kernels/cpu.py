@@ -209,7 +209,8 @@ def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
     d <= 512 channels, in per-token groups of whole bytes dividing d (any size: SKVQ's 96-channel groups too) or,
     for keys, in per-channel groups of tokens (KIVI)."""
     spec = qt.spec
-    if qt.codes.dim() != 4 or qt.d != d or d > 512 or spec.bits not in (2, 4, 8) or spec.meta_dtype != torch.float16:
+    if (not spec.even or qt.codes.dim() != 4 or qt.d != d or d > 512 or spec.bits not in (2, 4, 8)
+            or spec.meta_dtype != torch.float16):
         return False
     if spec.axis == "channel":
         return key

@@ -21,7 +21,7 @@ def quantize_pack_ref(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
 def _codes(qt: QTensor) -> torch.Tensor:
     """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied)."""
-    lut = _code_lut(qt.spec.bits, qt.codes.device)
+    lut = _code_lut(qt.spec.bits, qt.codes.device, qt.spec.levels)
     c = lut.index_select(0, qt.codes.reshape(-1).long()).view(*qt.codes.shape[:-1], -1)
     return c if c.shape[-1] == qt.d else c[..., :qt.d]
 
@@ -43,6 +43,10 @@ def qk_from_codes(q: torch.Tensor, qt: QTensor) -> torch.Tensor:
         sc = sc + torch.einsum("bhrd,bhkd->bhrk", q, b)[..., None]
         return sc.reshape(B, H, q.shape[2], n)
     ng = qt.scale.shape[-1]  # per-token groups: s, b are [B, H, n, ng]
+    if qt.spec.bounds is not None:  # uneven groups: one product per group's channel range
+        bd = [int(x) for x in qt.spec.bounds]
+        return sum(torch.einsum("bhrd,bhnd->bhrn", q[..., a:e], c[..., a:e]) * s[:, :, None, :, g]
+                   + q[..., a:e].sum(-1, keepdim=True) * b[:, :, None, :, g] for g, (a, e) in enumerate(zip(bd, bd[1:])))
     qg = q.view(B, H, q.shape[2], ng, D // ng)
     qc = torch.einsum("bhrkg,bhnkg->bhrnk", qg, c.view(B, H, n, ng, D // ng))
     return (qc * s[:, :, None]).sum(-1) + torch.einsum("bhrk,bhnk->bhrn", qg.sum(-1), b)
@@ -56,6 +60,11 @@ def pv_from_codes(p: torch.Tensor, qt: QTensor) -> torch.Tensor:
     ng = qt.scale.shape[-1]
     s = qt.scale.float()
     b = -qt.zero.float() * s
+    if qt.spec.bounds is not None:  # uneven groups: each group's channels from its own scale
+        bd = [int(x) for x in qt.spec.bounds]
+        return torch.cat([torch.einsum("bhrn,bhnd->bhrd", p * s[:, :, None, :, g], c[..., a:e])
+                          + torch.einsum("bhrn,bhn->bhr", p, b[..., g])[..., None]
+                          for g, (a, e) in enumerate(zip(bd, bd[1:]))], -1)
     w = p[..., None] * s[:, :, None]  # [B, H, r, n, ng]
     out = torch.einsum("bhrnk,bhnkg->bhrkg", w, c.view(B, H, n, ng, D // ng))
     out = out + torch.einsum("bhrn,bhnk->bhrk", p, b)[..., None]

@@ -72,6 +72,9 @@ class BitPlan:
     #: optional channel permutations (keys, values), each long `[H * D]` over a token's channels of all kv
     #: heads: quantized tokens are stored flattened across heads, permuted, grouped along H * D (SKVQ)
     channel_perm: tuple | None = None
+    #: optional QuantSpec fields (keys, values), each a dict such as {"bounds": ..., "clips": ...}, that this
+    #: layer's quantized tokens use on top of `Policy.spec` (SKVQ's uneven groups and calibrated clips)
+    spec_fields: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,18 @@ class DecodeRule:
     keep_recent: tokens always kept in full precision at the end of the residual buffer.
     flush_every: once the buffer holds keep_recent + flush_every tokens, its oldest `flush_every`
                  are quantized together (complete groups); None never flushes (full precision).
+    value_window: values of the last `value_window` tokens stay in full precision also once their keys are
+                 flushed; older values are quantized one token at a time (KIVI's reference; per-token values
+                 only). Applies to the prompt too. None: values are quantized with their keys.
+    after_attention: flush after the step's attention has read the cache rather than before, so that a
+                 step never attends to a token quantized in that same step (KIVI's reference).
     """
 
     bits: int = 16
     keep_recent: int = 0
     flush_every: int | None = None
+    value_window: int | None = None
+    after_attention: bool = False
 
 
 class Policy:

@@ -1,10 +1,20 @@
 """`kivi`: KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache").
 
 Keys are quantized per channel (groups of `group_size` tokens along the sequence), values per token
-(groups of `group_size` channels). The most recent tokens wait in a full-precision residual buffer of
-up to `residual_length` tokens; when it fills, all of it is quantized at once (KIVI's Algorithm 1).
-Defaults are the paper's: group 32, residual 128 (`residual_length` must be a multiple of `group_size`
-so that key groups are always complete).
+(groups of `group_size` channels). Defaults are the paper's: group 32, residual 128 (`residual_length` must be
+a multiple of `group_size` so that key groups are always complete).
+
+`schedule="reference"` (default) is the rule of the authors' implementation, token by token:
+* keys: the prompt's first S - (S mod R) keys are quantized at prefill, the rest wait in full precision; a
+  generated key joins them and the step attends to it in full precision; once R keys wait, all R are quantized
+  together, *after* that step's attention;
+* values: the most recent R values are always in full precision (R + 1 while a step attends, its own value
+  included); after each step the oldest one beyond R is quantized alone. At prefill, values of all but the
+  last R prompt tokens are quantized.
+So a token can have a quantized key and a full-precision value; memory holds exactly that (`Segment.vpend`).
+
+`schedule="blocks"` is vlmkv's earlier simplification: values follow their keys (R at a time, the prompt's
+last S mod R kept), and a block is quantized before the attention of the step that filled it.
 """
 from __future__ import annotations
 
@@ -23,8 +33,11 @@ class KIVIPolicy(Policy):
     group_size: int = 32
     residual_length: int = 128
     clip_ratio: float = 1.0
+    schedule: str = "reference"
 
     def __post_init__(self):
+        if self.schedule not in ("reference", "blocks"):
+            raise ValueError(f"schedule must be 'reference' or 'blocks', got {self.schedule!r}")
         check_bits(self.bits, (2, 4, 8))
         check_positive(self.group_size, "group_size")
         check_positive(self.residual_length, "residual_length")
@@ -38,11 +51,15 @@ class KIVIPolicy(Policy):
         return (self.bits,)
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
-        # KIVI quantizes the first S - (S mod R) prompt tokens and keeps the rest in full precision.
+        # KIVI quantizes the first S - (S mod R) prompt keys and keeps the rest in full precision (the values'
+        # window of R comes from decode_rule's value_window)
         return BitPlan(uniform_plan(ctx, self.bits), residual=ctx.seq_len % self.residual_length)
 
     def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
-        return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length)
+        if self.schedule == "blocks":
+            return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length)
+        return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length,
+                          value_window=self.residual_length, after_attention=True)
 
     def spec(self, bits, kind, head_dim):
         if kind == "key":

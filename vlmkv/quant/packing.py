@@ -37,7 +37,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % per
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.view(*codes.shape[:-1], -1, per)
+    codes = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = codes[..., 0].clone()
     for j in range(1, per):
         out |= codes[..., j] << (bits * j)
@@ -56,3 +56,29 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
     return codes if n is None else codes[..., :n]
+
+
+TRITS_PER_BYTE = 5  # 3^5 = 243 <= 256: five 3-level codes in a byte, 1.6 bits each
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes in {0, 1, 2} five to a byte along the last dimension: byte = sum_j c_j 3^j.
+
+    codes: integer tensor `[..., n]`; returns `uint8 [..., ceil(n / 5)]` (the last byte zero-padded)."""
+    if codes.is_floating_point():
+        raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype!r}")
+    n = codes.shape[-1]
+    pad = (-n) % TRITS_PER_BYTE
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, pad)).view(*codes.shape[:-1], -1, TRITS_PER_BYTE)
+    weights = torch.tensor([3 ** j for j in range(TRITS_PER_BYTE)], dtype=torch.int32, device=codes.device)
+    return (c * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_trits`: `uint8 [..., m]` to `uint8 [..., n]` codes (n defaults to 5 m)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8, got dtype {packed.dtype!r}")
+    p = packed.to(torch.int32).unsqueeze(-1)
+    digits = torch.stack([(p[..., 0] // 3 ** j) % 3 for j in range(TRITS_PER_BYTE)], -1).to(torch.uint8)
+    out = digits.reshape(*packed.shape[:-1], packed.shape[-1] * TRITS_PER_BYTE)
+    return out if n is None else out[..., :n]

@@ -12,6 +12,10 @@ Groups run along one axis of a `[..., n, d]` tensor (n tokens, d head channels):
   * axis="channel": per-channel groups of `group_size` consecutive tokens (n % group_size == 0),
                     as KIVI quantizes keys. Only complete groups are ever quantized.
 
+Per-token groups may also be uneven (`bounds`, SKVQ's clustered channels) and carry a clip ratio each (`clips`,
+SKVQ's calibrated clipping); `levels=3` stores 3 levels per code (SKVQ's "1.5-bit" values), packed five to a
+byte (1.6 bits). These specs run on the reference only (the fused kernels take plain groups).
+
 Storage: codes are bit-packed along d into uint8; the scale is kept in `meta_dtype` (float16 by
 default), rounded *up* to it so that the clipped range always fits in 2^n - 1 steps; the zero point
 is an integer kept as int16 (exact for |zero| < 32768, i.e. unless a group's range is under 1/16384
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import pack_bits, packed_length
+from .packing import TRITS_PER_BYTE, pack_bits, pack_trits, packed_length
 
 SUPPORTED_BITS = (2, 4, 8, 16)
 AXES = ("token", "channel")
@@ -49,6 +53,13 @@ class QuantSpec:
     clip_ratio: float = 1.0
     axis: str = "token"
     meta_dtype: torch.dtype = torch.float16
+    #: uneven per-token groups: the channel offsets where groups start, then d (0 = b_0 < b_1 < ... < b_G = d);
+    #: None: groups of `group_size`
+    bounds: tuple | None = None
+    #: one clip ratio per per-token group (replacing `clip_ratio`); None: `clip_ratio` for all
+    clips: tuple | None = None
+    #: levels per code: 0 means 2^bits; 3 (with bits=2) is a ternary code, packed five to a byte
+    levels: int = 0
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -59,10 +70,48 @@ class QuantSpec:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
+        if self.bounds is not None:
+            b = self.bounds
+            if self.axis != "token" or len(b) < 2 or b[0] != 0 or any(int(y) <= int(x) for x, y in zip(b, b[1:])):
+                raise ValueError(f"bounds must be increasing per-token group offsets from 0, got {b!r}")
+        if self.clips is not None and (self.axis != "token" or not all(0.0 < float(c) <= 1.0 for c in self.clips)):
+            raise ValueError(f"clips must be per-token group ratios in (0, 1], got {self.clips!r}")
+        if self.levels not in (0, 3) or (self.levels == 3 and self.bits != 2):
+            raise ValueError(f"levels must be 0 (2^bits) or 3 with bits=2, got {self.levels!r} with bits={self.bits!r}")
+
+    @property
+    def qmax(self) -> int:
+        """The largest code."""
+        return (self.levels or (1 << self.bits)) - 1
+
+    @property
+    def even(self) -> bool:
+        """Even groups and 2^bits levels: what the fused decode kernels read (clips only matter when quantizing)."""
+        return self.bounds is None and self.levels == 0
+
+    @property
+    def plain(self) -> bool:
+        """Even groups, one clip ratio, 2^bits levels: what the fused kernels take."""
+        return self.bounds is None and self.clips is None and self.levels == 0
+
+    def group_ids(self, d: int, device=None) -> torch.Tensor:
+        """long `[d]`: the per-token group of each channel."""
+        if self.bounds is None:
+            return torch.arange(d, device=device) // self.group_size
+        b = torch.tensor([int(x) for x in self.bounds], device=device)
+        return torch.bucketize(torch.arange(d, device=device), b[1:], right=True)
 
     def check_shape(self, n: int, d: int) -> None:
         """Raise ValueError unless a `[.., n, d]` tensor splits into complete groups."""
-        if self.axis == "token" and d % self.group_size:
+        if self.bounds is not None:
+            if int(self.bounds[-1]) != d:
+                raise ValueError(f"bounds must end at the row's {d} channels, got {self.bounds!r}")
+            groups = len(self.bounds) - 1
+        else:
+            groups = d // self.group_size if self.axis == "token" else None
+        if self.clips is not None and len(self.clips) != groups:
+            raise ValueError(f"clips must give one ratio per group ({groups}), got {len(self.clips)!r}")
+        if self.axis == "token" and self.bounds is None and d % self.group_size:
             raise ValueError(f"group_size must divide the head dimension {d}, got {self.group_size!r}")
         if self.axis == "channel" and n % self.group_size:
             raise ValueError(
@@ -156,6 +205,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got dtype {x.dtype!r}")
     *lead, n, d = x.shape
+    if not spec.plain:
+        return _quantize_general(x, spec)
     xg, rdim = _grouped(x.float(), spec)
     qmax = (1 << spec.bits) - 1
     mx = xg.amax(dim=rdim, keepdim=True) * spec.clip_ratio
@@ -176,17 +227,61 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
 
 
+def _scale_zero(mn: torch.Tensor, mx: torch.Tensor, qmax: int, meta_dtype) -> tuple:
+    """Equations (5)-(6) with the module's edges, for group minima / maxima of any shape: (stored scale,
+    float32 scale, float32 zero point, bool non-finite groups)."""
+    scale = (mx - mn) / qmax
+    flat = scale <= 0
+    if flat.any():
+        scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
+    scale = torch.maximum(scale, mn.abs() / 32767.0)
+    bad = ~torch.isfinite(scale)
+    scale_s = _round_up_to(torch.where(bad, float("nan"), scale), meta_dtype)
+    scale = scale_s.float()
+    zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-32768, 32767))
+    return scale_s, scale, zero, bad
+
+
+def _quantize_general(x: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """quantize() for per-token groups given by `bounds` and/or `clips`, or 3 levels: the same equations with each
+    channel's group found by its id (groups may differ in size)."""
+    if spec.axis != "token":
+        raise ValueError(f"uneven groups, clips and levels are per-token only, got {spec!r}")
+    *lead, n, d = x.shape
+    spec.check_shape(n, d)
+    xf = x.float()
+    gid = spec.group_ids(d, x.device)
+    G = int(gid[-1]) + 1 if d else 0
+    idx = gid.expand_as(xf)
+    mx = xf.new_full((*lead, n, G), float("-inf")).scatter_reduce(-1, idx, xf, "amax")
+    mn = xf.new_full((*lead, n, G), float("inf")).scatter_reduce(-1, idx, xf, "amin")
+    clip = torch.tensor([float(c) for c in spec.clips], device=x.device) if spec.clips is not None else spec.clip_ratio
+    mx, mn = mx * clip, mn * clip
+    # a NaN anywhere in a group: amax/amin may skip it, so flag the group as the plain path does
+    nan = torch.zeros_like(mx, dtype=torch.bool).scatter_reduce(-1, idx, torch.isnan(xf), "amax")
+    mn = torch.where(nan, float("nan"), mn)
+    qmax = spec.qmax
+    scale_s, scale, zero, bad = _scale_zero(mn, mx, qmax, spec.meta_dtype)
+    se, ze, be = scale.index_select(-1, gid), zero.index_select(-1, gid), bad.index_select(-1, gid)
+    q = torch.where(be, 0.0, (torch.round(xf / se) + ze).clamp_(0, qmax))
+    codes = pack_trits(q.to(torch.uint8)) if spec.levels == 3 else pack_bits(q.to(torch.uint8), spec.bits)
+    return QTensor(codes, scale_s, zero.to(torch.int16), spec, d, x.dtype)
+
+
 _LUTS: dict = {}
 
 
-def _code_lut(bits: int, device) -> torch.Tensor:
-    """float32 `[256, 8 // bits]`: the codes packed in each possible byte (unpacking by table lookup is one
-    gather instead of shift, mask and convert passes)."""
-    key = (bits, str(device))
+def _code_lut(bits: int, device, levels: int = 0) -> torch.Tensor:
+    """float32 `[256, codes per byte]`: the codes packed in each possible byte (unpacking by table lookup is one
+    gather instead of shift, mask and convert passes); levels=3: five base-3 digits per byte."""
+    key = (bits, str(device), levels)
     if key not in _LUTS:
-        per = 8 // bits
         byte = torch.arange(256)
-        _LUTS[key] = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).float().to(device)
+        if levels == 3:
+            _LUTS[key] = torch.stack([(byte // 3 ** j) % 3 for j in range(TRITS_PER_BYTE)], -1).float().to(device)
+        else:
+            per = 8 // bits
+            _LUTS[key] = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).float().to(device)
     return _LUTS[key]
 
 
@@ -199,14 +294,17 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     spec = qt.spec
     g = spec.group_size
     lead, n, d = qt.codes.shape[:-2], qt.codes.shape[-2], qt.d
-    lut = _code_lut(spec.bits, qt.codes.device)
+    lut = _code_lut(spec.bits, qt.codes.device, spec.levels)
     # index_select on flat indices: ~3x faster on CPU than advanced indexing lut[codes]
-    q = lut.index_select(0, qt.codes.reshape(-1).long()).view(*lead, n, -1)  # [..., n, bytes * per]
+    q = lut.index_select(0, qt.codes.reshape(-1).long()).view(*lead, n, qt.codes.shape[-1] * lut.shape[-1])  # [..., n, bytes * per]
     if q.shape[-1] != d:
         q = q[..., :d]
     scale = qt.scale.float()
     bias = -qt.zero.float() * scale
-    if spec.axis == "token":
+    if spec.bounds is not None:
+        gid = spec.group_ids(d, q.device)
+        out = torch.addcmul(bias.index_select(-1, gid), q, scale.index_select(-1, gid))
+    elif spec.axis == "token":
         out = torch.addcmul(bias.unsqueeze(-1), q.reshape(*lead, n, d // g, g), scale.unsqueeze(-1))
     else:
         out = torch.addcmul(bias.unsqueeze(-2), q.reshape(*lead, n // g, g, d), scale.unsqueeze(-2))
@@ -222,6 +320,8 @@ def quantization_step(qt: QTensor) -> torch.Tensor:
     """The step (stored scale) broadcast to `[..., n, d]`, for error-bound checks."""
     g = qt.spec.group_size
     s = qt.scale.float()
+    if qt.spec.bounds is not None:
+        return s.index_select(-1, qt.spec.group_ids(qt.d, s.device))
     if qt.spec.axis == "token":
         return s.repeat_interleave(g, dim=-1)
     return s.repeat_interleave(g, dim=-2)
