@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +63,7 @@ def record(model, ids) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("vlmkv_record", rec)
+    AttentionMaskInterface.register("vlmkv_record", sdpa_mask)  # else the mask silently becomes None
     orig = model.config._attn_implementation
     model.set_attn_implementation("vlmkv_record")
     try:

@@ -54,3 +54,16 @@ def test_inspect_on_smollm2(smollm2, tmp_path, capsys):
     assert rep["n_visual"] == 0 and rep["num_layers"] == 30
     # text-only: the modality split is empty, pivots are not (and not only position 0)
     assert any(p and p != [0] for p in rep["pivots"].values())
+
+
+def test_eval_methods_take_options_after_colons():
+    from vlmkv.cli import _method_entry
+
+    assert _method_entry("kivi-2") == "kivi-2"
+    label, pol = _method_entry("kivi-2:schedule=blocks:residual_length=64")
+    assert label == "kivi-2:schedule=blocks:residual_length=64"
+    assert (pol.bits, pol.schedule, pol.residual_length) == (2, "blocks", 64)
+    with pytest.raises(ValueError, match="schedule"):
+        _method_entry("kivi-2:schedule=paper")
+    with pytest.raises(ValueError, match="options for policy"):
+        _method_entry("kivi-2:window=3")

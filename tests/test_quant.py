@@ -142,3 +142,55 @@ def test_bad_input():
         fwht(torch.randn(3, 7))
     with pytest.raises(ValueError, match="bits"):
         pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+
+
+# ------------------------------------------------------------------------- zero-point formats
+def test_int8_zero_points_take_one_byte_and_keep_the_error_bound():
+    from vlmkv.quant.uniform import quantization_step
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 17, 64) + torch.linspace(-3, 3, 64)
+    x[0, 0, 0] += 300.0  # a group far from zero: the step widens so that the zero point fits int8
+    a = quantize(x, QuantSpec(4, 32))
+    b = quantize(x, QuantSpec(4, 32, zero_point="int8"))
+    assert b.zero.dtype == torch.int8 and a.nbytes() - b.nbytes() == a.zero.numel()
+    err = (dequantize(b, torch.float32) - x).abs()
+    assert (err <= quantization_step(b) / 2 + 1e-4 * x.abs()).all()
+
+
+def _q4_0(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's q4_0 round trip, from its definition: blocks of 32, d = m / -8 for the value m of largest
+    magnitude, q = clamp(round(x / d) + 8, 0, 15), x' = (q - 8) d, d stored in fp16."""
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    idx = xb.abs().argmax(-1, keepdim=True)
+    d = (xb.gather(-1, idx) / -8).half().float()
+    q = torch.clamp(torch.round(xb / d) + 8, 0, 15)
+    return ((q - 8) * d).reshape(x.shape)
+
+
+def test_symmetric_groups_are_q4_0_and_store_no_zero_point():
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 9, 64) * torch.linspace(0.2, 3, 64)
+    qt = quantize(x, QuantSpec(4, 32, zero_point="none"))
+    assert qt.zero is None and qt.nbytes() == qt.codes.numel() + 2 * qt.scale.numel()
+    assert qt.nbytes() * 8 / x.numel() == 4.5  # q4_0's bits per element
+    got, ref = dequantize(qt, torch.float32), _q4_0(x)
+    step = (x.reshape(4, 2, 9, 2, 32).abs().amax(-1) / 8).repeat_interleave(32, -1)
+    # the scale is rounded up to fp16 (never below the range), q4_0 rounds to nearest: at most one step apart
+    assert ((got - ref).abs() <= step * 1.01).all()
+    assert ((got - x).abs() <= step * 0.51 + 1e-6).float().mean() > 0.99
+
+
+def test_zero_point_formats_through_a_cache(tiny_llama):
+    from vlmkv import QuantizedKVCache, cache_kwargs
+    from vlmkv.policies import get_policy
+
+    ids = torch.randint(5, 200, (1, 30))
+    sizes = {}
+    for zp in ("int16", "int8", "none"):
+        with QuantizedKVCache(tiny_llama, "rtn", bits=4, group_size=16, zero_point=zp) as cache:
+            tiny_llama.generate(input_ids=ids, max_new_tokens=3, do_sample=False, **cache_kwargs(cache))
+            sizes[zp] = cache.nbytes()
+    assert sizes["int16"] > sizes["int8"] > sizes["none"]
+    with pytest.raises(ValueError, match="zero_point"):
+        get_policy("rtn", zero_point="uint4")

@@ -95,4 +95,4 @@ def test_exact_smoothing_scales_follow_the_formula_and_pow2_rounds_them():
     torch.testing.assert_close(pow2.float(), torch.exp2(torch.round(torch.log2(want))))
     from vlmkv import get_policy
 
-    assert get_policy("smoothquant", exact_scales=True).exact_scales
+    assert get_policy("smoothquant").exact_scales and not get_policy("smoothquant", exact_scales=False).exact_scales

@@ -39,6 +39,17 @@ def _parse_options(pairs: list[str]) -> dict:
     return opts
 
 
+def _method_entry(text: str):
+    """A `--methods` item: a name (`kivi-2`), or a name with options after colons (`kivi-2:schedule=blocks`), which
+    becomes a (label, policy) pair labelled by the text itself."""
+    if ":" not in text:
+        return text
+    from .policies import get_policy
+
+    name, *pairs = text.split(":")
+    return text, get_policy(name, **_parse_options(pairs))
+
+
 def _bounded(kind, low, high=None, low_open=False):
     """An argparse type: `kind` within [low, high] (low excluded if `low_open`), with a clear message."""
     def parse(text):
@@ -257,7 +268,7 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
                 presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
                 files.append(f"{out}/sweep_{option}.png")
     else:
-        listed = [m for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
+        listed = [_method_entry(m) for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
         methods = (presets.preset_methods(args.preset) if args.preset else []) + listed
         rows = run(methods, args.out)
         if main_proc:
@@ -427,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="pocket", help="pocket (the demo VLM, default), a Hugging Face VLM id or local path")
     ev.add_argument("--data", default=None, help="MileBench-format root directory (default: held-out synthetic "
                                                  "clips, --limit per task or 100, written under --out)")
-    ev.add_argument("--methods", default=None, help=f"comma-separated (default {EVAL_METHODS}); with --preset: "
+    ev.add_argument("--methods", default=None, help=f"comma-separated, each a name or name:option=value:... "
+                                                    f"(kivi-2:schedule=blocks) (default {EVAL_METHODS}); with --preset: "
                                                     "methods run after the preset's")
     ev.add_argument("--preset", choices=["akvq-table2", "akvq-ablation"], default=None,
                     help="the seed's Table II grid or Table III ablation (overrides --methods)")

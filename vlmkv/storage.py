@@ -94,14 +94,14 @@ def _rows(t: Stored, tokens: int, part: str) -> int:
 def _parts(t: Stored) -> list[tuple[str, torch.Tensor]]:
     if isinstance(t, Plain):
         return [("codes", t.codes)]
-    return [("codes", t.codes), ("meta", t.scale), ("meta", t.zero)]
+    return [("codes", t.codes), ("meta", t.scale)] + ([] if t.zero is None else [("meta", t.zero)])
 
 
 def _like(buf: Stored, parts: list[torch.Tensor]) -> Stored:
     """A stored tensor of `buf`'s kind over new part tensors (as `_parts` lists them)."""
     if isinstance(buf, Plain):
         return Plain(parts[0])
-    return QTensor(parts[0], parts[1], parts[2], buf.spec, buf.d, buf.dtype)
+    return QTensor(parts[0], parts[1], parts[2] if len(parts) > 2 else None, buf.spec, buf.d, buf.dtype)
 
 
 def _grown(buf: Stored, used: int, cap: int) -> Stored:
@@ -140,7 +140,9 @@ def _empty_codes(like: torch.Tensor, spec: QuantSpec) -> QTensor:
     nbytes = -(-D // TRITS_PER_BYTE) if spec.levels == 3 else packed_length(D, spec.bits)
     codes = torch.empty(B, H, 0, nbytes, dtype=torch.uint8, device=like.device)
     scale = torch.empty(B, H, 0, groups, dtype=spec.meta_dtype, device=like.device)
-    return QTensor(codes, scale, torch.empty(B, H, 0, groups, dtype=torch.int16, device=like.device), spec, D, like.dtype)
+    zdtype = {"int16": torch.int16, "int8": torch.int8}.get(spec.zero_point)
+    zero = None if zdtype is None else torch.empty(B, H, 0, groups, dtype=zdtype, device=like.device)
+    return QTensor(codes, scale, zero, spec, D, like.dtype)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def qk_from_codes(q: torch.Tensor, qt: QTensor) -> torch.Tensor:
     c = _codes(qt)
     B, H, n, D = c.shape
     s = qt.scale.float()
-    b = -qt.zero.float() * s
+    b = -qt.zeros() * s
     if qt.spec.axis == "channel":
         # per-channel groups of G tokens: k_td = c_td s_gd + b_gd, so q . k_t = (q * s_g) . c_t + q . b_g
         G = qt.spec.group_size
@@ -59,7 +59,7 @@ def pv_from_codes(p: torch.Tensor, qt: QTensor) -> torch.Tensor:
     B, H, n, D = c.shape
     ng = qt.scale.shape[-1]
     s = qt.scale.float()
-    b = -qt.zero.float() * s
+    b = -qt.zeros() * s
     if qt.spec.bounds is not None:  # uneven groups: each group's channels from its own scale
         bd = [int(x) for x in qt.spec.bounds]
         return torch.cat([torch.einsum("bhrn,bhnd->bhrd", p * s[:, :, None, :, g], c[..., a:e])

@@ -42,6 +42,7 @@ from .packing import TRITS_PER_BYTE, pack_bits, pack_trits, packed_length
 
 SUPPORTED_BITS = (2, 4, 8, 16)
 AXES = ("token", "channel")
+ZERO_POINTS = ("int16", "int8", "none")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class QuantSpec:
     clips: tuple | None = None
     #: levels per code: 0 means 2^bits; 3 (with bits=2) is a ternary code, packed five to a byte
     levels: int = 0
+    #: the zero point's storage: "int16" (default), "int8" (the step is then at least |min| / 127), or "none":
+    #: symmetric groups as llama.cpp's q4_0, no zero point stored (x = (q - 2^(bits-1)) * scale, where the
+    #: group's largest-magnitude value maps to code 0 exactly and the scale carries its sign)
+    zero_point: str = "int16"
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -76,6 +81,11 @@ class QuantSpec:
                 raise ValueError(f"bounds must be increasing per-token group offsets from 0, got {b!r}")
         if self.clips is not None and (self.axis != "token" or not all(0.0 < float(c) <= 1.0 for c in self.clips)):
             raise ValueError(f"clips must be per-token group ratios in (0, 1], got {self.clips!r}")
+        if self.zero_point not in ZERO_POINTS or (self.zero_point != "int16" and self.axis != "token"):
+            raise ValueError(f"zero_point must be one of {ZERO_POINTS} (per-token groups for the last two), "
+                             f"got {self.zero_point!r} with axis={self.axis!r}")
+        if self.zero_point == "none" and self.levels:
+            raise ValueError(f"symmetric groups need 2^bits levels, got levels={self.levels!r}")
         if self.levels not in (0, 3) or (self.levels == 3 and self.bits != 2):
             raise ValueError(f"levels must be 0 (2^bits) or 3 with bits=2, got {self.levels!r} with bits={self.bits!r}")
 
@@ -86,13 +96,14 @@ class QuantSpec:
 
     @property
     def even(self) -> bool:
-        """Even groups and 2^bits levels: what the fused decode kernels read (clips only matter when quantizing)."""
-        return self.bounds is None and self.levels == 0
+        """Even groups, 2^bits levels, int16 zero points: what the fused decode kernels read (clips only matter
+        when quantizing)."""
+        return self.bounds is None and self.levels == 0 and self.zero_point == "int16"
 
     @property
     def plain(self) -> bool:
-        """Even groups, one clip ratio, 2^bits levels: what the fused kernels take."""
-        return self.bounds is None and self.clips is None and self.levels == 0
+        """Even groups, one clip ratio, 2^bits levels, int16 zero points: what the fused kernels take."""
+        return self.bounds is None and self.clips is None and self.levels == 0 and self.zero_point == "int16"
 
     def group_ids(self, d: int, device=None) -> torch.Tensor:
         """long `[d]`: the per-token group of each channel."""
@@ -130,7 +141,7 @@ class QTensor:
 
     codes: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
+    zero: torch.Tensor | None  # None: symmetric groups (spec.zero_point == "none"), the zero point is implied
     spec: QuantSpec
     d: int
     dtype: torch.dtype = field(default=torch.float32)
@@ -141,14 +152,21 @@ class QTensor:
 
     def nbytes(self) -> int:
         """Bytes held: packed codes + scales + zero points."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+    def zeros(self) -> torch.Tensor:
+        """float32 zero points, shaped as `scale` (the implied 2^(bits-1) of symmetric groups)."""
+        if self.zero is None:
+            return torch.full(self.scale.shape, float(1 << (self.spec.bits - 1)), device=self.scale.device)
+        return self.zero.float()
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self)
 
     def map(self, fn) -> "QTensor":
         """Apply `fn` (an index/cat op along the leading dims) to every stored tensor."""
-        return QTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.spec, self.d, self.dtype)
+        return QTensor(fn(self.codes), fn(self.scale), None if self.zero is None else fn(self.zero), self.spec, self.d,
+                       self.dtype)
 
     def slice_tokens(self, start: int, stop: int) -> "QTensor":
         """Tokens [start, stop) as a QTensor sharing storage; for per-channel groups both ends must fall on
@@ -160,8 +178,8 @@ class QTensor:
             gs, ge = start // g, -(-stop // g)
             return QTensor(self.codes[..., start:stop, :], self.scale[..., gs:ge, :], self.zero[..., gs:ge, :],
                            self.spec, self.d, self.dtype)
-        return QTensor(self.codes[..., start:stop, :], self.scale[..., start:stop, :], self.zero[..., start:stop, :],
-                       self.spec, self.d, self.dtype)
+        zero = None if self.zero is None else self.zero[..., start:stop, :]
+        return QTensor(self.codes[..., start:stop, :], self.scale[..., start:stop, :], zero, self.spec, self.d, self.dtype)
 
     @staticmethod
     def cat(parts: list["QTensor"], dim: int = -2) -> "QTensor":
@@ -170,7 +188,7 @@ class QTensor:
         return QTensor(
             torch.cat([p.codes for p in parts], dim),
             torch.cat([p.scale for p in parts], dim),
-            torch.cat([p.zero for p in parts], dim),
+            None if p0.zero is None else torch.cat([p.zero for p in parts], dim),
             p0.spec, p0.d, p0.dtype,
         )
 
@@ -227,18 +245,19 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
 
 
-def _scale_zero(mn: torch.Tensor, mx: torch.Tensor, qmax: int, meta_dtype) -> tuple:
+def _scale_zero(mn: torch.Tensor, mx: torch.Tensor, qmax: int, meta_dtype, zlim: float = 32767.0) -> tuple:
     """Equations (5)-(6) with the module's edges, for group minima / maxima of any shape: (stored scale,
-    float32 scale, float32 zero point, bool non-finite groups)."""
+    float32 scale, float32 zero point, bool non-finite groups). The step is at least |min| / zlim, so that the
+    zero point fits its storage (32767: int16, 127: int8)."""
     scale = (mx - mn) / qmax
     flat = scale <= 0
     if flat.any():
         scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
-    scale = torch.maximum(scale, mn.abs() / 32767.0)
+    scale = torch.maximum(scale, mn.abs() / zlim)
     bad = ~torch.isfinite(scale)
     scale_s = _round_up_to(torch.where(bad, float("nan"), scale), meta_dtype)
     scale = scale_s.float()
-    zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-32768, 32767))
+    zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-zlim - 1, zlim))
     return scale_s, scale, zero, bad
 
 
@@ -261,11 +280,29 @@ def _quantize_general(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     nan = torch.zeros_like(mx, dtype=torch.bool).scatter_reduce(-1, idx, torch.isnan(xf), "amax")
     mn = torch.where(nan, float("nan"), mn)
     qmax = spec.qmax
-    scale_s, scale, zero, bad = _scale_zero(mn, mx, qmax, spec.meta_dtype)
+    if spec.zero_point == "none":
+        scale_s, scale, zero, bad = _symmetric_scale(mn, mx, spec.bits, spec.meta_dtype)
+    else:
+        zlim = 127.0 if spec.zero_point == "int8" else 32767.0
+        scale_s, scale, zero, bad = _scale_zero(mn, mx, qmax, spec.meta_dtype, zlim)
     se, ze, be = scale.index_select(-1, gid), zero.index_select(-1, gid), bad.index_select(-1, gid)
     q = torch.where(be, 0.0, (torch.round(xf / se) + ze).clamp_(0, qmax))
     codes = pack_trits(q.to(torch.uint8)) if spec.levels == 3 else pack_bits(q.to(torch.uint8), spec.bits)
-    return QTensor(codes, scale_s, zero.to(torch.int16), spec, d, x.dtype)
+    stored = {"int16": zero.to(torch.int16), "int8": zero.to(torch.int8), "none": None}[spec.zero_point]
+    return QTensor(codes, scale_s, stored, spec, d, x.dtype)
+
+
+def _symmetric_scale(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta_dtype) -> tuple:
+    """Symmetric groups (llama.cpp's q4_0 rule): the value of largest magnitude m maps to code 0, so the scale is
+    m / -2^(bits-1) (signed) and the implied zero point 2^(bits-1); the opposite end may clip by one step.
+    Returns (stored scale, float32 scale, float32 zero points, bool non-finite groups), as `_scale_zero`."""
+    half = float(1 << (bits - 1))
+    m = torch.where(mx.abs() > mn.abs(), mx, mn)
+    mag = (m.abs() / half).clamp_min(1e-8)  # all-zero group: any step reconstructs it
+    bad = ~torch.isfinite(mag)
+    mag_s = _round_up_to(torch.where(bad, float("nan"), mag), meta_dtype)
+    scale_s = torch.where(m > 0, -mag_s, mag_s)  # x = (q - half) * scale: m -> q = 0
+    return scale_s, scale_s.float(), torch.full_like(mag, half), bad
 
 
 _LUTS: dict = {}
@@ -300,7 +337,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if q.shape[-1] != d:
         q = q[..., :d]
     scale = qt.scale.float()
-    bias = -qt.zero.float() * scale
+    bias = -qt.zeros() * scale
     if spec.bounds is not None:
         gid = spec.group_ids(d, q.device)
         out = torch.addcmul(bias.index_select(-1, gid), q, scale.index_select(-1, gid))
@@ -319,7 +356,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 def quantization_step(qt: QTensor) -> torch.Tensor:
     """The step (stored scale) broadcast to `[..., n, d]`, for error-bound checks."""
     g = qt.spec.group_size
-    s = qt.scale.float()
+    s = qt.scale.float().abs()  # symmetric groups carry the sign in the scale
     if qt.spec.bounds is not None:
         return s.index_select(-1, qt.spec.group_ids(qt.d, s.device))
     if qt.spec.axis == "token":
