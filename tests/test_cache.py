@@ -43,7 +43,7 @@ def test_fp16_bit_identical_to_dynamic_cache_smollm2(smollm2):
 
 # windowquant's default 3-bit budget is below what 2-bit codes cost at head dim 32 (group 32: 3.25 bits with the
 # slot map): the cache refuses it at construction, so the tiny model's case names a budget it can meet
-POLICY_CASES = [(name, {"budget": 4.0} if name == "windowquant" else {}) for name in list_policies()] + [("rtn", {"bits": 2}), ("kivi", {"bits": 4, "residual_length": 32, "group_size": 16})]
+POLICY_CASES = [(name, {"windowquant": {"budget": 4.0}, "auto": {"bits": 5.0}}.get(name, {})) for name in list_policies()] + [("rtn", {"bits": 2}), ("kivi", {"bits": 4, "residual_length": 32, "group_size": 16})]
 
 
 @pytest.mark.parametrize("name,opts", POLICY_CASES, ids=lambda v: str(v))

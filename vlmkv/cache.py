@@ -199,6 +199,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._pending = 0  # sliding layers: tokens the next update drops before appending
         self.full_precision = set(policy.bit_widths()) <= {16}
         self.plan: dict | None = None  # what the last prefill planned: {"bits", "residual", "seconds"}
+        self.rule = None  # the decode rule the prefill's plan chose (BitPlan.decode), if any
         self.stats: dict = {}  # the prompt statistics the plan used (e.g. massive activations)
         self.closed = False
 
@@ -217,6 +218,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.closed and self.rotate:
             raise ValueError("cache is closed: its keys are stored Hadamard-rotated for an attention function that "
                              "was removed; build a new QuantizedKVCache, got a write after close()")
+        if key_states.shape[:-1] != value_states.shape[:-1]:
+            # e.g. a rotary embedding broadcast over positions the call did not pass: storing it would be wrong
+            raise ValueError(f"keys and values must hold the same [batch, heads, tokens], got {tuple(key_states.shape)!r} "
+                             f"and {tuple(value_states.shape)!r} in layer {self.layer_idx}")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.store
@@ -226,7 +231,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             return key_states, value_states  # the prompt attends to itself unquantized
         if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
             self._drop(self._pending)
-        rule = self.policy.decode_rule(self.layer_idx)
+        rule = self.rule or self.policy.decode_rule(self.layer_idx)
         store.append(k, v, rule.bits, rule.keep_recent, rule.flush_every, rule.value_window, rule.after_attention)
         if (self.attn_config is not None and key_states.shape[-2] == 1 and store.segments
                 and attention.active(self.attn_config)):
@@ -250,9 +255,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         keep = S if self.sliding_window is None else min(S, self.sliding_window - 1)
         cut = S - keep  # a sliding layer stores only the tokens its window can still see
         self.offset = cut
+        self.rule = plan.decode
+        rule = plan.decode or self.policy.decode_rule(self.layer_idx)
         self.store.prefill(k[:, :, cut:], v[:, :, cut:], plan.bits[:, cut:], min(plan.residual, keep),
-                           plan.channel_scales, plan.channel_perm, self.policy.decode_rule(self.layer_idx).value_window,
-                           plan.spec_fields)
+                           plan.channel_scales, plan.channel_perm, rule.value_window, plan.spec_fields)
         self.plan = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual, "seconds": seconds}
         self.stats = {} if ctx.massive_activation is None else {"massive_activation": ctx.massive_activation}
 
@@ -290,6 +296,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.store = None
+        self.rule = None
         self.offset = self._pending = 0
         self.plan = None
         self.is_initialized = False

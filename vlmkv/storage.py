@@ -36,6 +36,7 @@ from . import kernels
 from .quant import QTensor, QuantSpec, dequantize
 from .quant.packing import TRITS_PER_BYTE, packed_length
 
+GROW_MIN = 4  # the least room (tokens) a full segment grows by: small against short caches, 1/64 takes over later
 SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
 
 
@@ -151,7 +152,7 @@ class Segment:
 
     kb, vb: storage buffers, QTensor (bits < 16) or Plain (16 bits) `[B, H, capacity, .]`, of which the first
     `count` tokens are used (`k`, `v` are views of them). Appends write in place and grow the buffers by a
-    margin (max(16 tokens, 1/64 of the segment)) only when full, so decode steps never copy the segment;
+    margin (max(GROW_MIN = 4 tokens, 1/64 of the segment)) only when full, so decode steps never copy the segment;
     the spare capacity is counted in `nbytes()` (at most ~1.6% of a long segment).
     """
 
@@ -221,7 +222,7 @@ class Segment:
         for attr, used, want in (("kb", self.count, need), ("vb", self.coded, need if need_v is None else need_v)):
             buf = getattr(self, attr)
             if want > _capacity(buf):
-                cap = want + max(16, used // 64)
+                cap = want + max(GROW_MIN, used // 64)
                 if _per_channel(buf):
                     g = buf.spec.group_size
                     cap = -(-cap // g) * g

@@ -75,6 +75,9 @@ class BitPlan:
     #: optional QuantSpec fields (keys, values), each a dict such as {"bounds": ..., "clips": ...}, that this
     #: layer's quantized tokens use on top of `Policy.spec` (SKVQ's uneven groups and calibrated clips)
     spec_fields: tuple | None = None
+    #: the rule for this layer's later tokens when it depends on the prompt (`auto` sizes its window to the
+    #: budget); None: `Policy.decode_rule`
+    decode: "DecodeRule | None" = None
 
 
 @dataclass(frozen=True)

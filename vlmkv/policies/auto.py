@@ -1,0 +1,212 @@
+"""`auto`: one budget, `bits` per element for the whole cache, spent where the seeds say it matters.
+
+Every byte is counted against the budget: codes, scales and zero points, the full-precision recent window (at
+its peak during decoding: the window plus one flush block), the 16-bit pivot tokens and the int32 slot map that
+mixed widths need. Per layer, at prefill, for each row:
+
+1. everything starts at 2 bits (clip 0.8, AKVQ-VL's low-bit setting); `validate` refuses a budget below that;
+2. pivot tokens (AKVQ-VL's PSA: a massive activation entering the layer, at most 15) go to 16 bits;
+3. the recent window (with its flush block) takes up to half of what is left, at most 128 tokens: sized to the
+   budget, not fixed (a 3-bit budget over 1,000 tokens affords about 14, a 4-bit one about 50);
+4. the rest of the budget goes to windows of tokens at 8 / 4 / 2 bits, widest first, in order: text windows
+   before visual ones (AKVQ-VL's TSA), each group ranked by its keys' attention from the prompt's keys
+   (WindowQuant's similarity; the prompt is the text after the last image, or the last 32 tokens of a text-only
+   prompt); visual windows are frames, cut into runs of 32 tokens, and text windows runs of 32 tokens (S / 32
+   tokens, at least 4, on prompts under 1,024 tokens, so that short prompts can spend their budget).
+Keys and values are stored Walsh-Hadamard-rotated (AKVQ-VL's WHT). Generated tokens join the recent window and
+leave it at the widest width whose cost fits the budget, so the average never rises above it while decoding (it
+drifts down toward that width's cost over long generations).
+
+The plan aims 0.5% below the budget. While decoding, the decode-width segment's spare room (`storage.GROW_MIN`
+tokens or 1/64 of it) comes on top: at most about 1.5% over, briefly, on long prompts. `bits_per_element()` of a cache is the measurement; tests hold it within 2% of `bits`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import QuantSpec
+from ..storage import GROW_MIN
+from .base import IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, effective_group, register_policy
+from .windows import bits_cost, prompt_mask, token_scores, window_ids
+
+GROUP = 128  # per-token groups: 128, or the head dimension when smaller
+WIDTHS = (8, 4, 2)
+WINDOW_MAX = 128  # the seeds' recent window, the most `auto` keeps
+WINDOW_SHARE = 0.5  # at most this share of the spare budget goes to the recent window and its flush block
+ITEM_TOKENS = 32  # tokens per ranked window (fewer on prompts under 1,024 tokens: S / 32, at least 4)
+PIVOTS, PIVOT_THRESHOLD = 15, 100.0
+MARGIN = 0.995  # plan to this fraction of the budget (float rounding, the last partial window)
+
+
+def _index_bits(head_dim: int, num_kv_heads: int) -> float:
+    """A token's int32 slot, per element (shared by K and V of all kv heads)."""
+    return 32.0 / (2 * num_kv_heads * head_dim)
+
+
+def _costs(head_dim: int, num_kv_heads: int) -> dict:
+    """Bits per element of a token at each width: codes, fp16 scale, int16 zero and its int32 slot."""
+    g, idx = effective_group(GROUP, head_dim), _index_bits(head_dim, num_kv_heads)
+    return {w: bits_cost(w, g, idx) for w in (*WIDTHS, 16)}
+
+
+def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Tensor,
+           size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(long `[B, S]` window id of each token in `stored` (-1 elsewhere), bool `[B, n_max]` whether a window is
+    text). Visual windows: runs of `size` tokens inside a frame; text windows: runs of `size` text tokens."""
+    B, S = types.shape
+    vis = window_ids(types, frame_ids, size)
+    out = torch.full((B, S), -1, dtype=torch.long, device=types.device)
+    is_text = []
+    for b in range(B):
+        v = vis[b].clone()
+        v[~stored[b]] = -1
+        _, v_ids = torch.unique(v[v >= 0], return_inverse=True)
+        nv = int(v_ids.max()) + 1 if v_ids.numel() else 0
+        out[b, v >= 0] = v_ids
+        text = stored[b] & (types[b] != IMAGE) & (types[b] != PAD)
+        pos = text.nonzero().flatten()
+        out[b, pos] = nv + torch.arange(len(pos), device=types.device) // size
+        nt = -(-len(pos) // size)
+        is_text.append(torch.cat([torch.zeros(nv, dtype=torch.bool), torch.ones(nt, dtype=torch.bool)]))
+    n = max([len(t) for t in is_text] or [0])
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    for b, t in enumerate(is_text):
+        mask[b, :len(t)] = t
+    return out, mask
+
+
+def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict) -> torch.Tensor:
+    """int16 `[n]` widths: items visited in `order`, each at the widest of WIDTHS whose extra cost over 2 bits
+    (times its size) still fits in `spare` bit-elements (not capped by the previous item's width, so that the
+    budget is spent down to less than one item's cheapest upgrade)."""
+    out = torch.full((len(sizes),), 2, dtype=torch.int16)
+    for i in order:
+        n = float(sizes[i])
+        for w in WIDTHS:
+            extra = (cost[w] - cost[2]) * n
+            if w != 2 and extra <= spare:
+                out[i] = w
+                spare -= extra
+                break
+    return out
+
+
+@register_policy
+@dataclass
+class AutoPolicy(Policy):
+    name = "auto"
+    needs_modality = True
+    bits: float = 3.0
+
+    def __post_init__(self):
+        if not isinstance(self.bits, (int, float)) or isinstance(self.bits, bool) or not 0 < self.bits <= 16:
+            raise ValueError(f"bits must be an average number of bits per element in (0, 16], got {self.bits!r}")
+        self.bits = float(self.bits)
+
+    @property
+    def hadamard_keys(self) -> bool:
+        return True
+
+    @property
+    def needs_massive_activations(self) -> bool:
+        return True
+
+    def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
+        super().validate(head_dim, num_kv_heads)
+        need = _costs(head_dim, num_kv_heads)[2] / MARGIN
+        if self.bits < need:
+            raise ValueError(f"bits must be at least {need:.3f} for head dimension {head_dim} and {num_kv_heads} kv "
+                             f"heads (2-bit codes with their scales, zero points and slot map), got {self.bits!r}")
+
+    def bit_widths(self):
+        return WIDTHS
+
+    def _decode_bits(self, cost: dict) -> int:
+        return max(w for w in WIDTHS if cost[w] <= self.bits * MARGIN or w == 2)
+
+    def _window(self, spare: float, cost: dict, dec: int) -> tuple[int, int]:
+        """(recent window W, flush block F) affordable from `spare` bit-elements: (W + F) tokens at 16 bits cost
+        16 - cost[dec] each over their stored width; W at most WINDOW_MAX, F = W / 16 (at least 1)."""
+        units = int(max(0.0, WINDOW_SHARE * spare) // (16.0 - cost[dec]))
+        if units < 2:
+            return 0, 1
+        W = min(WINDOW_MAX, units * 16 // 17)
+        return W, max(1, W // 16)  # the residual buffer keeps W / 16 of room anyway (storage.Residual)
+
+    def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
+        B, H, S, D = ctx.keys.shape
+        cost = _costs(D, H)
+        dec = self._decode_bits(cost)
+        types = ctx.token_types if ctx.token_types is not None else torch.ones(B, S, dtype=torch.int8)
+        types = types.to(ctx.keys.device)
+        real = types != PAD
+        target = self.bits * MARGIN * S  # bit-elements per row, every slot (padding too) counted
+        # Rows of a batch must plan the same number of tokens at each width: a segment is as long as its longest
+        # row (shorter rows hold filler, whose bytes count), so every count below is the least over the rows.
+        ratio = ctx.massive_activation
+        ratio = torch.zeros(B, S) if ratio is None else ratio.detach().float().cpu().clone()
+        ratio[~real.cpu()] = 0
+        n_piv = int((ratio >= PIVOT_THRESHOLD).sum(1).clamp(max=PIVOTS).min())
+        # the window is shared by all rows: sized by the row that can afford the least
+        W, F = self._window(target - S * cost[2] - n_piv * (cost[16] - cost[2]), cost, dec)
+        W = min(W, S)
+        bits = torch.full((B, S), 2, dtype=torch.int16, device=ctx.keys.device)
+        bits[:, S - W:] = dec  # the window: full precision now, `dec` bits once it leaves
+        body = torch.arange(S, device=ctx.keys.device) < S - W
+        ratio[:, S - W:] = 0
+        n_piv = int((ratio >= PIVOT_THRESHOLD).sum(1).clamp(max=PIVOTS).min())
+        piv = torch.zeros(B, S, dtype=torch.bool, device=ctx.keys.device)
+        if n_piv:
+            piv.scatter_(1, ratio.topk(n_piv, dim=1).indices.to(piv.device), True)
+        bits[piv] = 16
+        stored = real & body[None] & ~piv
+        items, is_text = _items(types, ctx.frame_ids, stored, max(4, min(ITEM_TOKENS, S // 32)))
+        prompt = prompt_mask(types)
+        if not (types == IMAGE).any():  # text only: the prompt's last tokens ask the question
+            last = real.long().flip(1).cumsum(1).flip(1) <= ITEM_TOKENS
+            prompt = real & last
+        scores = token_scores(ctx.keys, prompt, stored, "key_attention")
+        # pivots, the window at its peak, and the decode segment's first growth (GROW_MIN tokens: a few % of
+        # a short prompt; its 1/64 growth on long ones stays within the 2% the plan is measured against)
+        fixed = n_piv * cost[16] + (W + F) * 16.0 + GROW_MIN * cost[dec]
+        orders, quota = [], None
+        for b in range(B):
+            m = items[b] >= 0
+            n = int(items[b].max()) + 1 if m.any() else 0
+            pos = m.nonzero().flatten()
+            if n == 0:
+                orders.append(pos)
+                quota = torch.zeros(len(WIDTHS) - 1, dtype=torch.long)
+                continue
+            sizes = torch.bincount(items[b][m].cpu(), minlength=n).float()
+            score = torch.zeros(n).index_add_(0, items[b][m].cpu(), scores[b, m].float().cpu()) / sizes.clamp_min(1)
+            # text windows first (TSA), each kind by similarity
+            order = sorted(range(n), key=lambda i: (not bool(is_text[b, i]), -float(score[i])))
+            rank = torch.empty(n, dtype=torch.long)
+            rank[torch.tensor(order)] = torch.arange(n)
+            wbits = _fill(order, sizes, target - fixed - (S - W - n_piv) * cost[2], cost)
+            # this row's tokens in rank order, and how many it could afford at 8, at 8 or 4
+            tok_rank = rank[items[b, pos].cpu()] * S + pos.cpu()
+            orders.append(pos[torch.argsort(tok_rank).to(pos.device)])
+            per_tok = wbits[items[b, pos].cpu()]
+            row = torch.stack([(per_tok >= w).sum() for w in WIDTHS[:-1]])
+            quota = row if quota is None else torch.minimum(quota, row)
+        for b in range(B):
+            start = 0
+            for w, upto in zip(WIDTHS[:-1], quota.tolist()):
+                bits[b, orders[b][start:upto]] = w
+                start = max(start, upto)
+        rule = DecodeRule(bits=dec, keep_recent=W, flush_every=F)
+        return BitPlan(bits, residual=W, decode=rule)
+
+    def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
+        # the rule a prefill plans (BitPlan.decode) is the one used; this is the no-prompt fallback
+        return DecodeRule(bits=2, keep_recent=0, flush_every=1)
+
+    def spec(self, bits, kind, head_dim):
+        return QuantSpec(bits, effective_group(GROUP, head_dim), 0.8 if bits == 2 else 1.0, "token")
+
+
+__all__ = ["AutoPolicy"]
