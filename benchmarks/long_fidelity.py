@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
+from vlmkv.cli import _method_entry  # noqa: E402
 from vlmkv.eval.fidelity import teacher_forced_logits  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
@@ -54,7 +55,8 @@ def run(args) -> list[dict]:
         t_ref = time.perf_counter() - t0
         for method in tqdm(args.methods.split(","), desc=f"{n} tokens", file=sys.stderr):
             t0 = time.perf_counter()
-            with vlmkv.QuantizedKVCache(model, method) as cache:
+            entry = _method_entry(method)  # "rtn-4:group_size=32:zero_point=none": a method with options
+            with vlmkv.QuantizedKVCache(model, entry if isinstance(entry, str) else entry[1]) as cache:
                 got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
                 bits = cache.bits_per_element()
             kl = (ref.exp() * (ref - got)).sum(-1)
@@ -77,7 +79,7 @@ def main():
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--contexts", default="2048,4096,8192")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--methods", default=METHODS, help="comma-separated names, or name:option=value:... (as vlmkv eval)")
     p.add_argument("--text", default=None, help="a text file (default: the Debian license texts)")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlmkv import QuantizedKVCache, cache_kwargs, get_policy
-from vlmkv.policies import IMAGE
+from vlmkv.policies import IMAGE, PAD
 
 
 def _run(model, inputs, bits, steps):
@@ -50,14 +50,14 @@ def test_auto_holds_its_budget_on_a_vlm_and_ranks_text_first(family, name):
     assert max(seen) <= 6.0 * 1.02, seen
     bits = plan["bits"][:, :types.shape[1] - plan["residual"]]
     t = types[:, :bits.shape[1]]
-    text = bits[(t != IMAGE) & (t != 0)].float().mean()
+    text = bits[(t != IMAGE) & (t != PAD)].float().mean()
     image = bits[t == IMAGE].float().mean()
     assert text >= image, (text, image)  # TSA: text windows are served first
 
 
 def test_auto_refuses_a_budget_it_cannot_hold(tiny_llama):
     with pytest.raises(ValueError, match="bits must be at least"):
-        QuantizedKVCache(tiny_llama, "auto", bits=3.0)  # head_dim 32: 2-bit codes alone cost 3.25 bits
+        QuantizedKVCache(tiny_llama, "auto", bits=2.6)  # head_dim 32: 2-bit codes and scales alone cost 2.75 bits
     for bad in (0, -1.0, 17.0, True, "3"):
         with pytest.raises(ValueError, match="bits"):
             get_policy("auto", bits=bad)

@@ -204,3 +204,20 @@ def test_which_frame_question_survives_repeated_frames():
     for seed in range(20):
         q, choices, ans = make_question("WhichFrame", clip, random.Random(seed))
         assert ans in choices and len(set(choices)) == len(choices) and 1 <= len(choices) <= 4
+
+
+def test_object_existence_stays_balanced_on_long_clips():
+    """With 32+ frames every colour-shape pair tends to appear; a "no" question takes one out of the clip."""
+    import random
+
+    from vlmkv.eval.synthetic import sample_clip
+
+    rng = random.Random(0)
+    answers = []
+    for _ in range(200):
+        clip, q, _, ans = sample_clip(rng, "ObjectExistence", 64)
+        words = q.split()
+        pair = (words[2], words[3])
+        assert (pair in clip) == (ans == "yes"), (q, ans)
+        answers.append(ans)
+    assert 0.4 < answers.count("yes") / 200 < 0.6

@@ -41,6 +41,11 @@ def make_question(task: str, clip: list[tuple[str, str]], rng: random.Random) ->
     if task == "ObjectExistence":
         present = rng.random() < 0.5
         pool = [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in clip) == present]
+        if not pool:  # a long clip shows every combination: take one out (edits the clip in place)
+            gone = rng.choice(sorted(set(clip)))
+            others = [(c, s) for c in COLOURS for s in SHAPES if (c, s) != gone]
+            clip[:] = [rng.choice(others) if f == gone else f for f in clip]
+            pool = [gone]
         c, s = rng.choice(pool)
         return f"Does a {c} {s} appear in any frame?", ["yes", "no"], "yes" if present else "no"
     if task == "FrameColour":

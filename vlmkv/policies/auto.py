@@ -1,24 +1,28 @@
 """`auto`: one budget, `bits` per element for the whole cache, spent where the seeds say it matters.
 
-Every byte is counted against the budget: codes, scales and zero points, the full-precision recent window (at
-its peak during decoding: the window plus one flush block), the 16-bit pivot tokens and the int32 slot map that
-mixed widths need. Per layer, at prefill, for each row:
+Every byte is counted against the budget: codes, scales (and zero points, where a format has them), the
+full-precision recent window (at its peak while decoding: the window plus one flush block), the 16-bit pivot
+tokens and the int32 slot map that mixed widths need. Per layer, at prefill, for each row:
 
-1. everything starts at 2 bits (clip 0.8, AKVQ-VL's low-bit setting); `validate` refuses a budget below that;
+1. everything starts at 2 bits; `validate` refuses a budget below that;
 2. pivot tokens (AKVQ-VL's PSA: a massive activation entering the layer, at most 15) go to 16 bits;
-3. the recent window (with its flush block) takes up to half of what is left, at most 128 tokens: sized to the
-   budget, not fixed (a 3-bit budget over 1,000 tokens affords about 14, a 4-bit one about 50);
-4. the rest of the budget goes to windows of tokens at 8 / 4 / 2 bits, widest first, in order: text windows
-   before visual ones (AKVQ-VL's TSA), each group ranked by its keys' attention from the prompt's keys
-   (WindowQuant's similarity; the prompt is the text after the last image, or the last 32 tokens of a text-only
-   prompt); visual windows are frames, cut into runs of 32 tokens, and text windows runs of 32 tokens (S / 32
-   tokens, at least 4, on prompts under 1,024 tokens, so that short prompts can spend their budget).
-Keys and values are stored Walsh-Hadamard-rotated (AKVQ-VL's WHT). Generated tokens join the recent window and
-leave it at the widest width whose cost fits the budget, so the average never rises above it while decoding (it
-drifts down toward that width's cost over long generations).
+3. the recent window (with its flush block) takes up to a quarter of what is left, at most 128 tokens: sized to
+   the budget, not fixed (3 bits over 2,048 tokens of SmolLM2 afford 10 tokens, 4.5 bits 64);
+4. the rest goes to windows of tokens, first from 2 to 4 bits, then from 4 to 8, in order: text windows before
+   visual ones (AKVQ-VL's TSA), each kind ranked by its keys' attention from the prompt's keys (WindowQuant's
+   similarity; the prompt is the text after the last image, or the last 32 tokens of a text-only prompt).
+   Visual windows are frames cut into runs of 32 tokens; text windows are runs of 32 tokens (S / 32 tokens, at
+   least 4, on prompts under 1,024 tokens, so that short prompts can spend their budget).
+Keys and values are stored Walsh-Hadamard-rotated (AKVQ-VL's WHT), in symmetric groups of 32 channels with one
+fp16 scale each and no zero point (llama.cpp's q4_0 layout; 2-bit groups clipped at 0.9). Rows of a batch plan
+the same number of tokens at each width (a segment is as long as its longest row). Generated tokens join the
+recent window and leave it at the widest width whose cost fits the budget, so the average never rises above it
+while decoding (it drifts down toward that width's cost over long generations).
 
-The plan aims 0.5% below the budget. While decoding, the decode-width segment's spare room (`storage.GROW_MIN`
-tokens or 1/64 of it) comes on top: at most about 1.5% over, briefly, on long prompts. `bits_per_element()` of a cache is the measurement; tests hold it within 2% of `bits`.
+The plan aims 0.5% below the budget and sets aside the decode segment's first growth (`storage.GROW_MIN` tokens);
+its 1/64 growth on long prompts can go about 1.5% over, briefly. `bits_per_element()` of a cache is the
+measurement; tests hold it within 2% of `bits`. The symmetric format runs on the PyTorch reference kernels (the
+fused C++ / Triton kernels take asymmetric int16 zero points only), so decoding is slower than akvq-vl's.
 """
 from __future__ import annotations
 
@@ -28,13 +32,18 @@ import torch
 
 from ..quant import QuantSpec
 from ..storage import GROW_MIN
-from .base import IMAGE, PAD, BitPlan, DecodeRule, Policy, PrefillContext, effective_group, register_policy
-from .windows import bits_cost, prompt_mask, token_scores, window_ids
+from .base import IMAGE, PAD, TEXT, BitPlan, DecodeRule, Policy, PrefillContext, effective_group, register_policy
+from .windows import prompt_mask, token_scores, window_ids
 
-GROUP = 128  # per-token groups: 128, or the head dimension when smaller
+# The format, chosen on SmolLM2 (docs/RESULTS.md, "auto"): symmetric groups of 32 with no zero point (q4_0's layout,
+# 0.5 bits of metadata an element) beat asymmetric groups of 64 with int16 zero points at the same bytes, at 2 and
+# 4 bits, once keys and values are Hadamard-rotated.
+GROUP = 32  # per-token groups: 32, or the head dimension when smaller
+ZERO = "none"  # the zero point's storage (vlmkv.quant.QuantSpec.zero_point)
+CLIP2 = 0.9  # clip ratio of 2-bit groups
 WIDTHS = (8, 4, 2)
 WINDOW_MAX = 128  # the seeds' recent window, the most `auto` keeps
-WINDOW_SHARE = 0.5  # at most this share of the spare budget goes to the recent window and its flush block
+WINDOW_SHARE = 0.25  # at most this share of the spare budget goes to the recent window and its flush block
 ITEM_TOKENS = 32  # tokens per ranked window (fewer on prompts under 1,024 tokens: S / 32, at least 4)
 PIVOTS, PIVOT_THRESHOLD = 15, 100.0
 MARGIN = 0.995  # plan to this fraction of the budget (float rounding, the last partial window)
@@ -46,9 +55,10 @@ def _index_bits(head_dim: int, num_kv_heads: int) -> float:
 
 
 def _costs(head_dim: int, num_kv_heads: int) -> dict:
-    """Bits per element of a token at each width: codes, fp16 scale, int16 zero and its int32 slot."""
+    """Bits per element of a token at each width: codes, fp16 scale, zero point and its int32 slot."""
     g, idx = effective_group(GROUP, head_dim), _index_bits(head_dim, num_kv_heads)
-    return {w: bits_cost(w, g, idx) for w in (*WIDTHS, 16)}
+    meta = {"int16": 32.0, "int8": 24.0, "none": 16.0}[ZERO] / g
+    return {**{w: w + meta + idx for w in WIDTHS}, 16: 16.0 + idx}
 
 
 def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Tensor,
@@ -78,18 +88,16 @@ def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Te
 
 
 def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict) -> torch.Tensor:
-    """int16 `[n]` widths: items visited in `order`, each at the widest of WIDTHS whose extra cost over 2 bits
-    (times its size) still fits in `spare` bit-elements (not capped by the previous item's width, so that the
-    budget is spent down to less than one item's cheapest upgrade)."""
+    """int16 `[n]` widths: every item from 2 to 4 bits in `order` while `spare` bit-elements last, then from 4 to 8
+    bits in the same order. 4 bits first: going 2 -> 4 removes about 3/4 of an item's error for 2 bits an element,
+    4 -> 8 the last 1/4 for 4 bits, so a budget buys more as many 4-bit items than as fewer 8-bit ones."""
     out = torch.full((len(sizes),), 2, dtype=torch.int16)
-    for i in order:
-        n = float(sizes[i])
-        for w in WIDTHS:
-            extra = (cost[w] - cost[2]) * n
-            if w != 2 and extra <= spare:
-                out[i] = w
+    for lo, hi in ((2, 4), (4, 8)):
+        for i in order:
+            extra = (cost[hi] - cost[lo]) * float(sizes[i])
+            if out[i] == lo and extra <= spare:
+                out[i] = hi
                 spare -= extra
-                break
     return out
 
 
@@ -139,7 +147,7 @@ class AutoPolicy(Policy):
         B, H, S, D = ctx.keys.shape
         cost = _costs(D, H)
         dec = self._decode_bits(cost)
-        types = ctx.token_types if ctx.token_types is not None else torch.ones(B, S, dtype=torch.int8)
+        types = ctx.token_types if ctx.token_types is not None else torch.full((B, S), TEXT, dtype=torch.int8)
         types = types.to(ctx.keys.device)
         real = types != PAD
         target = self.bits * MARGIN * S  # bit-elements per row, every slot (padding too) counted
@@ -206,7 +214,7 @@ class AutoPolicy(Policy):
         return DecodeRule(bits=2, keep_recent=0, flush_every=1)
 
     def spec(self, bits, kind, head_dim):
-        return QuantSpec(bits, effective_group(GROUP, head_dim), 0.8 if bits == 2 else 1.0, "token")
+        return QuantSpec(bits, effective_group(GROUP, head_dim), CLIP2 if bits == 2 else 1.0, "token", zero_point=ZERO)
 
 
 __all__ = ["AutoPolicy"]
