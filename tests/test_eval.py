@@ -221,3 +221,23 @@ def test_object_existence_stays_balanced_on_long_clips():
         assert (pair in clip) == (ans == "yes"), (q, ans)
         answers.append(ans)
     assert 0.4 < answers.count("yes") / 200 < 0.6
+
+
+def test_pareto_sweeps_knobs_and_finds_the_fewest_bits(local_llava, tmp_path, capsys):
+    from vlmkv.eval import presets
+    from vlmkv.eval.runner import Row
+
+    rows = [Row("FP16", "T", 10, 1.0, 32.0, 1.0, 0.0, 1.0), Row("auto bits=3.0", "T", 10, 0.9, 3.0, 1.0, 0.5, 0.5),
+            Row("auto bits=6.0", "T", 10, 1.0, 6.0, 1.0, 0.01, 1.0), Row("rtn-2 g32 none", "T", 10, 0.5, 2.5, 1.0, 2.0, 0.2)]
+    md = presets.fewest_bits_markdown(rows)
+    assert "| auto | 6.00 | auto bits=6.0 |" in md and "| rtn | - |" in md
+    with pytest.raises(ValueError, match="pareto families"):
+        presets.pareto_methods(["nope"])
+    d, _ = local_llava
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "FrameColour", "--samples", "1", "--frames", "4"])
+    assert main(["eval", "--model", str(d), "--data", str(tmp_path / "data"), "--pareto", "auto,kivi", "--limit", "1",
+                 "--max-new-tokens", "2", "--no-fidelity", "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "auto bits=2.5 left out" in err  # head_dim 16: 2-bit codes with their scales cost more than 2.5
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
+    assert "| kivi |" in (tmp_path / "p" / "fewest_bits.md").read_text()

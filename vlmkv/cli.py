@@ -257,7 +257,17 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
                                             max_new_tokens=args.max_new_tokens, fidelity=not args.no_fidelity,
                                             log_dir=log_dir, resume=args.resume)
     files = []
-    if args.sweep:
+    if args.pareto is not None:
+        fams = [f for f in args.pareto.split(",") if f] or None
+        rows = run(_feasible(model, presets.pareto_methods(fams)), args.out)
+        if main_proc:
+            print(table(rows))
+            print("\n" + presets.fewest_bits_markdown(rows))
+            files += write_outputs(rows, args.out)
+            Path(args.out, "fewest_bits.md").write_text(presets.fewest_bits_markdown(rows) + "\n")
+            presets.plot_pareto(rows, f"{args.out}/pareto.png", title=str(args.data))
+            files += [f"{args.out}/fewest_bits.md", f"{args.out}/pareto.png"]
+    elif args.sweep:
         for spec in args.sweep:
             option, values, methods = presets.sweep_methods(spec)
             out = f"{args.out}/sweep_{option}"
@@ -282,6 +292,24 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
     if main_proc:
         print("\nwrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _feasible(model, methods: list) -> list:
+    """The (label, policy) pairs this model's layers can hold; the others are named on stderr and left out (a
+    2.5-bit budget, say, below what 2-bit codes with their scales cost at this head dimension)."""
+    from .cache import head_dim_of
+    from .models.hooks import text_config
+
+    cfg = text_config(model)
+    d, h = head_dim_of(cfg), getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kept = []
+    for label, pol in methods:
+        try:
+            pol.validate(d, h)
+            kept.append((label, pol))
+        except ValueError as e:
+            print(f"pareto: {label} left out: {e}", file=sys.stderr)
+    return kept
 
 
 def cmd_bench(args) -> int:
@@ -441,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=None, help=f"comma-separated, each a name or name:option=value:... "
                                                     f"(kivi-2:schedule=blocks) (default {EVAL_METHODS}); with --preset: "
                                                     "methods run after the preset's")
+    ev.add_argument("--pareto", nargs="?", const="", default=None, metavar="FAMILIES",
+                    help="sweep every method's knobs (bits, groups and zero points, KIVI residual, AKVQ-VL window and "
+                         "clip, windowquant budget, SKVQ window, auto's budget; optionally only the comma-separated "
+                         "families given) and write pareto.png (accuracy and KL vs bits from bytes) and fewest_bits.md")
     ev.add_argument("--preset", choices=["akvq-table2", "akvq-ablation"], default=None,
                     help="the seed's Table II grid or Table III ablation (overrides --methods)")
     ev.add_argument("--sweep", action="append", metavar="NAME=VALUES",

@@ -104,3 +104,88 @@ def plot_sweep(rows, option: str, values: list, out_path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- Pareto
+#: each method's knobs swept by `vlmkv eval --pareto` (issue #14): (method family, label, get_policy name, options)
+PARETO = (
+    [("rtn", f"rtn-{b} g{g} {z}", f"rtn-{b}", {"group_size": g, "zero_point": z})
+     for b in (2, 4, 8) for g, z in ((128, "int16"), (32, "int16"), (32, "int8"), (32, "none"))]
+    + [("kivi", f"kivi-{b} r{r}", f"kivi-{b}", {"residual_length": r}) for b in (2, 4) for r in (32, 128)]
+    + [("akvq-vl", f"akvq-vl recent={r} clip={c}", "akvq-vl", {"recent": r, "low_clip": c})
+       for r in (0, 32, 128) for c in (0.8, 1.0)]
+    + [("akvq-vl", "akvq-vl no pivots", "akvq-vl", {"pivots": False})]
+    + [("windowquant", f"windowquant budget={b}", "windowquant", {"budget": b}) for b in (2.5, 3.0, 4.0, 6.0)]
+    + [("skvq", f"skvq window={w} V{v}", "skvq", {"window": w, "value_bits": v}) for w in (32, 128) for v in (1.5, 2)]
+    + [("auto", f"auto bits={b}", "auto", {"bits": b}) for b in (2.5, 3.0, 4.0, 5.0, 6.0)]
+)
+
+
+def pareto_methods(families: list[str] | None = None) -> list[tuple[str, object]]:
+    """FP16, then every point of PARETO (of `families` only, when given) as a labelled policy."""
+    known = sorted({f for f, *_ in PARETO})
+    if families is not None and any(f not in known for f in families):
+        raise ValueError(f"pareto families must be among {known}, got {families!r}")
+    return [("FP16", get_policy("fp16"))] + [(label, get_policy(name, **opts)) for fam, label, name, opts in PARETO
+                                             if families is None or fam in families]
+
+
+def _family(label: str) -> str:
+    return next((f for f, lab, *_ in PARETO if lab == label), label.split()[0])
+
+
+def _points(rows) -> dict:
+    """label -> (bits from bytes, mean accuracy, mean KL), averaged over tasks weighted by samples."""
+    out = {}
+    for m in dict.fromkeys(r.method for r in rows):
+        rs = [r for r in rows if r.method == m]
+        n = max(1, sum(r.n for r in rs))
+        out[m] = (sum(r.bits_per_element * r.n for r in rs) / n, sum(r.accuracy * r.n for r in rs) / n,
+                  sum(r.kl * r.n for r in rs) / n)
+    return out
+
+
+def fewest_bits_markdown(rows, keep: float = 0.99) -> str:
+    """Per method family, the fewest bits per element (from bytes) of a point that keeps `keep` of FP16's mean
+    accuracy, with that point; '-' where none does."""
+    pts = _points(rows)
+    ref = pts.get("FP16", (None, float("nan"), 0.0))[1]
+    lines = [f"| method | fewest bits keeping {100 * keep:.0f}% of FP16 accuracy | at | accuracy | KL vs FP16 |",
+             "|---|---:|---|---:|---:|"]
+    for fam in dict.fromkeys(_family(m) for m in pts if m != "FP16"):
+        ok = [(b, m, a, k) for m, (b, a, k) in pts.items() if m != "FP16" and _family(m) == fam and a >= keep * ref]
+        if ok:
+            b, m, a, k = min(ok)
+            lines.append(f"| {fam} | {b:.2f} | {m} | {a:.3f} | {k:.4f} |")
+        else:
+            lines.append(f"| {fam} | - | none of its points | | |")
+    lines.append(f"\nFP16: mean accuracy {ref:.3f} ({sum(r.n for r in rows if r.method == 'FP16')} answers).")
+    return "\n".join(lines)
+
+
+def plot_pareto(rows, out_path, title: str = "") -> None:
+    """Mean accuracy and KL vs bits per element (from bytes), one line per method family, with FP16's line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("Pareto plots need matplotlib: pip install 'vlmkv[plot]'") from e
+    pts = _points(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for fam in dict.fromkeys(_family(m) for m in pts if m != "FP16"):
+        xs = sorted((b, a, k) for m, (b, a, k) in pts.items() if m != "FP16" and _family(m) == fam)
+        ax1.plot([x[0] for x in xs], [x[1] for x in xs], marker="o", label=fam)
+        ax2.plot([x[0] for x in xs], [x[2] for x in xs], marker="o", label=fam)
+    if "FP16" in pts:
+        ax1.axhline(pts["FP16"][1], color="k", linestyle="--", label="FP16")
+    ax1.set_xscale("log", base=2)
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("symlog", linthresh=1e-3)
+    ax1.set(xlabel="bits per element (from bytes)", ylabel="mean accuracy", title=title)
+    ax2.set(xlabel="bits per element (from bytes)", ylabel="next-token KL vs FP16")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
