@@ -272,7 +272,13 @@ def test_a_build_killed_midway_leaves_no_compiler_and_its_scratch_is_cleaned(tmp
     env = dict(os.environ, VLMKV_CACHE=str(tmp_path))
     os.chmod(tmp_path, 0o700)
     p = subprocess.Popen([sys.executable, "-c", "from vlmkv.kernels import cpu; cpu._build(cpu.build_dir())"], env=env)
-    time.sleep(4)  # the compiler is running by now
+    # kill once the build's scratch folder exists and its builder has had 2 s to start the compiler (polled, not a
+    # fixed sleep: on a loaded machine the import alone can take longer than the old 4 s)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and p.poll() is None and not list((tmp_path / "kernels").glob("*.tmp-*")):
+        time.sleep(0.1)
+    time.sleep(2)
+    assert p.poll() is None, "the build finished before it could be killed"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     time.sleep(3)

@@ -122,7 +122,7 @@ def cmd_generate(args) -> int:
 
 
 DEMO_METHODS = "fp16,rtn-4,rtn-2,kivi-2,akvq-vl"  # text model: the copy-table demo
-VLM_DEMO_METHODS = "fp16,akvq-vl,windowquant,kivi-2,rtn-2"  # a VLM (pocket by default): held-out clips
+VLM_DEMO_METHODS = "fp16,akvq-vl,windowquant,auto,kivi-2,rtn-2"  # a VLM (pocket by default): held-out clips
 EVAL_METHODS = "fp16,rtn-4,rtn-2,kivi-2,smoothquant-2,akvq-vl,windowquant"
 
 
