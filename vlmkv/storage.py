@@ -34,7 +34,6 @@ import torch
 
 from . import kernels
 from .quant import QTensor, QuantSpec, dequantize
-from .quant.packing import TRITS_PER_BYTE, packed_length
 
 GROW_MIN = 4  # the least room (tokens) a full segment grows by: small against short caches, 1/64 takes over later
 SpecFn = Callable[[int, str, int], QuantSpec]  # (bits, "key" | "value", channels per quantized row)
@@ -132,18 +131,6 @@ def _capacity(buf: Stored) -> int:
     if _per_channel(buf):
         return buf.scale.shape[-2] * buf.spec.group_size
     return buf.codes.shape[-2]
-
-
-def _empty_codes(like: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """A QTensor of no tokens for `like`'s `[B, H, ., D]` (a block whose values are all deferred)."""
-    B, H, _, D = like.shape
-    groups = len(spec.bounds) - 1 if spec.bounds is not None else D // spec.group_size if spec.axis == "token" else D
-    nbytes = -(-D // TRITS_PER_BYTE) if spec.levels == 3 else packed_length(D, spec.bits)
-    codes = torch.empty(B, H, 0, nbytes, dtype=torch.uint8, device=like.device)
-    scale = torch.empty(B, H, 0, groups, dtype=spec.meta_dtype, device=like.device)
-    zdtype = {"int16": torch.int16, "int8": torch.int8}.get(spec.zero_point)
-    zero = None if zdtype is None else torch.empty(B, H, 0, groups, dtype=zdtype, device=like.device)
-    return QTensor(codes, scale, zero, spec, D, like.dtype)
 
 
 @dataclass
@@ -455,7 +442,6 @@ class LayerStore:
         self._specs: dict = {}
         #: the last decode write's rule (bits, keep_recent, flush_every, value_window), for `settle`
         self.rule: tuple | None = None
-        self.value_window: int | None = None  # values of the last this many slots stay full precision
         self.spec_fields: tuple | None = None  # (k, v) QuantSpec fields of this layer (uneven groups, clips)
 
     # ------------------------------------------------------------------ sizes
@@ -552,10 +538,7 @@ class LayerStore:
                 seg = self._store(b, *self._to_quantized_layout(kk, vv), index, start, specs)
                 if seg is None:
                     continue  # written in place into the existing segment
-            if b in self.segments:
-                self.segments[b].append(seg)
-            else:
-                self.segments[b] = seg
+            self._add(seg)
 
     def _commit_deferred(self, k, v, bits, start: int, defer: int) -> None:
         """commit() for a block whose last `defer` values stay in full precision: keys quantized now, the values
@@ -572,13 +555,15 @@ class LayerStore:
         # per-channel keys take whole groups: filler (slot -1) pads the block, its values deferred with the last
         k, v, index = self._select(k, v, None, sk.group_size if sk.axis == "channel" else 1, start)
         coded = n - defer
-        vq = kernels.quantize(v[:, :, :coded], sv) if coded else _empty_codes(v, sv)
-        seg = Segment(b, kernels.quantize(k, sk), vq, index, start, k.shape[-2],
-                      vpend=v[:, :, coded:].to(self.full_dtype).contiguous())
-        if b in self.segments:
-            self.segments[b].append(seg)
+        self._add(Segment(b, kernels.quantize(k, sk), kernels.quantize(v[:, :, :coded], sv), index, start, k.shape[-2],
+                          vpend=v[:, :, coded:].to(self.full_dtype).contiguous()))
+
+    def _add(self, seg: Segment) -> None:
+        """Append `seg` to the segment of its width, or make it that segment."""
+        if seg.bits in self.segments:
+            self.segments[seg.bits].append(seg)
         else:
-            self.segments[b] = seg
+            self.segments[seg.bits] = seg
 
     @staticmethod
     def _select(k, v, sel, mult: int, start: int):
@@ -634,7 +619,6 @@ class LayerStore:
         self._specs = {}
         self.num_heads = k.shape[1]
         self.channel_perm = None if channel_perm is None else tuple(p.to(torch.int16) for p in channel_perm)
-        self.value_window = value_window
         n = k.shape[-2]
         if not 0 <= residual <= n:
             raise ValueError(f"residual must be in [0, {n}], got {residual!r}")
@@ -667,8 +651,6 @@ class LayerStore:
         """
         B, _, n, _ = k.shape
         self.rule = (int(bits), keep_recent, flush_every, value_window)
-        if value_window is not None:
-            self.value_window = value_window
         if after_attention:
             self.settle()  # what the previous step left, if its attention did not settle it
             limit = 0 if flush_every is None else keep_recent + flush_every + n

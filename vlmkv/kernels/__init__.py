@@ -17,7 +17,6 @@ on first use). `VLMKV_KERNELS` picks: `auto` (default: Triton for CUDA tensors, 
 """
 from __future__ import annotations
 
-import dataclasses
 
 import os
 
@@ -53,18 +52,23 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
-def fits_quantize(spec, d: int) -> bool:
-    """Whether `quantize_pack` takes this spec: per-token 2/4/8-bit groups, power of two, fp16 scales."""
+def _fits_groups(spec, d: int) -> bool:
+    """Per-token 2/4/8-bit groups of a power of two dividing d, whole bytes each, fp16 scales."""
     import torch
 
-    return (spec.plain and spec.axis == "token" and spec.bits in (2, 4, 8) and _pow2(spec.group_size) and d % spec.group_size == 0
+    return (spec.axis == "token" and spec.bits in (2, 4, 8) and _pow2(spec.group_size) and d % spec.group_size == 0
             and spec.group_size % (8 // spec.bits) == 0 and spec.meta_dtype == torch.float16)
 
 
+def fits_quantize(spec, d: int) -> bool:
+    """Whether `quantize_pack` takes this spec: plain (`QuantSpec.plain`) per-token groups as `_fits_groups`."""
+    return spec.plain and _fits_groups(spec, d)
+
+
 def fits_decode(qt, d: int) -> bool:
-    """Whether `decode_partial` reads this QTensor: per-token 2/4/8-bit groups and a power-of-two head dim."""
-    spec = qt.spec if qt.spec.clips is None else dataclasses.replace(qt.spec, clips=None)  # clips: quantize-time only
-    return fits_quantize(spec, d) and _pow2(d) and qt.d == d
+    """Whether `decode_partial` reads this QTensor: even groups (`QuantSpec.even`: per-group clips only matter when
+    quantizing) as `_fits_groups`, and a power-of-two head dim."""
+    return qt.spec.even and _fits_groups(qt.spec, d) and _pow2(d) and qt.d == d
 
 
 def check_quantize(spec, d: int) -> None:
@@ -86,7 +90,7 @@ def quantize_backend(x, spec) -> str:
     """"triton", "cpu" or "torch": which backend `quantize(x, spec)` runs."""
     from . import cpu
 
-    if not fits_quantize(spec, x.shape[-1]):
+    if not fits_quantize(spec, x.shape[-1]) or x.numel() == 0:  # nothing to compute: the reference's shapes
         return "torch"
     if available(x):
         return "triton"

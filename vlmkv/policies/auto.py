@@ -126,7 +126,7 @@ class AutoPolicy(Policy):
         need = _costs(head_dim, num_kv_heads)[2] / MARGIN
         if self.bits < need:
             raise ValueError(f"bits must be at least {need:.3f} for head dimension {head_dim} and {num_kv_heads} kv "
-                             f"heads (2-bit codes with their scales, zero points and slot map), got {self.bits!r}")
+                             f"heads (2-bit codes with their scales and slot map), got {self.bits!r}")
 
     def bit_widths(self):
         return WIDTHS

@@ -47,10 +47,14 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return flat
 
 
+def _by_range(flat: torch.Tensor) -> torch.Tensor:
+    """long `[C]`: the channels of `flat` `[N, C]` sorted by range (max - min) over the N tokens."""
+    return torch.argsort(flat.amax(0) - flat.amin(0), stable=True)
+
+
 def range_order(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """long `[H * D]`: the channels of `x` `[B, H, S, D]` (flattened head-major) sorted by range over tokens."""
-    flat = _tokens(x, mask)
-    return torch.argsort(flat.amax(0) - flat.amin(0), stable=True)
+    return _by_range(_tokens(x, mask))
 
 
 def cluster_channels(flat: torch.Tensor, groups: int, iters: int = 50) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -151,7 +155,7 @@ class SKVQPolicy(Policy):
             perm, bounds = cluster_channels(flat, math.ceil(C / self.group_size))
             fields = {"bounds": bounds}
         else:
-            perm, fields = torch.argsort(flat.amax(0) - flat.amin(0), stable=True), {}
+            perm, fields = _by_range(flat), {}
         if self.clip_ratio is None:
             base = self.spec(self.key_bits, kind, C)
             spec = QuantSpec(base.bits, base.group_size, 1.0, "token", base.meta_dtype, fields.get("bounds"),

@@ -69,7 +69,8 @@ def pack_trits(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype!r}")
     n = codes.shape[-1]
     pad = (-n) % TRITS_PER_BYTE
-    c = torch.nn.functional.pad(codes.to(torch.int32), (0, pad)).view(*codes.shape[:-1], -1, TRITS_PER_BYTE)
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, pad))
+    c = c.view(*codes.shape[:-1], c.shape[-1] // TRITS_PER_BYTE, TRITS_PER_BYTE)
     weights = torch.tensor([3 ** j for j in range(TRITS_PER_BYTE)], dtype=torch.int32, device=codes.device)
     return (c * weights).sum(-1).to(torch.uint8)
 

@@ -229,17 +229,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     qmax = (1 << spec.bits) - 1
     mx = xg.amax(dim=rdim, keepdim=True) * spec.clip_ratio
     mn = xg.amin(dim=rdim, keepdim=True) * spec.clip_ratio
-    scale = (mx - mn) / qmax
-    # min == max: a step of |min| / qmax reconstructs the constant exactly (q = 0) instead of 0/0.
-    flat = scale <= 0
-    if flat.any():
-        scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
-    scale = torch.maximum(scale, mn.abs() / 32767.0)  # the zero point fits int16 (see the module docstring)
-    bad = ~torch.isfinite(scale)  # NaN or inf in the group: it reads back NaN
-    scale = torch.where(bad, float("nan"), scale)
-    scale_s = _round_up_to(scale, spec.meta_dtype)
-    scale = scale_s.float()
-    zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-32768, 32767))
+    scale_s, scale, zero, bad = _scale_zero(mn, mx, qmax, spec.meta_dtype)
     q = torch.where(bad, 0.0, (torch.round(xg / scale) + zero).clamp_(0, qmax))
     codes = pack_bits(q.to(torch.uint8).reshape(*lead, n, d), spec.bits)
     return QTensor(codes, scale_s.squeeze(rdim), zero.to(torch.int16).squeeze(rdim), spec, d, x.dtype)
@@ -250,11 +240,12 @@ def _scale_zero(mn: torch.Tensor, mx: torch.Tensor, qmax: int, meta_dtype, zlim:
     float32 scale, float32 zero point, bool non-finite groups). The step is at least |min| / zlim, so that the
     zero point fits its storage (32767: int16, 127: int8)."""
     scale = (mx - mn) / qmax
+    # min == max: a step of |min| / qmax reconstructs the constant exactly (q = 0) instead of 0/0.
     flat = scale <= 0
     if flat.any():
         scale = torch.where(flat, mn.abs().clamp_min(1e-8) / qmax, scale)
-    scale = torch.maximum(scale, mn.abs() / zlim)
-    bad = ~torch.isfinite(scale)
+    scale = torch.maximum(scale, mn.abs() / zlim)  # the zero point fits its storage (see the module docstring)
+    bad = ~torch.isfinite(scale)  # NaN or inf in the group: it reads back NaN
     scale_s = _round_up_to(torch.where(bad, float("nan"), scale), meta_dtype)
     scale = scale_s.float()
     zero = torch.where(bad, 0.0, (-torch.round(mn / scale)).clamp(-zlim - 1, zlim))
