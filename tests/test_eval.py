@@ -62,6 +62,22 @@ def test_eval_end_to_end_on_a_local_vlm(local_llava, tmp_path, capsys):  # noqa:
     assert (tmp_path / "out" / "accuracy_vs_bits.png").stat().st_size > 0
 
 
+def test_eval_in_bfloat16_holds_a_16_bit_baseline(local_llava, tmp_path, capsys):  # noqa: F811
+    """--dtype bfloat16: the model and its caches run in bf16, the fp16 baseline holds 16 bits an element, and
+    the run records its dtype (so --resume will not mix it with a float32 run)."""
+    d, _ = local_llava
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "FrameColour", "--samples", "1", "--frames", "4"])
+    args = ["eval", "--model", str(d), "--data", str(tmp_path / "data"), "--methods", "fp16,auto:bits=4.0",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "out")]
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert rows["fp16"]["bits_per_element"] == 16.0 and rows["fp16"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["auto:bits=4.0"]["bits_per_element"] <= 4.0 * 1.02 and rows["auto:bits=4.0"]["kl"] >= 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["dtype"] == "torch.bfloat16"
+    assert main(args + ["--resume"]) != 0  # float32 now: the bf16 answers are not reused
+    assert "dtype: 'torch.bfloat16' -> 'torch.float32'" in capsys.readouterr().err
+
+
 def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch):  # noqa: F811
     """Each (sample, method) result lands in records.jsonl at once; --resume reruns only what is missing."""
     import transformers
@@ -241,3 +257,35 @@ def test_pareto_sweeps_knobs_and_finds_the_fewest_bits(local_llava, tmp_path, ca
     assert "auto bits=2.5 left out" in err  # head_dim 16: 2-bit codes with their scales cost more than 2.5
     assert (tmp_path / "p" / "pareto.png").stat().st_size > 0
     assert "| kivi |" in (tmp_path / "p" / "fewest_bits.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["fp16", "rtn-2", "kivi-2", "akvq-vl"])
+def test_greedy_logits_equal_teacher_forced_on_the_same_path(local_llava, tmp_path, method):  # noqa: F811
+    """The eval reads a method's KL off its own greedy run when it followed fp16's tokens: those logits must be
+    the ones teacher-forcing the same tokens gives (same cache, same inputs); off the path it must teacher-force."""
+    import torch
+
+    from vlmkv import QuantizedKVCache, get_policy
+    from vlmkv.eval.fidelity import teacher_forced_logits
+    from vlmkv.eval.milebench import load_task
+    from vlmkv.eval.runner import _forced_from_greedy, _greedy, build_sample_inputs
+    from vlmkv.models.loading import load_model
+
+    d, _ = local_llava
+    model, proc = load_model(str(d))
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "WhichFrame", "--samples", "1", "--frames", "4"])
+    inp = build_sample_inputs(proc, load_task(tmp_path / "data", "WhichFrame")[0])
+    extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
+    pol = get_policy(method, **({"recent": 2, "num_pivots": 1, "group_size": 32} if method == "akvq-vl" else {}))
+    with QuantizedKVCache(model, pol, tokenizer=proc.tokenizer) as c:
+        new, lg = _greedy(model, inp, c, 5, proc.tokenizer, min_new_tokens=5)
+    with QuantizedKVCache(model, pol, tokenizer=proc.tokenizer) as c:
+        forced = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c, new, **extra)
+    got = _forced_from_greedy(new, lg, new)
+    assert got is not None and got.shape == forced.shape == (1, 5, lg.shape[-1])
+    scale = forced.abs().max()
+    torch.testing.assert_close(got, forced, rtol=0, atol=1e-5 * float(scale))
+    other = new.clone()
+    other[0, 0] += 1
+    assert _forced_from_greedy(new, lg, other) is None  # left the path at the first token
+    assert _forced_from_greedy(new[:, :3], lg[:, :3], new) is None  # stopped before the end

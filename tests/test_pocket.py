@@ -110,6 +110,21 @@ def test_words_stage_shares_the_image_layout():
                        _align_targets(model, proc, frames))
 
 
+def test_curriculum_levels_and_batches():
+    """The long-clip curriculum: FRAMES:STEPS levels rising from the base length, batches of about equal tokens."""
+    from vlmkv.models.pocket.config import TrainConfig, curriculum_levels
+    from vlmkv.models.pocket.train import at_length
+
+    assert curriculum_levels("16:60, 32:80,64:120", 8) == [(16, 60), (32, 80), (64, 120)]
+    assert curriculum_levels("") == []
+    for bad in ("16", "16:0", "8:10", "32:10,16:10", "a:b"):
+        with pytest.raises(ValueError, match="curriculum"):
+            TrainConfig(curriculum=bad)
+    cfg = TrainConfig(batch=8, frames=8, curriculum="16:1,64:1")
+    assert [(c.frames, c.batch, c.curriculum) for c in (at_length(cfg, 16), at_length(cfg, 64), at_length(cfg, 128))] \
+        == [(16, 4, ""), (64, 1, ""), (128, 1, "")]
+
+
 @pytest.mark.slow
 def test_train_demo_end_to_end_and_resume(tmp_path):
     from safetensors.torch import load_file
@@ -118,10 +133,11 @@ def test_train_demo_end_to_end_and_resume(tmp_path):
     from vlmkv.models.pocket.model import build_untrained, load_trained
     from vlmkv.models.pocket.train import train
 
-    cfg = TrainConfig(out=str(tmp_path), tasks=("FrameColour",), text_steps=1, align_steps=1, joint_steps=1, batch=1,
-                      eval_clips=1)
+    cfg = TrainConfig(out=str(tmp_path), tasks=("FrameColour",), text_steps=1, align_steps=1, joint_steps=1, batch=2,
+                      eval_clips=1, frames=4, curriculum="6:1,8:1")
     rec = train(cfg, log=lambda *_: None)
-    assert set(rec["stages"]) == {"text", "align", "joint"} and all(s["done"] for s in rec["stages"].values())
+    assert list(rec["stages"]) == ["text", "align", "joint", "frames6", "frames8"]
+    assert all(s["done"] for s in rec["stages"].values())
     state = load_file(tmp_path / "pocket.safetensors")
     assert any(k.startswith("vision_tower.") for k in state) and any(k.endswith("lora_A") for k in state)
     model, _ = build_untrained()

@@ -119,6 +119,23 @@ def _check_settings(folder: Path, settings: dict, resume: bool) -> None:
 
 
 @torch.no_grad()
+def _greedy(model, inp: dict, cache, max_new_tokens: int, tok, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy answer through `cache`: (new token ids [B, N] int64, the logits [B, N, V] float32 each came from)."""
+    out = model.generate(**inp, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences[:, inp["input_ids"].shape[1]:], torch.stack(out.logits, dim=1).float()
+
+
+def _forced_from_greedy(new: torch.Tensor, logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    """The logits [B, T, V] that teacher-forcing the T tokens of `ref` would give, read off a greedy run whose
+    first T-1 tokens are `ref`'s (it saw the same inputs, so they are the same logits); None when it left
+    that path or stopped sooner. Saves the teacher-forced prefill for every method that answers like fp16."""
+    t = ref.shape[1]
+    if new.shape[1] < t or not torch.equal(new[:, :t - 1], ref[:, :t - 1]):
+        return None
+    return logits[:, :t]
+
+
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
              log_dir=None, resume: bool = False) -> list[Row]:
@@ -150,7 +167,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         lock = OutputLock(Path(log_dir), rank)
         if state is None or state.is_main_process:
             settings = {"model": str(getattr(model.config, "_name_or_path", "")), "data": str(Path(data_root).resolve()),
-                        "max_new_tokens": max_new_tokens, "fidelity": fidelity,
+                        "dtype": str(model.dtype), "max_new_tokens": max_new_tokens, "fidelity": fidelity,
                         "methods": {label: (m if isinstance(m, str) else m.describe()) for label, m in entries}}
             try:
                 _check_settings(Path(log_dir), settings, resume)
@@ -181,24 +198,22 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
             with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
-                out = model.generate(**inp, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
-                                     min_new_tokens=2, pad_token_id=tok.pad_token_id)
-            ref = out[:, inp["input_ids"].shape[1]:]
-            with QuantizedKVCache(model, "fp16", tokenizer=tok) as c0:
-                lr = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c0, ref, **extra)
+                ref, lr = _greedy(model, inp, cache, max_new_tokens, tok, min_new_tokens=2)
+            lr = lr[:, :ref.shape[1]]
             lp = lr.log_softmax(-1)
         for label, m in entries:
             if old[label] is not None:
                 continue
             with QuantizedKVCache(model, m, tokenizer=tok) as cache:
-                out = model.generate(**inp, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                ans = tok.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+                new, lg = _greedy(model, inp, cache, max_new_tokens, tok)
+                ans = tok.decode(new[0], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
             kl = top1 = float("nan")
             if fidelity:
-                with QuantizedKVCache(model, m, tokenizer=tok) as c1:
-                    lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
+                lq = _forced_from_greedy(new, lg, ref)
+                if lq is None:  # the answer left fp16's path: teacher-force it
+                    with QuantizedKVCache(model, m, tokenizer=tok) as c1:
+                        lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
                 kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
             ok, strict = bool(score(ans, s)), bool(score_strict(ans, s))

@@ -23,6 +23,9 @@ class TrainConfig:
     seed: int = 0
     init: str = ""  # start from this pocket.safetensors (e.g. an earlier run's) instead of fresh adapters
     bf16: bool = True
+    # long-clip curriculum after the three stages: "FRAMES:STEPS,..." in rising order, e.g. "16:60,32:80,64:120";
+    # each level is a LoRA stage on clips of up to FRAMES frames (see train.py)
+    curriculum: str = ""
 
     def __post_init__(self):
         for k in ("frames", "batch", "questions", "lora_r", "eval_clips"):
@@ -32,3 +35,18 @@ class TrainConfig:
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {getattr(self, k)!r}")
         check_tasks(self.tasks)
+        curriculum_levels(self.curriculum, self.frames)
+
+
+def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
+    """[(frames, steps), ...] from "FRAMES:STEPS,...": frame counts rising from above `base`, steps > 0."""
+    levels = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        try:
+            f, n = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"curriculum must be FRAMES:STEPS,... (e.g. '16:60,32:80'), got {spec!r}") from None
+        if n <= 0 or f <= (levels[-1][0] if levels else base):
+            raise ValueError(f"curriculum frame counts must rise above frames={base} and steps be positive, got {spec!r}")
+        levels.append((f, n))
+    return levels

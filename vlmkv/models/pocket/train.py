@@ -23,7 +23,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from ...eval.milebench import Sample, score
 from ...eval.synthetic import ANSWER_HINT, COLOURS, INSTRUCTION, SHAPES, TASKS, make_question, context, draw, sample_clip
-from .config import TrainConfig
+from .config import TrainConfig, curriculum_levels
 from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, load_vision, part, trained_state
 
 EVAL_SEED = 1_000_003
@@ -173,6 +174,11 @@ def heldout_accuracy(model, proc, cfg: TrainConfig, as_words: bool = False, clip
     return res
 
 
+def at_length(cfg: TrainConfig, frames: int) -> TrainConfig:
+    """`cfg` for clips of `frames` frames, batched to about as many tokens as `cfg.batch` clips of `cfg.frames`."""
+    return replace(cfg, frames=frames, batch=max(1, round(cfg.batch * cfg.frames / frames)), curriculum="")
+
+
 def _align_targets(model, proc, clip_frames):
     """[N, 16, 576] float32: the embeddings of each frame's `frame_words`."""
     emb = model.model.language_model.embed_tokens.weight
@@ -250,7 +256,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"resumed at stage {state['stage']} step {state['step']}")
     model.train()
 
-    def run_stage(name: str, steps: int, params: list, lr: float, step_fn):
+    def run_stage(name: str, steps: int, params: list, lr: float, step_fn, eval_cfg: TrainConfig = cfg):
         done = record["stages"].get(name, {}).get("done")
         if done or steps == 0:
             return
@@ -261,6 +267,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             start = state["step"]
         t0 = time.perf_counter() - (state["seconds"] if state is not None and state["stage"] == name else 0.0)
         bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+        saved = time.perf_counter()
         for step in bar:
             for g in opt.param_groups:  # warm-up then cosine decay
                 g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -269,12 +276,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % 50 == 0 and step + 1 < steps:
+            # every 50 steps, or every 2 minutes on long clips (a step can take 15 s there)
+            if step + 1 < steps and ((step + 1) % 50 == 0 or time.perf_counter() - saved > 120):
+                saved = time.perf_counter()
                 save_checkpoint({"stage": name, "step": step + 1, "seconds": time.perf_counter() - t0,
                                  "opt": opt.state_dict(), "params": _trainable(model)}, ckpt)
         secs = time.perf_counter() - t0
         # after `align`, images in: how much of stage 1 the visual route carries before any joint step
-        acc = heldout_accuracy(model, proc, cfg, as_words=name == "text")
+        acc = heldout_accuracy(model, proc, eval_cfg, as_words=name == "text")
         record["stages"][name] = {"done": True, "steps": steps, "seconds": round(secs, 1), "final_loss": round(loss.item(), 4),
                                   "heldout_accuracy": acc}
         log(f"stage {name}: {steps} steps in {secs:.0f} s, loss {loss.item():.3f}, held-out {acc}")
@@ -295,6 +304,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
         tgt = _align_targets(model, proc, fr)
         return ((feats - tgt) ** 2).sum(-1).mean() / (tgt ** 2).sum(-1).mean()
 
+    def long_step(frames: int, earlier: tuple[int, ...], rng):
+        # half the steps at this level's length, half at an earlier one so that short clips are not forgotten;
+        # LoRA only, frames as words: `align` already makes a frame's visual tokens read as its words
+        n = frames if rng.random() < 0.5 else rng.choice(earlier)
+        inputs, labels, _ = make_batch(proc, rng, at_length(cfg, n), as_words=True)
+        return answer_loss(model, inputs, labels, cfg.bf16)
+
     def joint_step(rng):
         inputs, labels, _ = make_batch(proc, rng, cfg, as_words=False)
         return answer_loss(model, inputs, labels, cfg.bf16)
@@ -302,6 +318,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run_stage("text", cfg.text_steps, lora, cfg.lr, text_step)
     run_stage("align", cfg.align_steps, vision, cfg.vision_lr, align_step)
     run_stage("joint", cfg.joint_steps, lora + vision, cfg.lr, joint_step)
+    lengths = [cfg.frames]
+    for frames, steps in curriculum_levels(cfg.curriculum, cfg.frames):
+        run_stage(f"frames{frames}", steps, lora, cfg.lr, partial(long_step, frames, tuple(lengths)),
+                  eval_cfg=at_length(cfg, frames))
+        lengths.append(frames)
     save_file(trained_state(model), out / "pocket.safetensors")
     record["threads"] = torch.get_num_threads()
     record_path.write_text(json.dumps(record, indent=1))
