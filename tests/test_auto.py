@@ -62,3 +62,20 @@ def test_auto_refuses_a_budget_it_cannot_hold(tiny_llama):
         with pytest.raises(ValueError, match="bits"):
             get_policy("auto", bits=bad)
     assert get_policy("auto", bits=4).bits == 4.0
+
+
+@torch.no_grad()
+def test_auto_takes_wider_2_bit_groups_on_a_tight_budget():
+    """At 2.5 bits on head dimension 64 (3 kv heads, as SmolLM2), 2-bit codes in groups of 32 (2.5 bits with their scale) leave nothing to
+    spend: 2-bit tokens take groups of 64 (2.25) and the budget still holds, prefill and decode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=1,
+                                         num_attention_heads=3, num_key_value_heads=3)).eval()
+    assert get_policy("auto", bits=3.0).spec(2, "key", 64).group_size == 32
+    assert get_policy("auto", bits=2.5).spec(2, "key", 64).group_size == 64
+    assert get_policy("auto", bits=2.5).spec(4, "key", 64).group_size == 32
+    ids = torch.randint(5, 250, (1, 600), generator=torch.Generator().manual_seed(1))
+    seen, _, _ = _run(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2.5, 12)
+    assert max(seen) <= 2.5 * 1.02 and seen[0] >= 2.5 * 0.95, seen

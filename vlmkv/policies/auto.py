@@ -14,7 +14,9 @@ tokens and the int32 slot map that mixed widths need. Per layer, at prefill, for
    Visual windows are frames cut into runs of 32 tokens; text windows are runs of 32 tokens (S / 32 tokens, at
    least 4, on prompts under 1,024 tokens, so that short prompts can spend their budget).
 Keys and values are stored Walsh-Hadamard-rotated (AKVQ-VL's WHT), in symmetric groups of 32 channels with one
-fp16 scale each and no zero point (llama.cpp's q4_0 layout; 2-bit groups clipped at 0.9). Rows of a batch plan
+fp16 scale each and no zero point (llama.cpp's q4_0 layout; 2-bit groups clipped at 0.9). On tight budgets
+2-bit tokens take groups of 64 or 128 (dividing the head dimension): the smallest group whose codes and scale
+leave a tenth of the budget spare, else the largest, so 2.5 bits fit on head dimension 64 (2.33 bits a token). Rows of a batch plan
 the same number of tokens at each width (a segment is as long as its longest row). Generated tokens join the
 recent window and leave it at the widest width whose cost fits the budget, so the average never rises above it
 while decoding (it drifts down toward that width's cost over long generations).
@@ -39,6 +41,8 @@ from .windows import prompt_mask, token_scores, window_ids
 # 0.5 bits of metadata an element) beat asymmetric groups of 64 with int16 zero points at the same bytes, at 2 and
 # 4 bits, once keys and values are Hadamard-rotated.
 GROUP = 32  # per-token groups: 32, or the head dimension when smaller
+GROUPS2 = (32, 64, 128)  # the 2-bit group sizes a tight budget may take, smallest first
+LEAN = 0.9  # a 2-bit group must leave this share of the budget for the rest: (2 + 16 / g) <= LEAN * bits
 ZERO = "none"  # the zero point's storage (vlmkv.quant.QuantSpec.zero_point)
 CLIP2 = 0.9  # clip ratio of 2-bit groups
 WIDTHS = (8, 4, 2)
@@ -54,11 +58,22 @@ def _index_bits(head_dim: int, num_kv_heads: int) -> float:
     return 32.0 / (2 * num_kv_heads * head_dim)
 
 
-def _costs(head_dim: int, num_kv_heads: int) -> dict:
+def _meta_bits(group: int) -> float:
+    """Scale and zero point of one group, per element."""
+    return {"int16": 32.0, "int8": 24.0, "none": 16.0}[ZERO] / group
+
+
+def _group2(bits: float, head_dim: int) -> int:
+    """Channels per group of 2-bit tokens under a `bits` budget: the smallest of GROUPS2 dividing `head_dim` whose
+    codes and scale cost at most LEAN * bits, else the largest (32, or the head dimension when smaller, on small heads)."""
+    ok = [g for g in GROUPS2 if g <= head_dim and head_dim % g == 0] or [effective_group(GROUP, head_dim)]
+    return next((g for g in ok if 2 + _meta_bits(g) <= LEAN * bits), ok[-1])
+
+
+def _costs(head_dim: int, num_kv_heads: int, group2: int) -> dict:
     """Bits per element of a token at each width: codes, fp16 scale, zero point and its int32 slot."""
     g, idx = effective_group(GROUP, head_dim), _index_bits(head_dim, num_kv_heads)
-    meta = {"int16": 32.0, "int8": 24.0, "none": 16.0}[ZERO] / g
-    return {**{w: w + meta + idx for w in WIDTHS}, 16: 16.0 + idx}
+    return {**{w: w + _meta_bits(group2 if w == 2 else g) + idx for w in WIDTHS}, 16: 16.0 + idx}
 
 
 def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Tensor,
@@ -123,7 +138,7 @@ class AutoPolicy(Policy):
 
     def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
         super().validate(head_dim, num_kv_heads)
-        need = _costs(head_dim, num_kv_heads)[2] / MARGIN
+        need = _costs(head_dim, num_kv_heads, _group2(self.bits, head_dim))[2] / MARGIN
         if self.bits < need:
             raise ValueError(f"bits must be at least {need:.3f} for head dimension {head_dim} and {num_kv_heads} kv "
                              f"heads (2-bit codes with their scales and slot map), got {self.bits!r}")
@@ -145,7 +160,7 @@ class AutoPolicy(Policy):
 
     def plan_prefill(self, ctx: PrefillContext) -> BitPlan:
         B, H, S, D = ctx.keys.shape
-        cost = _costs(D, H)
+        cost = _costs(D, H, _group2(self.bits, D))
         dec = self._decode_bits(cost)
         types = ctx.token_types if ctx.token_types is not None else torch.full((B, S), TEXT, dtype=torch.int8)
         types = types.to(ctx.keys.device)
@@ -214,7 +229,8 @@ class AutoPolicy(Policy):
         return DecodeRule(bits=2, keep_recent=0, flush_every=1)
 
     def spec(self, bits, kind, head_dim):
-        return QuantSpec(bits, effective_group(GROUP, head_dim), CLIP2 if bits == 2 else 1.0, "token", zero_point=ZERO)
+        g = _group2(self.bits, head_dim) if bits == 2 else effective_group(GROUP, head_dim)
+        return QuantSpec(bits, g, CLIP2 if bits == 2 else 1.0, "token", zero_point=ZERO)
 
 
 __all__ = ["AutoPolicy"]
