@@ -2,6 +2,11 @@
 method against the full-precision cache, at several context lengths of real English text, in one run.
 
     python benchmarks/long_fidelity.py --contexts 2048,4096,8192 --steps 32 --out docs/long_fidelity.json
+    python benchmarks/long_fidelity.py --contexts 2048 --pareto --out docs/pareto_smollm2.json   # every knob
+
+With `--pareto [FAMILIES]` the methods are the points of `vlmkv eval --pareto` (vlmkv/eval/presets.py: PARETO), and
+it also writes, beside `--out`, a KL-vs-bits plot per context (`.png`) and the fewest bits each family needs to stay
+within a KL of 0.05 of full precision (`.md`).
 
 Text: the license texts Debian ships in /usr/share/common-licenses (GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3, ...),
 concatenated: real prose available offline (`--text FILE` to use another). For context N the first N tokens are the
@@ -53,10 +58,9 @@ def run(args) -> list[dict]:
         t0 = time.perf_counter()
         ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont).log_softmax(-1)
         t_ref = time.perf_counter() - t0
-        for method in tqdm(args.methods.split(","), desc=f"{n} tokens", file=sys.stderr):
+        for method, policy in tqdm(entries(args), desc=f"{n} tokens", file=sys.stderr):
             t0 = time.perf_counter()
-            entry = _method_entry(method)  # "rtn-4:group_size=32:zero_point=none": a method with options
-            with vlmkv.QuantizedKVCache(model, entry if isinstance(entry, str) else entry[1]) as cache:
+            with vlmkv.QuantizedKVCache(model, policy) as cache:
                 got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
                 bits = cache.bits_per_element()
             kl = (ref.exp() * (ref - got)).sum(-1)
@@ -65,6 +69,59 @@ def run(args) -> list[dict]:
                          "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
                          "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1)})
     return rows
+
+
+def entries(args) -> list[tuple[str, object]]:
+    """(label, method) pairs: the --pareto points, or --methods ("rtn-4:group_size=32" is a method with options)."""
+    if args.pareto is not None:
+        from vlmkv.eval.presets import pareto_methods
+
+        return pareto_methods([f for f in args.pareto.split(",") if f] or None)
+    return [(m, e if isinstance(e, str) else e[1]) for m in args.methods.split(",") for e in [_method_entry(m)]]
+
+
+def fewest_bits(rows: list[dict], max_kl: float = 0.05) -> str:
+    """Per context and method family, the fewest bits per element (from bytes) of a point with mean KL <= max_kl."""
+    from vlmkv.eval.presets import _family
+
+    lines = [f"| context | method | fewest bits with KL <= {max_kl} | at | KL | top-1 |", "|---:|---|---:|---|---:|---:|"]
+    for n in dict.fromkeys(r["context"] for r in rows):
+        rs = [r for r in rows if r["context"] == n and r["method"] != "FP16"]
+        for fam in dict.fromkeys(_family(r["method"]) for r in rs):
+            ok = sorted((r["bits_per_element"], r["method"], r["kl"], r["top1"]) for r in rs
+                        if _family(r["method"]) == fam and r["kl"] <= max_kl)
+            lines.append(f"| {n} | {fam} | {ok[0][0]:.2f} | {ok[0][1]} | {ok[0][2]:.4f} | {ok[0][3]:.3f} |" if ok
+                         else f"| {n} | {fam} | - | none of its points | | |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """KL and top-1 against bits per element, one line per method family, one row of panels per context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlmkv.eval.presets import _family
+
+    ctxs = list(dict.fromkeys(r["context"] for r in rows))
+    fig, axes = plt.subplots(len(ctxs), 2, figsize=(10, 3.6 * len(ctxs)), squeeze=False)
+    for (ax1, ax2), n in zip(axes, ctxs):
+        rs = [r for r in rows if r["context"] == n and r["method"] != "FP16"]
+        for fam in dict.fromkeys(_family(r["method"]) for r in rs):
+            xs = sorted((r["bits_per_element"], r["kl"], r["top1"]) for r in rs if _family(r["method"]) == fam)
+            ax1.plot([x[0] for x in xs], [x[1] for x in xs], marker="o", label=fam)
+            ax2.plot([x[0] for x in xs], [x[2] for x in xs], marker="o", label=fam)
+        ax2.axhline(1.0, color="k", linestyle="--", label="FP16")
+        for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
+        ax1.set_yscale("symlog", linthresh=1e-3)
+        ax1.set(xlabel="bits per element (from bytes)", ylabel="next-token KL vs full precision", title=f"{n} tokens")
+        ax2.set(xlabel="bits per element (from bytes)", ylabel="top-1 agreement", title=f"{n} tokens")
+        ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -80,6 +137,8 @@ def main():
     p.add_argument("--contexts", default="2048,4096,8192")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--methods", default=METHODS, help="comma-separated names, or name:option=value:... (as vlmkv eval)")
+    p.add_argument("--pareto", nargs="?", const="", default=None, metavar="FAMILIES",
+                   help="the points of `vlmkv eval --pareto` (optionally only these comma-separated families)")
     p.add_argument("--text", default=None, help="a text file (default: the Debian license texts)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -88,6 +147,12 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.out}")
+        if args.pareto is not None:
+            out = Path(args.out)
+            plot(rows, out.with_suffix(".png"))
+            out.with_suffix(".md").write_text(fewest_bits(rows) + "\n")
+            print(fewest_bits(rows))
+            print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
