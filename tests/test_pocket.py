@@ -2,6 +2,7 @@
 (a smoke check; the full table is in docs/RESULTS.md), the training script end to end, and `vlmkv demo`."""
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,19 @@ def test_pocket_loads_offline_as_a_llava(pocket):
     model, proc = pocket
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert adapter_for(model.config, proc.tokenizer).tokens_per_image == TOKENS_PER_FRAME == 16
+
+
+@pytest.mark.slow
+def test_pocket_long_is_its_own_model(monkeypatch):
+    """`pocket-long` assembles from its own committed weights (never $VLMKV_POCKET_WEIGHTS, which is pocket's)."""
+    from vlmkv.models.loading import resolve
+    from vlmkv.models.pocket.model import WEIGHTS, WEIGHTS_LONG, weights_digest
+
+    monkeypatch.setenv("VLMKV_POCKET_WEIGHTS", str(WEIGHTS))
+    path, _ = resolve("pocket-long")
+    meta = json.loads((Path(path) / "vlmkv_pocket.json").read_text())
+    assert meta["digest"] == weights_digest(WEIGHTS_LONG) != weights_digest(WEIGHTS)
+    assert Path(resolve("pocket")[0]).name == f"pocket-{weights_digest(WEIGHTS)}"
 
 
 @pytest.mark.slow

@@ -106,7 +106,9 @@ def embedded_path(name: str) -> Path:
 
 
 # models assembled here from an embedded backbone plus weights trained in this repo
-BUILT_MODELS = {"pocket": "the demo VLM: SmolLM2-135M + a small CLIP ViT trained on synthetic clips (vlmkv/models/pocket)"}
+BUILT_MODELS = {"pocket": "the demo VLM: SmolLM2-135M + a small CLIP ViT trained on synthetic clips (vlmkv/models/pocket)",
+                "pocket-long": "pocket fine-tuned on clips of up to 64 frames (~1,500 tokens; its model card has the "
+                               "accuracy per length)"}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -129,8 +131,10 @@ def resolve(name_or_path: str) -> tuple[str, dict]:
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_path(name_or_path)), {}
     if name_or_path in BUILT_MODELS:
-        from .pocket.model import pocket_path
+        from .pocket.model import WEIGHTS_LONG, pocket_path
 
+        if name_or_path == "pocket-long":
+            return str(pocket_path(WEIGHTS_LONG)), {}
         return str(pocket_path(os.environ.get("VLMKV_POCKET_WEIGHTS") or None)), {}
     p = Path(name_or_path).expanduser()
     if p.is_dir():
@@ -157,7 +161,8 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | No
     """Load `(model, tokenizer)`, or `(model, processor)` for a vision-language model.
 
     name_or_path: an embedded name (`smollm2-135m`, or `pocket`, the demo VLM built on it; set
-    $VLMKV_POCKET_WEIGHTS to load another `pocket.safetensors` from `vlmkv train-demo`), a Hugging Face id or
+    $VLMKV_POCKET_WEIGHTS to load another `pocket.safetensors` from `vlmkv train-demo`; `pocket-long`, pocket
+    fine-tuned on long clips), a Hugging Face id or
     a local directory.
     dtype: defaults to float32 on CPU and float16 on GPU.
     """

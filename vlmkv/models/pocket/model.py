@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS = Path(__file__).with_name("pocket.safetensors")
+WEIGHTS_LONG = Path(__file__).with_name("pocket-long.safetensors")  # the long-clip fine-tune (MODEL_CARD.md)
 IMAGE_SIZE, PATCH_SIZE = 64, 16
 TOKENS_PER_FRAME = (IMAGE_SIZE // PATCH_SIZE) ** 2
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
