@@ -289,3 +289,11 @@ def test_greedy_logits_equal_teacher_forced_on_the_same_path(local_llava, tmp_pa
     other[0, 0] += 1
     assert _forced_from_greedy(new, lg, other) is None  # left the path at the first token
     assert _forced_from_greedy(new[:, :3], lg[:, :3], new) is None  # stopped before the end
+
+
+def test_pareto_families_of_method_labels():
+    """Sweep labels and `--methods` labels with options both fall into their method's family (one plot line)."""
+    from vlmkv.eval.presets import _family
+
+    assert _family("kivi-2 r32") == "kivi" and _family("auto bits=2.5") == "auto"
+    assert _family("auto:bits=3.0") == "auto" and _family("akvq-vl:recent=0") == "akvq-vl" and _family("fp16") == "fp16"

@@ -131,7 +131,7 @@ def pareto_methods(families: list[str] | None = None) -> list[tuple[str, object]
 
 
 def _family(label: str) -> str:
-    return next((f for f, lab, *_ in PARETO if lab == label), label.split()[0])
+    return next((f for f, lab, *_ in PARETO if lab == label), label.split()[0].split(":")[0])  # "auto:bits=3.0": auto
 
 
 def _points(rows) -> dict:
