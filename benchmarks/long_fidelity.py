@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
-from vlmkv.cli import _method_entry  # noqa: E402
+from vlmkv.cli import _feasible, _method_entry  # noqa: E402
 from vlmkv.eval.fidelity import teacher_forced_logits  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
@@ -58,7 +58,7 @@ def run(args) -> list[dict]:
         t0 = time.perf_counter()
         ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont).log_softmax(-1)
         t_ref = time.perf_counter() - t0
-        for method, policy in tqdm(entries(args), desc=f"{n} tokens", file=sys.stderr):
+        for method, policy in tqdm(_feasible(model, entries(args)), desc=f"{n} tokens", file=sys.stderr):
             t0 = time.perf_counter()
             with vlmkv.QuantizedKVCache(model, policy) as cache:
                 got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
@@ -77,7 +77,7 @@ def entries(args) -> list[tuple[str, object]]:
         from vlmkv.eval.presets import pareto_methods
 
         return pareto_methods([f for f in args.pareto.split(",") if f] or None)
-    return [(m, e if isinstance(e, str) else e[1]) for m in args.methods.split(",") for e in [_method_entry(m)]]
+    return [(m, vlmkv.get_policy(e) if isinstance(e, str) else e[1]) for m in args.methods.split(",") for e in [_method_entry(m)]]
 
 
 def fewest_bits(rows: list[dict], max_kl: float = 0.05) -> str:
@@ -116,6 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for ax in (ax1, ax2):
             ax.set_xscale("log", base=2)
         ax1.set_yscale("symlog", linthresh=1e-3)
+        ax1.set_ylim(bottom=0)  # KL is never negative
         ax1.set(xlabel="bits per element (from bytes)", ylabel="next-token KL vs full precision", title=f"{n} tokens")
         ax2.set(xlabel="bits per element (from bytes)", ylabel="top-1 agreement", title=f"{n} tokens")
         ax1.legend(fontsize=7)

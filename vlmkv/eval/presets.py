@@ -183,6 +183,7 @@ def plot_pareto(rows, out_path, title: str = "") -> None:
     ax1.set_xscale("log", base=2)
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("symlog", linthresh=1e-3)
+    ax2.set_ylim(bottom=0)  # KL is never negative
     ax1.set(xlabel="bits per element (from bytes)", ylabel="mean accuracy", title=title)
     ax2.set(xlabel="bits per element (from bytes)", ylabel="next-token KL vs FP16")
     ax1.legend(fontsize=7)
