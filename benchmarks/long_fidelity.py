@@ -149,10 +149,10 @@ def main():
         Path(args.out).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.out}")
         if args.pareto is not None:
-            out = Path(args.out)
+            out, table = Path(args.out), fewest_bits(rows)
             plot(rows, out.with_suffix(".png"))
-            out.with_suffix(".md").write_text(fewest_bits(rows) + "\n")
-            print(fewest_bits(rows))
+            out.with_suffix(".md").write_text(table + "\n")
+            print(table)
             print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
 
 

@@ -199,7 +199,6 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
             with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
                 ref, lr = _greedy(model, inp, cache, max_new_tokens, tok, min_new_tokens=2)
-            lr = lr[:, :ref.shape[1]]
             lp = lr.log_softmax(-1)
         for label, m in entries:
             if old[label] is not None:
