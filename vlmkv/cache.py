@@ -202,6 +202,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.rule = None  # the decode rule the prefill's plan chose (BitPlan.decode), if any
         self.stats: dict = {}  # the prompt statistics the plan used (e.g. massive activations)
         self.closed = False
+        self.record = False  # keep the prompt's raw keys, values and forward call (QuantizedKVCache(record_prompt=True))
+        self.recorded: tuple | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -227,6 +229,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         store = self.store
         k, v = (fwht(key_states), fwht(value_states)) if self.rotate else (key_states, value_states)
         if store.length == 0 and self.offset == 0:
+            if self.record:
+                from .models.hooks import current_frame
+
+                self.recorded = (key_states, value_states, current_frame())
             self._prefill(k, v)
             return key_states, value_states  # the prompt attends to itself unquantized
         if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
@@ -372,7 +378,7 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
-                 segment_attention: bool = True, **options):
+                 segment_attention: bool = True, record_prompt: bool = False, **options):
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -383,6 +389,8 @@ class QuantizedKVCache(Cache):
                              f"got {residual_dtype!r}")
         if not isinstance(segment_attention, bool):
             raise ValueError(f"segment_attention must be a bool, got {segment_attention!r}")
+        if not isinstance(record_prompt, bool):
+            raise ValueError(f"record_prompt must be a bool, got {record_prompt!r}")
         self.residual_dtype = residual_dtype
         cfg = text_config(model)
         self.config = cfg
@@ -394,7 +402,8 @@ class QuantizedKVCache(Cache):
         self.model = model if isinstance(model, torch.nn.Module) else None
         self.rotate_keys = bool(self.policy.hadamard_keys)
         self.segment_attention = segment_attention
-        needs_massive = bool(self.policy.needs_massive_activations)
+        # a recording cache gathers everything any policy may read, for the caches `prefill_from` fills
+        needs_massive = bool(self.policy.needs_massive_activations) or record_prompt
         if self.model is None and (needs_massive or self.policy.needs_modality):
             raise ValueError(f"model must be a torch module for {self.policy.name} (it reads the prompt through hooks "
                              f"on the model), got {type(model).__name__!r}")
@@ -418,6 +427,8 @@ class QuantizedKVCache(Cache):
         use_attn = any(k == "attention" for k, _ in self._kinds)
         layers = [QuantizedKVLayer(i, self.policy, self.source, self.rotate_keys, residual_dtype,
                                    cfg if use_attn else None, windows[i]) for i in range(self.num_layers)]
+        for layer in layers:
+            layer.record = record_prompt
         super().__init__(layers=layers)
         self.closed = False
         self._leases = []
@@ -449,6 +460,34 @@ class QuantizedKVCache(Cache):
         if not self.closed:
             new._acquire()
         return new
+
+    def prefill_from(self, recorded: "QuantizedKVCache") -> None:
+        """Fill this empty cache with the prompt another cache of the same model recorded
+        (`QuantizedKVCache(model, ..., record_prompt=True)`, after the model's forward over the prompt).
+
+        Equals running that forward through this cache: a prompt attends to itself unquantized, so the forward,
+        its logits and the keys and values reaching each layer do not depend on the cache; only what the cache
+        stores does. Each layer plans and stores the recorded keys and values through its own prefill, reading
+        the recorded call's inputs (its own modality labels, with its own checks) and massive activations.
+        Saves a forward per policy when many are compared on one prompt (`vlmkv eval`).
+        """
+        from .models.hooks import Frame, pushed
+
+        if not isinstance(recorded, QuantizedKVCache) or not recorded.layers or any(
+                getattr(layer, "recorded", None) is None for layer in recorded.layers):
+            raise ValueError(f"recorded must be a QuantizedKVCache built with record_prompt=True that prefilled a "
+                             f"prompt, got {type(recorded).__name__!r}")
+        if recorded.model is not self.model or len(recorded.layers) != len(self.layers):
+            raise ValueError("recorded must come from the model this cache was built for, got a cache of another model")
+        if self.get_seq_length() != 0:
+            raise ValueError(f"prefill_from needs an empty cache, got one holding {self.get_seq_length()} tokens")
+        frame = recorded.layers[0].recorded[2]
+        # the recorded call's inputs and statistics, with labels computed afresh by this cache's own labeller
+        replay = Frame(frame.model, frame.inputs, frame.stats) if frame is not None else None
+        with pushed(replay):
+            for layer, other in zip(self.layers, recorded.layers):
+                k, v, _ = other.recorded
+                layer.update(k, v)
 
     # ---------------------------------------------------------------- prompt context
     @property

@@ -255,7 +255,7 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
     # records.jsonl in each output directory: one line per (sample, method) as it finishes; --resume reuses them
     run = lambda methods, log_dir: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731
                                             max_new_tokens=args.max_new_tokens, fidelity=not args.no_fidelity,
-                                            log_dir=log_dir, resume=args.resume)
+                                            log_dir=log_dir, resume=args.resume, share_prefill=args.share_prefill)
     files = []
     if args.pareto is not None:
         fams = [f for f in args.pareto.split(",") if f] or None
@@ -490,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="model and cache dtype (default float32 on CPU, float16 on GPU); bfloat16 halves a CPU "
                          "eval's time where the CPU has bf16 instructions, and the fp16 baseline then holds 16 bits")
+    ev.add_argument("--share-prefill", action=argparse.BooleanOptionalAction, default=None,
+                    help="run each prompt through the model once and fill every method's cache from it (the same "
+                         "answers, bits and KL; one forward instead of one per method). Default: on unless the "
+                         "model's generation config asks for logits processors (e.g. repetition_penalty); "
+                         "--share-prefill requires it, --no-share-prefill prefills per method through generate()")
     ev.add_argument("--out", default="out/eval")
     ev.set_defaults(func=cmd_eval)
 

@@ -15,23 +15,74 @@ from ..cache import cache_kwargs
 
 
 @torch.no_grad()
+def prefill_logits(model, input_ids, attention_mask, cache, **inputs) -> torch.Tensor:
+    """Prefill the prompt into `cache`; the logits `[B, V]` (float32) at its last position.
+
+    `inputs` go to the prefill (pixel_values, image_grid_thw, mm_token_type_ids...). Position ids follow
+    `generate()`'s (padding-aware; M-RoPE models compute their own)."""
+    pos = prefill_position_ids(model, attention_mask)
+    extra = {} if pos is None else {"position_ids": pos}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True,
+                **inputs, **extra)
+    return out.logits[:, -1].float()
+
+
+def _step(model, cache, attention_mask, tokens):
+    """Feed one token per row `[B]` to a cache holding `attention_mask`'s tokens: (logits `[B, V]`, longer mask)."""
+    am = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+    out = model(input_ids=tokens.view(-1, 1), attention_mask=am, **cache_kwargs(cache), use_cache=True,
+                position_ids=decode_position_ids(model, am))
+    return out.logits[:, -1].float(), am
+
+
+@torch.no_grad()
+def forced_continuation(model, attention_mask, cache, continuation, first) -> torch.Tensor:
+    """Logits `[B, T, V]` (float32): `first` (the prompt's last logits), then those after feeding each of the T-1
+    first tokens of `continuation` `[B, T]` to `cache`, which already holds the prompt (mask `attention_mask`)."""
+    logits, am = [first], attention_mask
+    for t in range(continuation.shape[1] - 1):
+        lg, am = _step(model, cache, am, continuation[:, t])
+        logits.append(lg)
+    return torch.stack(logits, dim=1)
+
+
+@torch.no_grad()
 def teacher_forced_logits(model, input_ids, attention_mask, cache, continuation, **inputs):
-    """Logits `[B, T, V]` of prefill-last + each of the T-1 fed continuation tokens.
+    """Logits `[B, T, V]` (float32) of prefill-last + each of the T-1 fed continuation tokens.
 
     `inputs` go to the prefill only (pixel_values, image_grid_thw, mm_token_type_ids...). Position ids
     follow `generate()`'s (padding-aware; M-RoPE deltas for Qwen2-VL)."""
-    pos = prefill_position_ids(model, attention_mask)
-    extra = {} if pos is None or inputs else {"position_ids": pos}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True,
-                **inputs, **extra)
-    logits = [out.logits[:, -1]]
-    am = attention_mask
-    for t in range(continuation.shape[1] - 1):
-        am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-        out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, **cache_kwargs(cache), use_cache=True,
-                    position_ids=decode_position_ids(model, am))
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, dim=1).float()
+    first = prefill_logits(model, input_ids, attention_mask, cache, **inputs)
+    return forced_continuation(model, attention_mask, cache, continuation, first)
+
+
+@torch.no_grad()
+def greedy_continuation(model, attention_mask, cache, first, max_new_tokens: int, eos_token_id, pad_token_id: int,
+                        min_new_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding from a cache that already holds the prompt, whose last logits are `first` `[B, V]`.
+
+    Returns (new token ids `[B, N]` int64, the raw logits `[B, N, V]` float32 each came from), as
+    `model.generate(do_sample=False, max_new_tokens=..., min_new_tokens=..., output_logits=True)` gives them
+    with no other logits processor: the end-of-sequence ids are barred for the first `min_new_tokens` tokens,
+    a row that ended continues with `pad_token_id`, and decoding stops when every row has ended."""
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       dtype=torch.long, device=first.device)
+    B = first.shape[0]
+    running = torch.ones(B, dtype=torch.bool, device=first.device)
+    tokens, logits, lg, am = [], [], first, attention_mask
+    for n in range(max_new_tokens):
+        logits.append(lg)
+        scores = lg.clone()
+        if n < min_new_tokens and eos.numel():
+            scores[:, eos] = float("-inf")
+        nxt = scores.argmax(-1)
+        nxt = torch.where(running, nxt, torch.full_like(nxt, pad_token_id))
+        tokens.append(nxt)
+        running &= ~torch.isin(nxt, eos)
+        if not running.any() or n + 1 == max_new_tokens:
+            break
+        lg, am = _step(model, cache, am, nxt)
+    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import QuantizedKVCache, cache_kwargs
-from .fidelity import teacher_forced_logits
+from .fidelity import forced_continuation, greedy_continuation, prefill_logits, teacher_forced_logits
 from .milebench import Sample, load_task, score, score_strict
 
 
@@ -136,9 +136,28 @@ def _forced_from_greedy(new: torch.Tensor, logits: torch.Tensor, ref: torch.Tens
     return logits[:, :t]
 
 
+# generation settings whose logits processors `greedy_continuation` does not apply, with their no-op values
+_PROCESSORS = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+               "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+               "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+               "min_length": (None, 0), "min_new_tokens": (None, 0), "renormalize_logits": (None, False),
+               "remove_invalid_values": (None, False)}
+
+
+def _shared_prefill_blocker(model) -> str | None:
+    """Why greedy decoding from a shared prefill would not equal `generate()` for this model, or None."""
+    gc = getattr(model, "generation_config", None)
+    for k, ok in _PROCESSORS.items():
+        v = getattr(gc, k, None)
+        if not any(v is o or v == o for o in ok):
+            return f"its generation_config sets {k}={v!r}"
+    return None
+
+
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
-             log_dir=None, resume: bool = False) -> list[Row]:
+             log_dir=None, resume: bool = False, share_prefill: bool | None = None) -> list[Row]:
     """methods: names (`"rtn-2"`) or (label, Policy) pairs. `answers`, when given, receives one dict per
     (sample, method) of this process: sample_id, task, question, method, answer, truth, correct, bits.
     `fidelity=False` skips the teacher-forced passes (KL and top-1 are then NaN): about half the time.
@@ -148,10 +167,25 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
     a long run that was stopped goes on where it stopped. The records belong to one model and data set:
     start a fresh `log_dir` (or leave `resume` off, which truncates the file) when either changes.
 
+    `share_prefill`: run each prompt through the model once and fill every method's cache from it
+    (`QuantizedKVCache.prefill_from`): the same answers, bits and KL as a prefill per method (the prompt attends
+    to itself unquantized, so that forward does not depend on the cache), for one forward instead of one per
+    method; decoding then runs `greedy_continuation`. None: share unless the model's generation config asks
+    for logits processors that loop does not apply (then a prefill per method, through `generate()`); True:
+    raise ValueError in that case; False: never share.
+
     Under `accelerate launch` with N processes, the samples are split between processes (each runs every
     method on its share) and the per-sample records are gathered, so every process returns the same rows.
     """
     tok = getattr(proc, "tokenizer", proc)
+    if share_prefill not in (None, True, False):
+        raise ValueError(f"share_prefill must be None, True or False, got {share_prefill!r}")
+    blocker = _shared_prefill_blocker(model) if share_prefill is not False else None
+    if share_prefill and blocker:
+        raise ValueError(f"share_prefill needs plain greedy decoding, got a model whose {blocker}: "
+                         f"pass share_prefill=False (--no-share-prefill)")
+    shared = share_prefill is not False and blocker is None
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     samples = load_samples(data_root, tasks, limit)
     state = _distributed()
     order = list(range(len(samples)))
@@ -196,23 +230,42 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             continue
         inp = build_sample_inputs(proc, s)
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
+        am = inp["attention_mask"]
+        prompt = first = None
+        if shared:  # the one forward over the prompt every method's cache is filled from
+            prompt = QuantizedKVCache(model, "fp16", tokenizer=tok, record_prompt=True)
+            first = prefill_logits(model, inp["input_ids"], am, prompt, **extra)
+            prompt.close()
+
+        def filled(m):
+            cache = QuantizedKVCache(model, m, tokenizer=tok)
+            if prompt is not None:
+                cache.prefill_from(prompt)
+            return cache
+
+        def greedy(cache, **kw):
+            if prompt is None:
+                return _greedy(model, inp, cache, max_new_tokens, tok, **kw)
+            return greedy_continuation(model, am, cache, first, max_new_tokens, eos, tok.pad_token_id, **kw)
+
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
-            with QuantizedKVCache(model, "fp16", tokenizer=tok) as cache:
-                ref, lr = _greedy(model, inp, cache, max_new_tokens, tok, min_new_tokens=2)
+            with filled("fp16") as cache:
+                ref, lr = greedy(cache, min_new_tokens=2)
             lp = lr.log_softmax(-1)
         for label, m in entries:
             if old[label] is not None:
                 continue
-            with QuantizedKVCache(model, m, tokenizer=tok) as cache:
-                new, lg = _greedy(model, inp, cache, max_new_tokens, tok)
+            with filled(m) as cache:
+                new, lg = greedy(cache)
                 ans = tok.decode(new[0], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
             kl = top1 = float("nan")
             if fidelity:
                 lq = _forced_from_greedy(new, lg, ref)
                 if lq is None:  # the answer left fp16's path: teacher-force it
-                    with QuantizedKVCache(model, m, tokenizer=tok) as c1:
-                        lq = teacher_forced_logits(model, inp["input_ids"], inp["attention_mask"], c1, ref, **extra)
+                    with filled(m) as c1:
+                        lq = (forced_continuation(model, am, c1, ref, first) if prompt is not None else
+                              teacher_forced_logits(model, inp["input_ids"], am, c1, ref, **extra))
                 kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
             ok, strict = bool(score(ans, s)), bool(score_strict(ans, s))

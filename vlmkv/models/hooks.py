@@ -13,6 +13,7 @@ never identified by the name of the forward argument that carries it (`past_key_
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -124,6 +125,21 @@ def current_frame() -> Frame | None:
     """The innermost forward call of a hooked model running on this thread, or None."""
     s = _stack()
     return s[-1] if s else None
+
+
+@contextlib.contextmanager
+def pushed(frame: Frame | None):
+    """Make `frame` the current forward call for the block (e.g. to replay a recorded prompt); None: no change."""
+    if frame is None:
+        yield
+        return
+    s = _stack()
+    s.append(frame)
+    try:
+        yield
+    finally:
+        if s and s[-1] is frame:
+            s.pop()
 
 
 class ForwardRecorder:

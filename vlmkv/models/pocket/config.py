@@ -26,6 +26,9 @@ class TrainConfig:
     # long-clip curriculum after the three stages: "FRAMES:STEPS,..." in rising order, e.g. "16:60,32:80,64:120";
     # each level is a LoRA stage on clips of up to FRAMES frames (see train.py)
     curriculum: str = ""
+    # how often each task is drawn, for first questions and follow-ups alike: "TASK=WEIGHT,...", unnamed tasks
+    # weigh 1 (e.g. "Counting=3,WhichFrame=3" for the long-range tasks); "" draws them uniformly
+    mix: str = ""
 
     def __post_init__(self):
         for k in ("frames", "batch", "questions", "lora_r", "eval_clips"):
@@ -36,6 +39,7 @@ class TrainConfig:
                 raise ValueError(f"{k} must be a non-negative integer, got {getattr(self, k)!r}")
         check_tasks(self.tasks)
         curriculum_levels(self.curriculum, self.frames)
+        task_weights(self.mix, self.tasks)
 
 
 def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
@@ -50,3 +54,24 @@ def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
             raise ValueError(f"curriculum frame counts must rise above frames={base} and steps be positive, got {spec!r}")
         levels.append((f, n))
     return levels
+
+
+def task_weights(mix: str, tasks) -> list[float] | None:
+    """Weights aligned with `tasks` from "TASK=WEIGHT,..." (unnamed tasks weigh 1); None for "" (uniform draws)."""
+    if not mix.strip():
+        return None
+    named = {}
+    for item in filter(None, (x.strip() for x in mix.split(","))):
+        name, _, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if name.strip() not in tasks or not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"mix must be TASK=WEIGHT,... over the trained tasks {tuple(tasks)} with finite "
+                             f"weights >= 0, got {mix!r}")
+        named[name.strip()] = weight
+    weights = [named.get(t, 1.0) for t in tasks]
+    if not any(weights):
+        raise ValueError(f"mix must leave some task a positive weight, got {mix!r}")
+    return weights

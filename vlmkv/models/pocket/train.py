@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ...eval.milebench import Sample, score
 from ...eval.synthetic import ANSWER_HINT, COLOURS, INSTRUCTION, SHAPES, TASKS, make_question, context, draw, sample_clip
-from .config import TrainConfig, curriculum_levels
+from .config import TrainConfig, curriculum_levels, task_weights
 from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, load_vision, part, trained_state
 
 EVAL_SEED = 1_000_003
@@ -100,16 +100,25 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
     """
     tok = proc.tokenizer
     texts, images, recs = [], [], []
+    weights = task_weights(cfg.mix, cfg.tasks)
+    # StateChange is balanced only when the clip is drawn for it, so it is never a follow-up
+    others = [(x, w) for x, w in zip(cfg.tasks, weights or [1.0] * len(cfg.tasks)) if x != "StateChange"]
+    if weights is not None and others and not any(w for _, w in others):
+        others = []  # only StateChange has weight: no follow-ups, as with tasks=("StateChange",)
+
+    def draw_task(pool):  # uniform draws keep the rng stream of runs made before `mix` existed
+        if weights is None:
+            return rng.choice([x for x, _ in pool])
+        return rng.choices([x for x, _ in pool], [w for _, w in pool])[0]
+
     for _ in range(cfg.batch):
-        t = task or rng.choice(cfg.tasks)
+        t = task or draw_task(list(zip(cfg.tasks, weights or [1.0] * len(cfg.tasks))))
         clip, q, choices, ans = sample_clip(rng, t, cfg.frames)
         msgs = messages(clip, q, choices)
         if with_answer:
             msgs.append({"role": "assistant", "content": ans})
-            # StateChange is balanced only when the clip is drawn for it, so it is never a follow-up
-            others = [x for x in cfg.tasks if x != "StateChange"]
             for _ in range(cfg.questions - 1 if others else 0):
-                fq, fc, fa = make_question(rng.choice(others), clip, rng)
+                fq, fc, fa = make_question(draw_task(others), clip, rng)
                 msgs += [_follow_up(fq, fc), {"role": "assistant", "content": fa}]
         texts.append(proc.apply_chat_template(msgs, add_generation_prompt=not with_answer))
         if not as_words:

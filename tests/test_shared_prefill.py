@@ -1,0 +1,160 @@
+"""One forward over a prompt, many caches filled from it (`QuantizedKVCache.prefill_from`), and greedy decoding
+from a filled cache (`greedy_continuation`): both must equal running the prompt through each cache and `generate()`."""
+import json
+
+import pytest
+import torch
+from test_cache import POLICY_CASES
+
+from vlmkv import QuantizedKVCache, get_policy
+from vlmkv.eval.fidelity import forced_continuation, greedy_continuation, prefill_logits, teacher_forced_logits
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+
+
+def _filled_pair(model, inputs, policy):
+    """(cache prefilled through the model, its last logits), (cache filled from a recording, the recording's logits)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    direct = QuantizedKVCache(model, policy)
+    a = prefill_logits(model, ids, mask, direct, **extra)
+    rec = QuantizedKVCache(model, "fp16", record_prompt=True)
+    first = prefill_logits(model, ids, mask, rec, **extra)
+    rec.close()
+    shared = QuantizedKVCache(model, policy)
+    shared.prefill_from(rec)
+    return (direct, a), (shared, first), rec
+
+
+# the tiny LLaVA's head dim is 16: 2-bit groups of 16 cost 4.5 bits with their slot map, so budgets sit above it
+CASES = [(n, {**o, **{"windowquant": {"budget": 6.0}, "auto": {"bits": 6.0}}.get(n, {})}) for n, o in POLICY_CASES]
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=lambda v: str(v))
+@torch.no_grad()
+def test_prefill_from_equals_a_prefill_through_the_model(family, name, opts):
+    """Every registered policy, on a padded two-image batch of a tiny LLaVA: the same plan, bytes and decode logits."""
+    model, inputs, *_ = family("llava")
+    pol = get_policy(name, **opts)
+    (direct, a), (shared, first), _ = _filled_pair(model, inputs, pol)
+    _close(first, a)
+    assert direct.plans.keys() == shared.plans.keys()
+    for i, p in direct.plans.items():
+        assert torch.equal(p["bits"], shared.plans[i]["bits"]) and p["residual"] == shared.plans[i]["residual"]
+    assert direct.nbytes() == shared.nbytes() and direct.get_seq_length() == shared.get_seq_length()
+    cont = torch.randint(3, 280, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = inputs["attention_mask"]
+    _close(forced_continuation(model, mask, shared, cont, first), forced_continuation(model, mask, direct, cont, a))
+    assert direct.nbytes() == shared.nbytes()
+    direct.close()
+    shared.close()
+
+
+@pytest.mark.parametrize("fam", ["llava", "qwen2_vl", "idefics3", "smolvlm", "llava_onevision"])
+@torch.no_grad()
+def test_greedy_from_a_shared_prefill_equals_generate(family, fam):
+    """Every VLM family (M-RoPE included), a vision-aware policy that reads labels and activations: the filled cache
+    decodes greedily to `generate()`'s tokens and logits, and keeps the labels (visual tokens at 2 bits)."""
+    from vlmkv.cache import cache_kwargs
+
+    model, inputs, types, _ = family(fam)
+    pol = get_policy("akvq-vl", recent=2, num_pivots=1, group_size=16)
+    with QuantizedKVCache(model, pol) as c:
+        out = model.generate(**inputs, **cache_kwargs(c), max_new_tokens=5, min_new_tokens=3, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        ref_new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        ref_lg = torch.stack(out.logits, dim=1).float()
+        ref_bits = {i: p["bits"] for i, p in c.plans.items()}
+    (_, _), (shared, first), _ = _filled_pair(model, inputs, pol)
+    new, lg = greedy_continuation(model, inputs["attention_mask"], shared, first, 5,
+                                  model.generation_config.eos_token_id, 0, min_new_tokens=3)
+    assert torch.equal(new, ref_new)
+    _close(lg, ref_lg)
+    for i, b in ref_bits.items():
+        assert torch.equal(shared.plans[i]["bits"], b)
+    vis = types == 1  # the labels reached the replayed plan: visual tokens out of the recent window at 2 bits
+    assert (shared.plans[0]["bits"][vis] <= 4).all() and (shared.plans[0]["bits"][vis] == 2).any()
+    shared.close()
+
+
+@torch.no_grad()
+def test_greedy_continuation_stops_and_pads_as_generate(tiny_llama, padded_batch):
+    """End-of-sequence rules: barred for min_new_tokens, a finished row continues with padding, all done stops."""
+    ids, mask = padded_batch
+    with QuantizedKVCache(tiny_llama, "fp16") as c:
+        first = prefill_logits(tiny_llama, ids, mask, c)
+        eos = int(first[0].argmax())  # row 0 would end at once
+        new, lg = greedy_continuation(tiny_llama, mask, c, first, 4, [eos], pad_token_id=7)
+    assert new[0, 0] == eos and (new.shape[1] == 1 or (new[0, 1:] == 7).all())
+    with QuantizedKVCache(tiny_llama, "fp16") as c:
+        first = prefill_logits(tiny_llama, ids, mask, c)
+        new2, _ = greedy_continuation(tiny_llama, mask, c, first, 4, [eos], pad_token_id=7, min_new_tokens=2)
+    assert new2[0, 0] != eos and new2.shape == (2, 4)
+    with QuantizedKVCache(tiny_llama, "fp16") as c:
+        ref = tiny_llama.generate(input_ids=ids, attention_mask=mask, past_key_values=c, max_new_tokens=4,
+                                  min_new_tokens=2, do_sample=False, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(new2, ref[:, ids.shape[1]:])
+
+
+@torch.no_grad()
+def test_prefill_from_refuses_what_it_cannot_replay(tiny_llama, padded_batch, family):
+    ids, mask = padded_batch
+    plain = QuantizedKVCache(tiny_llama, "fp16")
+    prefill_logits(tiny_llama, ids, mask, plain)
+    with pytest.raises(ValueError, match="record_prompt=True"):
+        QuantizedKVCache(tiny_llama, "rtn-4").prefill_from(plain)  # it kept nothing to replay
+    with pytest.raises(ValueError, match="record_prompt=True"):
+        QuantizedKVCache(tiny_llama, "rtn-4").prefill_from(QuantizedKVCache(tiny_llama, "fp16", record_prompt=True))
+    rec = QuantizedKVCache(tiny_llama, "fp16", record_prompt=True)
+    prefill_logits(tiny_llama, ids, mask, rec)
+    with pytest.raises(ValueError, match="empty cache"):
+        plain.prefill_from(rec)
+    other, *_ = family("llava")
+    with pytest.raises(ValueError, match="another model"):
+        QuantizedKVCache(other, "rtn-4").prefill_from(rec)
+    with pytest.raises(ValueError, match="record_prompt must be a bool"):
+        QuantizedKVCache(tiny_llama, "fp16", record_prompt=1)
+
+
+def test_eval_shares_the_prefill_with_the_same_results(local_llava, tmp_path):
+    """`evaluate` with one forward per sample gives the answers, bits and KL of a prefill per method."""
+    from vlmkv.cli import main
+    from vlmkv.eval.runner import evaluate
+    from vlmkv.models.loading import load_model
+
+    d, _ = local_llava
+    model, proc = load_model(str(d))
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "WhichFrame,Counting", "--samples", "2", "--frames", "4"])
+    methods = ["fp16", "rtn-2", ("akvq", get_policy("akvq-vl", recent=2, num_pivots=1, group_size=32)),
+               ("auto", get_policy("auto", bits=5.0))]
+    runs = {}
+    for share in (False, True):
+        answers = []
+        rows = evaluate(model, proc, tmp_path / "data", ["WhichFrame", "Counting"], methods, max_new_tokens=4,
+                        answers=answers, share_prefill=share)
+        runs[share] = (rows, answers)
+    (r0, a0), (r1, a1) = runs[False], runs[True]
+    assert [(a["method"], a["answer"], a["bits"]) for a in a0] == [(a["method"], a["answer"], a["bits"]) for a in a1]
+    for x, y in zip(r0, r1):
+        assert (x.method, x.task, x.accuracy, x.bits_per_element) == (y.method, y.task, y.accuracy, y.bits_per_element)
+        assert x.kl == pytest.approx(y.kl, abs=1e-5) and x.top1 == y.top1
+
+
+def test_eval_refuses_to_share_where_generate_would_differ(local_llava, tmp_path):
+    from vlmkv.cli import main
+    from vlmkv.eval.runner import evaluate
+    from vlmkv.models.loading import load_model
+
+    d, _ = local_llava
+    model, proc = load_model(str(d))
+    model.generation_config.repetition_penalty = 1.3
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "Counting", "--samples", "1", "--frames", "4"])
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        evaluate(model, proc, tmp_path / "data", ["Counting"], ["fp16"], max_new_tokens=2, share_prefill=True)
+    with pytest.raises(ValueError, match="share_prefill must be"):
+        evaluate(model, proc, tmp_path / "data", ["Counting"], ["fp16"], max_new_tokens=2, share_prefill="yes")
+    # by default it falls back to a prefill per method through generate(), which applies the penalty
+    rows = evaluate(model, proc, tmp_path / "data", ["Counting"], ["fp16"], max_new_tokens=2)
+    assert rows and rows[0].n == 1
