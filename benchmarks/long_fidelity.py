@@ -80,17 +80,19 @@ def entries(args) -> list[tuple[str, object]]:
     return [(m, vlmkv.get_policy(e) if isinstance(e, str) else e[1]) for m in args.methods.split(",") for e in [_method_entry(m)]]
 
 
+def _context_points(rows: list[dict], n: int) -> dict:
+    """label -> (bits from bytes, KL, top-1) of context `n`."""
+    return {r["method"]: (r["bits_per_element"], r["kl"], r["top1"]) for r in rows if r["context"] == n}
+
+
 def fewest_bits(rows: list[dict], max_kl: float = 0.05) -> str:
     """Per context and method family, the fewest bits per element (from bytes) of a point with mean KL <= max_kl."""
-    from vlmkv.eval.presets import _family
+    from vlmkv.eval.presets import fewest_per_family
 
     lines = [f"| context | method | fewest bits with KL <= {max_kl} | at | KL | top-1 |", "|---:|---|---:|---|---:|---:|"]
     for n in dict.fromkeys(r["context"] for r in rows):
-        rs = [r for r in rows if r["context"] == n and r["method"] != "FP16"]
-        for fam in dict.fromkeys(_family(r["method"]) for r in rs):
-            ok = sorted((r["bits_per_element"], r["method"], r["kl"], r["top1"]) for r in rs
-                        if _family(r["method"]) == fam and r["kl"] <= max_kl)
-            lines.append(f"| {n} | {fam} | {ok[0][0]:.2f} | {ok[0][1]} | {ok[0][2]:.4f} | {ok[0][3]:.3f} |" if ok
+        for fam, best in fewest_per_family(_context_points(rows, n), lambda p: p[2] <= max_kl).items():
+            lines.append(f"| {n} | {fam} | {best[0]:.2f} | {best[1]} | {best[2]:.4f} | {best[3]:.3f} |" if best
                          else f"| {n} | {fam} | - | none of its points | | |")
     return "\n".join(lines)
 
@@ -102,19 +104,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlmkv.eval.presets import _family
+    from vlmkv.eval.presets import draw_families
 
     ctxs = list(dict.fromkeys(r["context"] for r in rows))
     fig, axes = plt.subplots(len(ctxs), 2, figsize=(10, 3.6 * len(ctxs)), squeeze=False)
     for (ax1, ax2), n in zip(axes, ctxs):
-        rs = [r for r in rows if r["context"] == n and r["method"] != "FP16"]
-        for fam in dict.fromkeys(_family(r["method"]) for r in rs):
-            xs = sorted((r["bits_per_element"], r["kl"], r["top1"]) for r in rs if _family(r["method"]) == fam)
-            ax1.plot([x[0] for x in xs], [x[1] for x in xs], marker="o", label=fam)
-            ax2.plot([x[0] for x in xs], [x[2] for x in xs], marker="o", label=fam)
+        pts = _context_points(rows, n)
+        draw_families(ax1, pts, 0)
+        draw_families(ax2, pts, 1)
         ax2.axhline(1.0, color="k", linestyle="--", label="FP16")
-        for ax in (ax1, ax2):
-            ax.set_xscale("log", base=2)
         ax1.set_yscale("symlog", linthresh=1e-3)
         ax1.set_ylim(bottom=0)  # KL is never negative
         ax1.set(xlabel="bits per element (from bytes)", ylabel="next-token KL vs full precision", title=f"{n} tokens")

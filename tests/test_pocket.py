@@ -139,6 +139,30 @@ def test_curriculum_levels_and_batches():
         == [(16, 4, ""), (64, 1, ""), (128, 1, "")]
 
 
+def test_task_mix_weights_the_draws(pocket):
+    """`mix` draws named tasks more often, for first questions and follow-ups; bad weights are refused."""
+    import random
+    from collections import Counter
+
+    from vlmkv.models.pocket.config import TrainConfig, task_weights
+    from vlmkv.models.pocket.train import make_batch
+
+    tasks = ("ObjectExistence", "FrameColour", "WhichFrame", "Counting")
+    assert task_weights("", tasks) is None
+    assert task_weights("Counting=3, WhichFrame=0.5", tasks) == [1.0, 1.0, 0.5, 3.0]
+    for bad in ("Counting", "Counting=-1", "Counting=inf", "StateChange=2", "Counting=x",
+                "ObjectExistence=0,FrameColour=0,WhichFrame=0,Counting=0"):
+        with pytest.raises(ValueError, match="mix must"):
+            TrainConfig(tasks=tasks, mix=bad)
+    _, proc = pocket
+    cfg = TrainConfig(tasks=tasks, mix="Counting=6,ObjectExistence=0", batch=40, questions=3, frames=4)
+    _, _, recs = make_batch(proc, random.Random(0), cfg, as_words=True)
+    first = Counter(t for t, *_ in recs)
+    assert first["ObjectExistence"] == 0 and first["Counting"] > 40 * 0.5, first
+    text = proc.tokenizer.decode(make_batch(proc, random.Random(1), cfg, as_words=True)[0]["input_ids"].flatten())
+    assert text.count("How many frames show") > text.count("In which frame") + text.count("What colour") + text.count("appear in any frame")
+
+
 @pytest.mark.slow
 def test_train_demo_end_to_end_and_resume(tmp_path):
     from safetensors.torch import load_file

@@ -145,6 +145,28 @@ def _points(rows) -> dict:
     return out
 
 
+def by_family(points: dict) -> dict[str, list[tuple]]:
+    """{label: (bits, *metrics)} -> {family: [(bits, label, *metrics), ...] by rising bits}, FP16 left out: the
+    points of each method's Pareto line (shared by `vlmkv eval --pareto` and benchmarks/long_fidelity.py)."""
+    fams: dict[str, list[tuple]] = {}
+    for label, (bits, *metrics) in points.items():
+        if label != "FP16":
+            fams.setdefault(_family(label), []).append((bits, label, *metrics))
+    return {f: sorted(v) for f, v in fams.items()}
+
+
+def fewest_per_family(points: dict, ok) -> dict[str, tuple | None]:
+    """Per family, its point with the fewest bits among those `ok((bits, label, *metrics))` accepts, or None."""
+    return {f: next((p for p in pts if ok(p)), None) for f, pts in by_family(points).items()}
+
+
+def draw_families(ax, points: dict, metric: int) -> None:
+    """One line per family on `ax`: bits (log2 axis) against metric number `metric` of the points' tuples."""
+    for fam, pts in by_family(points).items():
+        ax.plot([p[0] for p in pts], [p[2 + metric] for p in pts], marker="o", label=fam)
+    ax.set_xscale("log", base=2)
+
+
 def fewest_bits_markdown(rows, keep: float = 0.99) -> str:
     """Per method family, the fewest bits per element (from bytes) of a point that keeps `keep` of FP16's mean
     accuracy, with that point; '-' where none does."""
@@ -152,13 +174,9 @@ def fewest_bits_markdown(rows, keep: float = 0.99) -> str:
     ref = pts.get("FP16", (None, float("nan"), 0.0))[1]
     lines = [f"| method | fewest bits keeping {100 * keep:.0f}% of FP16 accuracy | at | accuracy | KL vs FP16 |",
              "|---|---:|---|---:|---:|"]
-    for fam in dict.fromkeys(_family(m) for m in pts if m != "FP16"):
-        ok = [(b, m, a, k) for m, (b, a, k) in pts.items() if m != "FP16" and _family(m) == fam and a >= keep * ref]
-        if ok:
-            b, m, a, k = min(ok)
-            lines.append(f"| {fam} | {b:.2f} | {m} | {a:.3f} | {k:.4f} |")
-        else:
-            lines.append(f"| {fam} | - | none of its points | | |")
+    for fam, best in fewest_per_family(pts, lambda p: p[2] >= keep * ref).items():
+        lines.append(f"| {fam} | {best[0]:.2f} | {best[1]} | {best[2]:.3f} | {best[3]:.4f} |" if best
+                     else f"| {fam} | - | none of its points | | |")
     lines.append(f"\nFP16: mean accuracy {ref:.3f} ({sum(r.n for r in rows if r.method == 'FP16')} answers).")
     return "\n".join(lines)
 
@@ -174,14 +192,10 @@ def plot_pareto(rows, out_path, title: str = "") -> None:
         raise ImportError("Pareto plots need matplotlib: pip install 'vlmkv[plot]'") from e
     pts = _points(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for fam in dict.fromkeys(_family(m) for m in pts if m != "FP16"):
-        xs = sorted((b, a, k) for m, (b, a, k) in pts.items() if m != "FP16" and _family(m) == fam)
-        ax1.plot([x[0] for x in xs], [x[1] for x in xs], marker="o", label=fam)
-        ax2.plot([x[0] for x in xs], [x[2] for x in xs], marker="o", label=fam)
+    draw_families(ax1, pts, 0)
+    draw_families(ax2, pts, 1)
     if "FP16" in pts:
         ax1.axhline(pts["FP16"][1], color="k", linestyle="--", label="FP16")
-    ax1.set_xscale("log", base=2)
-    ax2.set_xscale("log", base=2)
     ax2.set_yscale("symlog", linthresh=1e-3)
     ax2.set_ylim(bottom=0)  # KL is never negative
     ax1.set(xlabel="bits per element (from bytes)", ylabel="mean accuracy", title=title)
