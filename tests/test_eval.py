@@ -297,3 +297,30 @@ def test_pareto_families_of_method_labels():
 
     assert _family("kivi-2 r32") == "kivi" and _family("auto bits=2.5") == "auto"
     assert _family("auto:bits=3.0") == "auto" and _family("akvq-vl:recent=0") == "akvq-vl" and _family("fp16") == "fp16"
+    # Table II's labels and bits shorthand join the same lines as the sweep's points
+    assert [_family(x) for x in ("RTN (INT4)", "rtn-2", "rtn-4:group_size=32", "SmoothQuant", "AKVQ-VL", "FP16")] \
+        == ["rtn", "rtn", "rtn", "smoothquant", "akvq-vl", "fp16"]
+
+
+def test_pareto_from_finished_runs(tmp_path):
+    """benchmarks/pareto_from_results.py: a Table II run's labels (FP16 upper-case or not) give the plot and table."""
+    import importlib.util
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from vlmkv.eval.runner import Row
+
+    spec = importlib.util.spec_from_file_location("pfr", Path(__file__).parents[1] / "benchmarks" / "pareto_from_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [Row("fp16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0), Row("RTN (INT4)", "T", 4, 0.5, 4.8, 1.0, 0.01, 1.0),
+            Row("rtn-2", "T", 4, 0.25, 2.6, 1.0, 1.0, 0.5), Row("auto:bits=3.0", "T", 4, 0.25, 3.0, 1.0, 0.1, 0.9)]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(json.dumps([asdict(r) for r in rows]))
+    assert mod.main([str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "fewest_bits.md").read_text()
+    assert "| rtn | 4.80 | RTN (INT4) |" in md and "| auto | - |" in md and "FP16: mean accuracy 0.500 (4 answers)" in md
+    assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no results.json"):
+        mod.main([str(tmp_path / "nothing")])

@@ -9,6 +9,8 @@ All methods use group 128, or the head dimension when that is smaller.
 """
 from __future__ import annotations
 
+import re
+
 from ..policies import get_policy
 
 TABLE2 = [("FP16", "fp16"), ("RTN (INT4)", "rtn-4"), ("RTN (INT2)", "rtn-2"), ("SmoothQuant", "smoothquant-2"),
@@ -131,7 +133,19 @@ def pareto_methods(families: list[str] | None = None) -> list[tuple[str, object]
 
 
 def _family(label: str) -> str:
-    return next((f for f, lab, *_ in PARETO if lab == label), label.split()[0].split(":")[0])  # "auto:bits=3.0": auto
+    """The method a result label belongs to (one Pareto line each): a PARETO point's family, else the policy name of
+    a Table II label or of the label itself, lower-case, less options and bits shorthand ("RTN (INT4)", "rtn-2",
+    "rtn-4:group_size=32": rtn; "auto:bits=3.0": auto; "FP16": fp16)."""
+    hit = next((f for f, lab, *_ in PARETO if lab == label), None)
+    if hit is not None:
+        return hit
+    name = dict(TABLE2).get(label, label).split()[0].split(":")[0].lower()
+    return re.sub(r"-\d+$", "", name)
+
+
+def _reference(points: dict):
+    """The FP16 point of {label: (bits, *metrics)} (the first whose family is fp16), or None."""
+    return next((p for label, p in points.items() if _family(label) == "fp16"), None)
 
 
 def _points(rows) -> dict:
@@ -150,7 +164,7 @@ def by_family(points: dict) -> dict[str, list[tuple]]:
     points of each method's Pareto line (shared by `vlmkv eval --pareto` and benchmarks/long_fidelity.py)."""
     fams: dict[str, list[tuple]] = {}
     for label, (bits, *metrics) in points.items():
-        if label != "FP16":
+        if _family(label) != "fp16":
             fams.setdefault(_family(label), []).append((bits, label, *metrics))
     return {f: sorted(v) for f, v in fams.items()}
 
@@ -171,13 +185,13 @@ def fewest_bits_markdown(rows, keep: float = 0.99) -> str:
     """Per method family, the fewest bits per element (from bytes) of a point that keeps `keep` of FP16's mean
     accuracy, with that point; '-' where none does."""
     pts = _points(rows)
-    ref = pts.get("FP16", (None, float("nan"), 0.0))[1]
+    ref = (_reference(pts) or (None, float("nan"), 0.0))[1]
     lines = [f"| method | fewest bits keeping {100 * keep:.0f}% of FP16 accuracy | at | accuracy | KL vs FP16 |",
              "|---|---:|---|---:|---:|"]
     for fam, best in fewest_per_family(pts, lambda p: p[2] >= keep * ref).items():
         lines.append(f"| {fam} | {best[0]:.2f} | {best[1]} | {best[2]:.3f} | {best[3]:.4f} |" if best
                      else f"| {fam} | - | none of its points | | |")
-    lines.append(f"\nFP16: mean accuracy {ref:.3f} ({sum(r.n for r in rows if r.method == 'FP16')} answers).")
+    lines.append(f"\nFP16: mean accuracy {ref:.3f} ({sum(r.n for r in rows if _family(r.method) == 'fp16')} answers).")
     return "\n".join(lines)
 
 
@@ -194,8 +208,8 @@ def plot_pareto(rows, out_path, title: str = "") -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     draw_families(ax1, pts, 0)
     draw_families(ax2, pts, 1)
-    if "FP16" in pts:
-        ax1.axhline(pts["FP16"][1], color="k", linestyle="--", label="FP16")
+    if _reference(pts) is not None:
+        ax1.axhline(_reference(pts)[1], color="k", linestyle="--", label="FP16")
     ax2.set_yscale("symlog", linthresh=1e-3)
     ax2.set_ylim(bottom=0)  # KL is never negative
     ax1.set(xlabel="bits per element (from bytes)", ylabel="mean accuracy", title=title)
