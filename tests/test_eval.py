@@ -80,8 +80,6 @@ def test_eval_in_bfloat16_holds_a_16_bit_baseline(local_llava, tmp_path, capsys)
 
 def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch):  # noqa: F811
     """Each (sample, method) result lands in records.jsonl at once; --resume reruns only what is missing."""
-    import transformers
-
     d, _ = local_llava
     data, out = tmp_path / "data", tmp_path / "out"
     main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "3", "--frames", "4"])
@@ -93,8 +91,11 @@ def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch)
     # a run stopped mid-way: the last record lost, the one before cut short
     (out / "records.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
     calls = []
-    real = transformers.GenerationMixin.generate
-    monkeypatch.setattr(transformers.GenerationMixin, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from vlmkv.eval import runner
+
+    for name in ("_greedy", "greedy_continuation"):  # a method's answer, with or without the shared prefill
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     assert main(common + ["--methods", "fp16,rtn-2", "--resume"]) == 0
     assert len(calls) == 2 and json.loads((out / "results.json").read_text()) == first
     assert len((out / "records.jsonl").read_text().splitlines()) == 7  # 4 kept, the cut line, 2 new

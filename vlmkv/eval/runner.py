@@ -240,7 +240,11 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         def filled(m):
             cache = QuantizedKVCache(model, m, tokenizer=tok)
             if prompt is not None:
-                cache.prefill_from(prompt)
+                try:
+                    cache.prefill_from(prompt)
+                except Exception:
+                    cache.close()  # its hooks leave the model now, not at garbage collection
+                    raise
             return cache
 
         def greedy(cache, **kw):
