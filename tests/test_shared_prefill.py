@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from test_cache import POLICY_CASES
+from test_pocket import _transformers_before
 
 from vlmkv import QuantizedKVCache, get_policy
 from vlmkv.eval.fidelity import forced_continuation, greedy_continuation, prefill_logits, teacher_forced_logits
@@ -71,6 +72,11 @@ def test_greedy_from_a_shared_prefill_equals_generate(family, fam):
     new, lg = greedy_continuation(model, inputs["attention_mask"], shared, first, 5,
                                   model.generation_config.eos_token_id, 0, min_new_tokens=3)
     assert torch.equal(new, ref_new)
+    if fam == "qwen2_vl" and _transformers_before(5, 1):
+        # transformers 5.0's generate() places a left-padded row's M-RoPE decode positions its own way (later
+        # releases agree with our hand-written steps, models/positions.py); the unpadded row 0 must still match,
+        # and vlmkv eval's prompts are single unpadded rows
+        lg, ref_lg = lg[:1], ref_lg[:1]
     _close(lg, ref_lg)
     for i, b in ref_bits.items():
         assert torch.equal(shared.plans[i]["bits"], b)
