@@ -117,6 +117,11 @@ def test_prefill_from_refuses_what_it_cannot_replay(tiny_llama, padded_batch, fa
     prefill_logits(tiny_llama, ids, mask, rec)
     with pytest.raises(ValueError, match="empty cache"):
         plain.prefill_from(rec)
+    chunked = QuantizedKVCache(tiny_llama, "fp16", record_prompt=True)
+    prefill_logits(tiny_llama, ids[:, :4], mask[:, :4], chunked)
+    tiny_llama(input_ids=ids[:, 4:], attention_mask=mask, past_key_values=chunked)  # the rest in a second call
+    with pytest.raises(ValueError, match="single forward call"):
+        QuantizedKVCache(tiny_llama, "rtn-4").prefill_from(chunked)
     other, *_ = family("llava")
     with pytest.raises(ValueError, match="another model"):
         QuantizedKVCache(other, "rtn-4").prefill_from(rec)

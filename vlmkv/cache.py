@@ -481,6 +481,10 @@ class QuantizedKVCache(Cache):
             raise ValueError("recorded must come from the model this cache was built for, got a cache of another model")
         if self.get_seq_length() != 0:
             raise ValueError(f"prefill_from needs an empty cache, got one holding {self.get_seq_length()} tokens")
+        prompt = recorded.layers[0].recorded[0].shape[-2]
+        if recorded.get_seq_length() != prompt:  # a chunked prefill or decoded tokens: only the first call was kept
+            raise ValueError(f"recorded must hold exactly the one prompt it recorded ({prompt} tokens), got a cache "
+                             f"holding {recorded.get_seq_length()}: record the prompt in a single forward call")
         frame = recorded.layers[0].recorded[2]
         # the recorded call's inputs and statistics, with labels computed afresh by this cache's own labeller
         replay = Frame(frame.model, frame.inputs, frame.stats) if frame is not None else None
