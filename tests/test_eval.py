@@ -104,6 +104,23 @@ def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch)
     assert len(calls) == 6 and len((out / "records.jsonl").read_text().splitlines()) == 6
 
 
+def test_resumed_processes_split_what_is_left_evenly():
+    """Under N processes each sample runs once; on resume the unanswered ones are dealt out evenly, even when one
+    process's former share is all that is left."""
+    from types import SimpleNamespace
+
+    from vlmkv.eval.runner import _share
+
+    samples = [SimpleNamespace(task="T", sample_id=str(k)) for k in range(10)]
+    done = {("T", str(k), m): {} for k in range(5) for m in ("a", "b")}  # the first half fully answered
+    done[("T", "7", "a")] = {}  # one method of sample 7 only: it still runs
+    shares = [_share(samples, ["a", "b"], done, k, 2) for k in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(10))
+    left = {5, 6, 7, 8, 9}
+    assert [len(set(x) & left) for x in shares] == [3, 2]
+    assert _share(samples, ["a"], {}, 0, 1) == list(range(10))
+
+
 def test_eval_writes_held_out_clips_when_no_data_is_given(local_llava, tmp_path, capsys):  # noqa: F811
     d, _ = local_llava
     assert main(["eval", "--model", str(d), "--methods", "fp16", "--tasks", "WhichFrame", "--limit", "1",

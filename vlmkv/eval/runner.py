@@ -155,6 +155,14 @@ def _shared_prefill_blocker(model) -> str | None:
     return None
 
 
+def _share(samples: list, labels: list[str], done: dict, index: int, count: int) -> list[int]:
+    """The sample indices process `index` of `count` runs: those still to answer first, dealt out in turn, so that a
+    resumed run splits what is left evenly whichever process answered the rest before (those are only rescored)."""
+    left = [i for i, s in enumerate(samples) if any((s.task, s.sample_id, label) not in done for label in labels)]
+    answered = sorted(set(range(len(samples))) - set(left))
+    return (left + answered)[index::count]
+
+
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
              log_dir=None, resume: bool = False, share_prefill: bool | None = None) -> list[Row]:
@@ -188,10 +196,6 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     samples = load_samples(data_root, tasks, limit)
     state = _distributed()
-    order = list(range(len(samples)))
-    if state is not None:
-        with state.split_between_processes(order) as mine:
-            order = list(mine)
     records = []
     entries = [(e, e) if isinstance(e, str) else e for e in methods]
     done, log, lock = {}, None, None
@@ -211,11 +215,15 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         if state is not None:
             state.wait_for_everyone()
         done = _load_records(log_dir) if resume else {}
+        if state is not None:  # every process has read the same records before any writes a new one
+            state.wait_for_everyone()
         path = Path(log_dir) / f"records{rank}.jsonl"
         cut = resume and path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         log = open(path, "a" if resume else "w")
         if cut:  # the last line of a killed run was cut short: start on a line of our own
             log.write("\n")
+    order = list(range(len(samples))) if state is None else \
+        _share(samples, [label for label, _ in entries], done, state.process_index, state.num_processes)
     for i in tqdm(order, desc="samples", disable=state is not None and not state.is_main_process):
         s = samples[i]
         old = {label: done.get((s.task, s.sample_id, label)) for label, _ in entries}
