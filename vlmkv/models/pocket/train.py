@@ -101,8 +101,9 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
     tok = proc.tokenizer
     texts, images, recs = [], [], []
     weights = task_weights(cfg.mix, cfg.tasks)
+    tasks = list(zip(cfg.tasks, weights or [1.0] * len(cfg.tasks)))
     # StateChange is balanced only when the clip is drawn for it, so it is never a follow-up
-    others = [(x, w) for x, w in zip(cfg.tasks, weights or [1.0] * len(cfg.tasks)) if x != "StateChange"]
+    others = [(x, w) for x, w in tasks if x != "StateChange"]
     if weights is not None and others and not any(w for _, w in others):
         others = []  # only StateChange has weight: no follow-ups, as with tasks=("StateChange",)
 
@@ -112,7 +113,7 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
         return rng.choices([x for x, _ in pool], [w for _, w in pool])[0]
 
     for _ in range(cfg.batch):
-        t = task or draw_task(list(zip(cfg.tasks, weights or [1.0] * len(cfg.tasks))))
+        t = task or draw_task(tasks)
         clip, q, choices, ans = sample_clip(rng, t, cfg.frames)
         msgs = messages(clip, q, choices)
         if with_answer:
