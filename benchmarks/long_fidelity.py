@@ -11,7 +11,8 @@ within a KL of 0.05 of full precision (`.md`).
 Text: the license texts Debian ships in /usr/share/common-licenses (GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3, ...),
 concatenated: real prose available offline (`--text FILE` to use another). For context N the first N tokens are the
 prompt and the next `--steps` tokens of the same text are fed one at a time (teacher forcing), so every method sees
-identical inputs; KL(p_full || p_method) and top-1 agreement are averaged over those steps. Bits per element come
+identical inputs (the prompt is run through the model once and every cache, the full-precision reference included, is
+filled from that forward, as `vlmkv eval` does; `--per-method-prefill` runs it once per method); KL(p_full || p_method) and top-1 agreement are averaged over those steps. Bits per element come
 from `cache.nbytes()` after the last step (codes, scales, zero points, buffers, slot maps).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
 from vlmkv.cli import _feasible, _method_entry  # noqa: E402
-from vlmkv.eval.fidelity import teacher_forced_logits  # noqa: E402
+from vlmkv.eval.fidelity import forced_continuation, prefill_logits, teacher_forced_logits  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
 METHODS = "rtn-4,rtn-2,kivi-4,kivi-2,smoothquant-2,skvq,akvq-vl,windowquant"
@@ -45,6 +46,15 @@ def corpus(path: str | None) -> str:
     return "\n\n".join(parts)
 
 
+def recorded_dynamic_cache(model, rec) -> DynamicCache:
+    """A DynamicCache holding the prompt `rec` (a `record_prompt=True` cache) recorded: what prefilling a
+    DynamicCache through the model stores (the raw keys and values each layer received)."""
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(rec.layers):
+        cache.update(layer.recorded[0], layer.recorded[1], i)
+    return cache
+
+
 @torch.no_grad()
 def run(args) -> list[dict]:
     model, tok = vlmkv.load_model(args.model)
@@ -56,18 +66,31 @@ def run(args) -> list[dict]:
         prompt, cont = ids_all[:, :n], ids_all[:, n:n + args.steps]
         mask = torch.ones_like(prompt)
         t0 = time.perf_counter()
-        ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont).log_softmax(-1)
+        if args.per_method_prefill:
+            rec = first = None
+            ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont)
+        else:  # one forward over the prompt; the reference and every method's cache are filled from it
+            rec = vlmkv.QuantizedKVCache(model, "fp16", record_prompt=True)
+            first = prefill_logits(model, prompt, mask, rec)
+            rec.close()
+            ref = forced_continuation(model, mask, recorded_dynamic_cache(model, rec), cont, first)
+        ref = ref.log_softmax(-1)
         t_ref = time.perf_counter() - t0
         for method, policy in tqdm(_feasible(model, entries(args)), desc=f"{n} tokens", file=sys.stderr):
             t0 = time.perf_counter()
             with vlmkv.QuantizedKVCache(model, policy) as cache:
-                got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
+                if rec is None:
+                    got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
+                else:
+                    cache.prefill_from(rec)
+                    got = forced_continuation(model, mask, cache, cont, first).log_softmax(-1)
                 bits = cache.bits_per_element()
             kl = (ref.exp() * (ref - got)).sum(-1)
             rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
                          "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
                          "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-                         "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1)})
+                         "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
+                         "shared_prefill": rec is not None})
     return rows
 
 
@@ -138,6 +161,8 @@ def main():
     p.add_argument("--methods", default=METHODS, help="comma-separated names, or name:option=value:... (as vlmkv eval)")
     p.add_argument("--pareto", nargs="?", const="", default=None, metavar="FAMILIES",
                    help="the points of `vlmkv eval --pareto` (optionally only these comma-separated families)")
+    p.add_argument("--per-method-prefill", action="store_true",
+                   help="prefill the prompt once per method (default: once, every cache filled from it, as vlmkv eval)")
     p.add_argument("--text", default=None, help="a text file (default: the Debian license texts)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
