@@ -56,6 +56,45 @@ def recorded_dynamic_cache(model, rec) -> DynamicCache:
 
 
 @torch.no_grad()
+def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_method_prefill: bool = False) -> list[dict]:
+    """One row per (label, policy) of `methods`: teacher-forced KL and top-1 against full precision over the
+    continuation `cont` `[1, T]` of `prompt` `[1, N]` (int64 ids), and bits per element from the cache's bytes.
+
+    By default the prompt runs through the model once and every cache (the DynamicCache reference too) is filled
+    from that forward (`prefill_from`); `per_method_prefill` prefills each cache through the model instead. Both
+    give the same rows (a prompt attends to itself unquantized)."""
+    n = prompt.shape[1]
+    mask = torch.ones_like(prompt)
+    t0 = time.perf_counter()
+    if per_method_prefill:
+        rec = first = None
+        ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont)
+    else:
+        rec = vlmkv.QuantizedKVCache(model, "fp16", record_prompt=True)
+        first = prefill_logits(model, prompt, mask, rec)
+        rec.close()
+        ref = forced_continuation(model, mask, recorded_dynamic_cache(model, rec), cont, first)
+    ref = ref.log_softmax(-1)
+    t_ref = time.perf_counter() - t0
+    rows = []
+    for method, policy in tqdm(methods, desc=f"{n} tokens", file=sys.stderr):
+        t0 = time.perf_counter()
+        with vlmkv.QuantizedKVCache(model, policy) as cache:
+            if rec is None:
+                got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
+            else:
+                cache.prefill_from(rec)
+                got = forced_continuation(model, mask, cache, cont, first).log_softmax(-1)
+            bits = cache.bits_per_element()
+        kl = (ref.exp() * (ref - got)).sum(-1)
+        rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
+                     "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
+                     "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+                     "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
+                     "shared_prefill": rec is not None})
+    return rows
+
+
 def run(args) -> list[dict]:
     model, tok = vlmkv.load_model(args.model)
     ids_all = tok(corpus(args.text), add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -63,34 +102,8 @@ def run(args) -> list[dict]:
     for n in [int(c) for c in args.contexts.split(",")]:
         if ids_all.shape[1] < n + args.steps:
             raise SystemExit(f"the text holds {ids_all.shape[1]} tokens, fewer than {n} + {args.steps}")
-        prompt, cont = ids_all[:, :n], ids_all[:, n:n + args.steps]
-        mask = torch.ones_like(prompt)
-        t0 = time.perf_counter()
-        if args.per_method_prefill:
-            rec = first = None
-            ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont)
-        else:  # one forward over the prompt; the reference and every method's cache are filled from it
-            rec = vlmkv.QuantizedKVCache(model, "fp16", record_prompt=True)
-            first = prefill_logits(model, prompt, mask, rec)
-            rec.close()
-            ref = forced_continuation(model, mask, recorded_dynamic_cache(model, rec), cont, first)
-        ref = ref.log_softmax(-1)
-        t_ref = time.perf_counter() - t0
-        for method, policy in tqdm(_feasible(model, entries(args)), desc=f"{n} tokens", file=sys.stderr):
-            t0 = time.perf_counter()
-            with vlmkv.QuantizedKVCache(model, policy) as cache:
-                if rec is None:
-                    got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
-                else:
-                    cache.prefill_from(rec)
-                    got = forced_continuation(model, mask, cache, cont, first).log_softmax(-1)
-                bits = cache.bits_per_element()
-            kl = (ref.exp() * (ref - got)).sum(-1)
-            rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
-                         "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
-                         "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-                         "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
-                         "shared_prefill": rec is not None})
+        rows += context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
+                             args.per_method_prefill)
     return rows
 
 

@@ -169,3 +169,22 @@ def test_eval_refuses_to_share_where_generate_would_differ(local_llava, tmp_path
     # by default it falls back to a prefill per method through generate(), which applies the penalty
     rows = evaluate(model, proc, tmp_path / "data", ["Counting"], ["fp16"], max_new_tokens=2)
     assert rows and rows[0].n == 1
+
+
+def test_long_fidelity_rows_equal_with_one_prefill(tiny_llama):
+    """benchmarks/long_fidelity.py: filling the DynamicCache reference and each method from one recorded prefill
+    gives the rows a prefill per cache gives (KL, top-1, bits)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("lf", Path(__file__).parents[1] / "benchmarks" / "long_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (1, 420), generator=g)
+    methods = [(n, get_policy(n)) for n in ("rtn-2", "kivi-2", "akvq-vl", "skvq")]
+    shared = mod.context_rows(tiny_llama, ids[:, :400], ids[:, 400:], methods)
+    apart = mod.context_rows(tiny_llama, ids[:, :400], ids[:, 400:], methods, per_method_prefill=True)
+    keys = ("method", "bits_per_element", "kl", "top1")
+    assert [[r[k] for k in keys] for r in shared] == [[r[k] for k in keys] for r in apart]
+    assert shared[0]["kl"] > 0 and shared[0]["bits_per_element"] < 4  # rtn-2 does differ from the reference
