@@ -104,6 +104,8 @@ def run(args) -> list[dict]:
             raise SystemExit(f"the text holds {ids_all.shape[1]} tokens, fewer than {n} + {args.steps}")
         rows += context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
                              args.per_method_prefill)
+        if args.out:  # each finished context is kept, should a later (longer) one be stopped
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
 
 
