@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
 from vlmkv.cli import _feasible, _method_entry  # noqa: E402
-from vlmkv.eval.fidelity import forced_continuation, prefill_logits, teacher_forced_logits  # noqa: E402
+from vlmkv.eval.fidelity import PromptPrefill  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
 METHODS = "rtn-4,rtn-2,kivi-4,kivi-2,smoothquant-2,skvq,akvq-vl,windowquant"
@@ -46,52 +45,31 @@ def corpus(path: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def recorded_dynamic_cache(model, rec) -> DynamicCache:
-    """A DynamicCache holding the prompt `rec` (a `record_prompt=True` cache) recorded: what prefilling a
-    DynamicCache through the model stores (the raw keys and values each layer received)."""
-    cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(rec.layers):
-        cache.update(layer.recorded[0], layer.recorded[1], i)
-    return cache
-
-
 @torch.no_grad()
 def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_method_prefill: bool = False) -> list[dict]:
     """One row per (label, policy) of `methods`: teacher-forced KL and top-1 against full precision over the
     continuation `cont` `[1, T]` of `prompt` `[1, N]` (int64 ids), and bits per element from the cache's bytes.
 
     By default the prompt runs through the model once and every cache (the DynamicCache reference too) is filled
-    from that forward (`prefill_from`); `per_method_prefill` prefills each cache through the model instead. Both
+    from that forward (`PromptPrefill`); `per_method_prefill` prefills each cache through the model instead. Both
     give the same rows (a prompt attends to itself unquantized)."""
     n = prompt.shape[1]
-    mask = torch.ones_like(prompt)
     t0 = time.perf_counter()
-    if per_method_prefill:
-        rec = first = None
-        ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont)
-    else:
-        rec = vlmkv.QuantizedKVCache(model, "fp16", record_prompt=True)
-        first = prefill_logits(model, prompt, mask, rec)
-        rec.close()
-        ref = forced_continuation(model, mask, recorded_dynamic_cache(model, rec), cont, first)
-    ref = ref.log_softmax(-1)
+    src = PromptPrefill(model, prompt, torch.ones_like(prompt), shared=not per_method_prefill)
+    ref = src.reference(cont).log_softmax(-1)
     t_ref = time.perf_counter() - t0
     rows = []
     for method, policy in tqdm(methods, desc=f"{n} tokens", file=sys.stderr):
         t0 = time.perf_counter()
-        with vlmkv.QuantizedKVCache(model, policy) as cache:
-            if rec is None:
-                got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
-            else:
-                cache.prefill_from(rec)
-                got = forced_continuation(model, mask, cache, cont, first).log_softmax(-1)
+        with src.cache(policy) as cache:
+            got = src.forced(cache, cont).log_softmax(-1)
             bits = cache.bits_per_element()
         kl = (ref.exp() * (ref - got)).sum(-1)
         rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
                      "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
                      "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
-                     "shared_prefill": rec is not None})
+                     "shared_prefill": src.shared})
     return rows
 
 

@@ -106,3 +106,59 @@ def fidelity(model, input_ids, attention_mask, policies, steps: int = 32) -> dic
                 **cache.memory_report(),
             }
     return results
+
+
+class PromptPrefill:
+    """How each cache gets one prompt: one forward through the model, copied into every cache (`shared=True`,
+    `QuantizedKVCache.prefill_from`), or a forward per cache (`shared=False`).
+
+    Both give the same caches (the prompt attends to itself unquantized, so its forward does not depend on the
+    cache); sharing costs one forward instead of one per method. `input_ids` / `attention_mask` `[B, N]` int64;
+    `inputs` go to the prefill (pixel_values, image_grid_thw, ...).
+    """
+
+    def __init__(self, model, input_ids, attention_mask, shared: bool = True, tokenizer=None, **inputs):
+        if not isinstance(shared, bool):
+            raise ValueError(f"shared must be a bool, got {shared!r}")
+        self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
+        self.tokenizer, self.inputs = tokenizer, inputs
+        self.recorded = self.first = None
+        if shared:
+            rec = QuantizedKVCache(model, "fp16", tokenizer=tokenizer, record_prompt=True)
+            try:
+                self.first = prefill_logits(model, input_ids, attention_mask, rec, **inputs)
+            finally:
+                rec.close()  # its hooks leave the model now; the recorded keys and values stay on its layers
+            self.recorded = rec
+
+    @property
+    def shared(self) -> bool:
+        return self.recorded is not None
+
+    def cache(self, policy) -> QuantizedKVCache:
+        """A QuantizedKVCache for `policy` (name or Policy): holding the prompt when shared, else empty."""
+        cache = QuantizedKVCache(self.model, policy, tokenizer=self.tokenizer)
+        if self.recorded is not None:
+            try:
+                cache.prefill_from(self.recorded)
+            except Exception:
+                cache.close()  # its hooks leave the model now, not at garbage collection
+                raise
+        return cache
+
+    def forced(self, cache, continuation) -> torch.Tensor:
+        """Logits `[B, T, V]` (float32) teacher-forced on `continuation` `[B, T]`, from a cache `cache()` made
+        (a DynamicCache too): prefilled here when not shared."""
+        if self.recorded is None:
+            return teacher_forced_logits(self.model, self.input_ids, self.attention_mask, cache, continuation,
+                                         **self.inputs)
+        return forced_continuation(self.model, self.attention_mask, cache, continuation, self.first)
+
+    def reference(self, continuation) -> torch.Tensor:
+        """`forced` on a full-precision DynamicCache: when shared, one holding the recorded raw keys and values
+        (what a prefill through the model stores)."""
+        ref = DynamicCache(config=self.model.config)
+        if self.recorded is not None:
+            for i, layer in enumerate(self.recorded.layers):
+                ref.update(layer.recorded[0], layer.recorded[1], i)
+        return self.forced(ref, continuation)

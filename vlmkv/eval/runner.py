@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cache import QuantizedKVCache, cache_kwargs
-from .fidelity import forced_continuation, greedy_continuation, prefill_logits, teacher_forced_logits
+from ..cache import cache_kwargs
+from .fidelity import PromptPrefill, greedy_continuation
 from .milebench import Sample, load_task, score, score_strict
 
 
@@ -239,26 +239,14 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         inp = build_sample_inputs(proc, s)
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
         am = inp["attention_mask"]
-        prompt = first = None
-        if shared:  # the one forward over the prompt every method's cache is filled from
-            prompt = QuantizedKVCache(model, "fp16", tokenizer=tok, record_prompt=True)
-            first = prefill_logits(model, inp["input_ids"], am, prompt, **extra)
-            prompt.close()
-
-        def filled(m):
-            cache = QuantizedKVCache(model, m, tokenizer=tok)
-            if prompt is not None:
-                try:
-                    cache.prefill_from(prompt)
-                except Exception:
-                    cache.close()  # its hooks leave the model now, not at garbage collection
-                    raise
-            return cache
+        # the one forward over the prompt every method's cache is filled from (or, unshared, a forward per cache)
+        src = PromptPrefill(model, inp["input_ids"], am, shared=shared, tokenizer=tok, **extra)
+        filled = src.cache
 
         def greedy(cache, **kw):
-            if prompt is None:
+            if not src.shared:
                 return _greedy(model, inp, cache, max_new_tokens, tok, **kw)
-            return greedy_continuation(model, am, cache, first, max_new_tokens, eos, tok.pad_token_id, **kw)
+            return greedy_continuation(model, am, cache, src.first, max_new_tokens, eos, tok.pad_token_id, **kw)
 
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
             with filled("fp16") as cache:
@@ -276,8 +264,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 lq = _forced_from_greedy(new, lg, ref)
                 if lq is None:  # the answer left fp16's path: teacher-force it
                     with filled(m) as c1:
-                        lq = (forced_continuation(model, am, c1, ref, first) if prompt is not None else
-                              teacher_forced_logits(model, inp["input_ids"], am, c1, ref, **extra))
+                        lq = src.forced(c1, ref)
                 kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
             ok, strict = bool(score(ans, s)), bool(score_strict(ans, s))
