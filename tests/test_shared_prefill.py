@@ -188,3 +188,21 @@ def test_long_fidelity_rows_equal_with_one_prefill(tiny_llama):
     keys = ("method", "bits_per_element", "kl", "top1")
     assert [[r[k] for k in keys] for r in shared] == [[r[k] for k in keys] for r in apart]
     assert shared[0]["kl"] > 0 and shared[0]["bits_per_element"] < 4  # rtn-2 does differ from the reference
+
+
+def test_prompt_prefill_reference_equals_a_dynamic_cache_prefill(tiny_llama):
+    """PromptPrefill.reference (a DynamicCache filled from the recorded keys and values) gives the logits a
+    DynamicCache prefilled through the model gives; `shared` must be a bool."""
+    from transformers import DynamicCache
+
+    from vlmkv.eval.fidelity import PromptPrefill
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 256, (1, 60), generator=g)
+    mask = torch.ones_like(ids[:, :50])
+    src = PromptPrefill(tiny_llama, ids[:, :50], mask)
+    assert src.shared
+    want = teacher_forced_logits(tiny_llama, ids[:, :50], mask, DynamicCache(config=tiny_llama.config), ids[:, 50:])
+    torch.testing.assert_close(src.reference(ids[:, 50:]), want)
+    with pytest.raises(ValueError, match="shared"):
+        PromptPrefill(tiny_llama, ids, torch.ones_like(ids), shared=1)
