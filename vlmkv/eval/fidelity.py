@@ -92,12 +92,13 @@ def fidelity(model, input_ids, attention_mask, policies, steps: int = 32) -> dic
     gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps,
                          min_new_tokens=steps, do_sample=False, **cache_kwargs(ref_cache))
     cont = gen[:, input_ids.shape[1]:]
-    ref = teacher_forced_logits(model, input_ids, attention_mask, DynamicCache(config=model.config), cont)
+    src = PromptPrefill(model, input_ids, attention_mask, shared=False)  # a prefill per cache, as before
+    ref = src.reference(cont)
     logp_ref = ref.log_softmax(-1)
     results = {}
     for p in policies:
-        with QuantizedKVCache(model, p) as cache:
-            got = teacher_forced_logits(model, input_ids, attention_mask, cache, cont)
+        with src.cache(p) as cache:
+            got = src.forced(cache, cont)
             logp = got.log_softmax(-1)
             kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
             results[p if isinstance(p, str) else p.describe()] = {

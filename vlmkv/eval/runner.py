@@ -241,7 +241,6 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         am = inp["attention_mask"]
         # the one forward over the prompt every method's cache is filled from (or, unshared, a forward per cache)
         src = PromptPrefill(model, inp["input_ids"], am, shared=shared, tokenizer=tok, **extra)
-        filled = src.cache
 
         def greedy(cache, **kw):
             if not src.shared:
@@ -249,13 +248,13 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             return greedy_continuation(model, am, cache, src.first, max_new_tokens, eos, tok.pad_token_id, **kw)
 
         if fidelity:  # the fp16 answer tokens every method is teacher-forced on
-            with filled("fp16") as cache:
+            with src.cache("fp16") as cache:
                 ref, lr = greedy(cache, min_new_tokens=2)
             lp = lr.log_softmax(-1)
         for label, m in entries:
             if old[label] is not None:
                 continue
-            with filled(m) as cache:
+            with src.cache(m) as cache:
                 new, lg = greedy(cache)
                 ans = tok.decode(new[0], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
@@ -263,7 +262,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             if fidelity:
                 lq = _forced_from_greedy(new, lg, ref)
                 if lq is None:  # the answer left fp16's path: teacher-force it
-                    with filled(m) as c1:
+                    with src.cache(m) as c1:
                         lq = src.forced(c1, ref)
                 kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
                 top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
