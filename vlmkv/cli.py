@@ -235,6 +235,7 @@ def cmd_eval(args) -> int:
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
     load_samples(args.data, tasks, args.limit)  # a bad data file fails here, before the model loads
     model, proc = load_model(args.model, device=args.device, dtype=args.dtype)
+    _linears(args, model)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
     try:
         return _eval_and_report(args, model, proc, tasks, state)
@@ -245,6 +246,24 @@ def cmd_eval(args) -> int:
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
+
+
+def _linears(args, model) -> None:
+    """--linears fp32: bf16/fp16 linear layers through float32 GEMMs; a hint where bf16 matmul is emulated."""
+    import torch
+
+    from .models.cpu_bf16 import bf16_gemm_is_native, linears_via_fp32
+
+    cpu = str(args.device).startswith("cpu")
+    if args.linears == "fp32":
+        if model.dtype not in (torch.bfloat16, torch.float16) or not cpu:
+            raise ValueError(f"--linears fp32 is for a bfloat16/float16 model on the CPU, got dtype {model.dtype} "
+                             f"on {args.device!r}")
+        print(f"--linears fp32: {linears_via_fp32(model)} linear layers compute in float32", flush=True)
+    elif cpu and model.dtype == torch.bfloat16 and not bf16_gemm_is_native():
+        print("note: this CPU has no bf16 instructions, so bf16 linear layers run an emulated kernel (about 9x "
+              "float32's time here); --linears fp32 computes them in float32, with bf16 activations and caches",
+              flush=True)
 
 
 def _eval_and_report(args, model, proc, tasks, state) -> int:
@@ -490,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="model and cache dtype (default float32 on CPU, float16 on GPU); bfloat16 halves a CPU "
                          "eval's time where the CPU has bf16 instructions, and the fp16 baseline then holds 16 bits")
+    ev.add_argument("--linears", choices=["native", "fp32"], default="native",
+                    help="fp32: a bfloat16/float16 model's linear layers compute in float32 (bf16 inputs, float32 "
+                         "sums, output rounded back: the same op in another summation order), for CPUs without bf16 "
+                         "instructions, where it is several times faster; activations and caches stay bf16. Recorded "
+                         "in run.json, so --resume will not mix the two")
     ev.add_argument("--share-prefill", action=argparse.BooleanOptionalAction, default=None,
                     help="run each prompt through the model once and fill every method's cache from it (the same "
                          "answers, bits and KL; one forward instead of one per method). Default: on unless the "

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import cache_kwargs
+from ..models.cpu_bf16 import Fp32Linear
 from .fidelity import PromptPrefill, greedy_continuation
 from .milebench import Sample, load_task, score, score_strict
 
@@ -110,7 +111,7 @@ def _check_settings(folder: Path, settings: dict, resume: bool) -> None:
     path = folder / "run.json"
     if resume and path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
         if diff:
             raise ValueError(f"resume needs the settings of the run in {folder}, got changes "
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -207,6 +208,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             settings = {"model": str(getattr(model.config, "_name_or_path", "")), "data": str(Path(data_root).resolve()),
                         "dtype": str(model.dtype), "max_new_tokens": max_new_tokens, "fidelity": fidelity,
                         "methods": {label: (m if isinstance(m, str) else m.describe()) for label, m in entries}}
+            if any(isinstance(mod, Fp32Linear) for mod in model.modules()):  # another summation order: other answers
+                settings["linears"] = "float32 (linears_via_fp32)"
             try:
                 _check_settings(Path(log_dir), settings, resume)
             except ValueError:
