@@ -104,6 +104,34 @@ def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch)
     assert len(calls) == 6 and len((out / "records.jsonl").read_text().splitlines()) == 6
 
 
+def test_eval_report_only_tabulates_a_stopped_run_without_answering(local_llava, tmp_path, monkeypatch):  # noqa: F811
+    """--report-only: the rows of a stopped run from its records, over the clips every method answered; nothing
+    runs and no record is written."""
+    d, _ = local_llava
+    data, out = tmp_path / "data", tmp_path / "out"
+    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "3", "--frames", "4"])
+    common = ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity", "--out", str(out),
+              "--methods", "fp16,rtn-2"]
+    assert main(common) == 0
+    lines = (out / "records.jsonl").read_text().splitlines()
+    stopped = "\n".join(lines[:5]) + "\n"  # the third clip answered by fp16 only
+    (out / "records.jsonl").write_text(stopped)
+    calls = []
+    from vlmkv.eval import runner
+
+    for name in ("_greedy", "greedy_continuation", "PromptPrefill"):
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    assert main(common + ["--report-only"]) == 0
+    assert calls == [] and (out / "records.jsonl").read_text() == stopped
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["n"]) for r in rows] == [("fp16", 2), ("rtn-2", 2)]
+    with pytest.raises(ValueError, match="answer_missing=False reports a stopped run"):
+        runner.evaluate(None, None, data, ["FrameColour"], ["fp16"], answer_missing=False)
+    # other settings than the records': refused as --resume refuses them
+    assert main(common[:-2] + ["--methods", "fp16,rtn-4", "--report-only"]) == 2
+
+
 def test_resumed_processes_split_what_is_left_evenly():
     """Under N processes each sample runs once; on resume the unanswered ones are dealt out evenly, even when one
     process's former share is all that is left."""

@@ -274,7 +274,8 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
     # records.jsonl in each output directory: one line per (sample, method) as it finishes; --resume reuses them
     run = lambda methods, log_dir: evaluate(model, proc, args.data, tasks, methods, limit=args.limit,  # noqa: E731
                                             max_new_tokens=args.max_new_tokens, fidelity=not args.no_fidelity,
-                                            log_dir=log_dir, resume=args.resume, share_prefill=args.share_prefill)
+                                            log_dir=log_dir, resume=args.resume or args.report_only,
+                                            share_prefill=args.share_prefill, answer_missing=not args.report_only)
     files = []
     if args.pareto is not None:
         fams = [f for f in args.pareto.split(",") if f] or None
@@ -505,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 against fp16 (about half the time)")
     ev.add_argument("--resume", action="store_true",
                     help="reuse the per-sample results in OUT/records*.jsonl of a stopped run (same model and data)")
+    ev.add_argument("--report-only", action="store_true",
+                    help="write the tables of a stopped run from OUT/records*.jsonl (same settings) without answering "
+                         "anything new: only the clips every method answered count; n is in the table")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="model and cache dtype (default float32 on CPU, float16 on GPU); bfloat16 halves a CPU "

@@ -166,7 +166,8 @@ def _share(samples: list, labels: list[str], done: dict, index: int, count: int)
 
 def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int | None = None,
              max_new_tokens: int = 8, answers: list | None = None, fidelity: bool = True,
-             log_dir=None, resume: bool = False, share_prefill: bool | None = None) -> list[Row]:
+             log_dir=None, resume: bool = False, share_prefill: bool | None = None,
+             answer_missing: bool = True) -> list[Row]:
     """methods: names (`"rtn-2"`) or (label, Policy) pairs. `answers`, when given, receives one dict per
     (sample, method) of this process: sample_id, task, question, method, answer, truth, correct, bits.
     `fidelity=False` skips the teacher-forced passes (KL and top-1 are then NaN): about half the time.
@@ -183,10 +184,17 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
     for logits processors that loop does not apply (then a prefill per method, through `generate()`); True:
     raise ValueError in that case; False: never share.
 
+    `answer_missing=False` (needs `log_dir` and `resume`): only rescore what `log_dir`'s records hold, run nothing
+    new: the rows of a stopped run so far, over the samples that every method answered (a sample some methods
+    did not reach is left out for all, so each row compares the same clips).
+
     Under `accelerate launch` with N processes, the samples are split between processes (each runs every
     method on its share) and the per-sample records are gathered, so every process returns the same rows.
     """
     tok = getattr(proc, "tokenizer", proc)
+    if not answer_missing and (log_dir is None or not resume):
+        raise ValueError(f"answer_missing=False reports a stopped run from its records: it needs log_dir and "
+                         f"resume=True, got log_dir={log_dir!r}, resume={resume!r}")
     if share_prefill not in (None, True, False):
         raise ValueError(f"share_prefill must be None, True or False, got {share_prefill!r}")
     blocker = _shared_prefill_blocker(model) if share_prefill is not False else None
@@ -222,14 +230,16 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             state.wait_for_everyone()
         path = Path(log_dir) / f"records{rank}.jsonl"
         cut = resume and path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        log = open(path, "a" if resume else "w")
-        if cut:  # the last line of a killed run was cut short: start on a line of our own
+        log = open(path, "a" if resume else "w") if answer_missing else None
+        if cut and log is not None:  # the last line of a killed run was cut short: start on a line of our own
             log.write("\n")
     order = list(range(len(samples))) if state is None else \
         _share(samples, [label for label, _ in entries], done, state.process_index, state.num_processes)
     for i in tqdm(order, desc="samples", disable=state is not None and not state.is_main_process):
         s = samples[i]
         old = {label: done.get((s.task, s.sample_id, label)) for label, _ in entries}
+        if not answer_missing and any(r is None for r in old.values()):
+            continue
         for label, r in old.items():
             if r is not None:  # rescored from the stored answer: the scorers may have changed since
                 ok, strict = bool(score(r["answer"], s)), bool(score_strict(r["answer"], s))
