@@ -28,7 +28,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     from vlmkv import load_model
-    from vlmkv.cache import cache_kwargs
+    from vlmkv.eval.fidelity import greedy_continuation, prefill_logits
     from vlmkv.eval.runner import build_sample_inputs, load_samples
     from vlmkv.models.cpu_bf16 import bf16_gemm_is_native, linears_via_fp32
 
@@ -37,22 +37,22 @@ def main() -> None:
     inp = build_sample_inputs(proc, sample)
     print(f"cpu: {torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {bf16_gemm_is_native()}, "
           f"threads: {args.threads}, prompt: {inp['input_ids'].shape[1]} tokens")
+    extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
+    eos = model.generation_config.eos_token_id
     logits = {}
     for mode in ("native", "fp32"):
         if mode == "fp32":
             print(f"linears_via_fp32: {linears_via_fp32(model)} layers")
-        with torch.no_grad():
-            cache = DynamicCache()
-            t = time.perf_counter()
-            out = model(**inp, **cache_kwargs(cache), use_cache=True)
-            pre = time.perf_counter() - t
-            tok, am = out.logits[:, -1:].argmax(-1), inp["attention_mask"]
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                am = torch.cat([am, am.new_ones(1, 1)], dim=1)
-                tok = model(input_ids=tok, attention_mask=am, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
-            dec = time.perf_counter() - t
-        logits[mode] = out.logits[:, -1].float()
+        # eval's own steps: the padding-aware prefill, then greedy decoding (EOS barred so every step runs)
+        cache = DynamicCache()
+        t = time.perf_counter()
+        first = prefill_logits(model, inp["input_ids"], inp["attention_mask"], cache, **extra)
+        pre = time.perf_counter() - t
+        t = time.perf_counter()
+        greedy_continuation(model, inp["attention_mask"], cache, first, args.steps + 1, eos, proc.tokenizer.pad_token_id,
+                            min_new_tokens=args.steps + 1)
+        dec = time.perf_counter() - t
+        logits[mode] = first
         print(f"{mode:>6}: prefill {pre:.2f} s, {args.steps} decode steps {dec:.2f} s")
     d = (logits["native"] - logits["fp32"]).abs().max().item()
     same = bool((logits["native"].argmax(-1) == logits["fp32"].argmax(-1)).all())
