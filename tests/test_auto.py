@@ -79,3 +79,32 @@ def test_auto_takes_wider_2_bit_groups_on_a_tight_budget():
     ids = torch.randint(5, 250, (1, 600), generator=torch.Generator().manual_seed(1))
     seen, _, _ = _run(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2.5, 12)
     assert max(seen) <= 2.5 * 1.02 and seen[0] >= 2.5 * 0.95, seen
+
+
+def test_auto_serves_the_question_first():
+    """The question (text after the last frame) rises to 8 bits before any other text or visual window rises; on a
+    budget too tight for that, its windows are still the first to rise."""
+    from vlmkv.policies import PrefillContext, TEXT
+    from vlmkv.policies.windows import prompt_mask
+
+    torch.manual_seed(0)
+    frames, per, q = 48, 16, 40
+    types, fids = [TEXT] * 6, [-1] * 6
+    for f in range(frames):  # "Frame n:" then the frame's visual tokens
+        types += [TEXT] * 4 + [IMAGE] * per
+        fids += [-1] * 4 + [f] * per
+    types += [TEXT] * q
+    fids += [-1] * q
+    types, fids = torch.tensor([types], dtype=torch.int8), torch.tensor([fids])
+    S = types.shape[1]
+    ctx = PrefillContext(torch.randn(1, 3, S, 64), torch.randn(1, 3, S, 64), token_types=types, frame_ids=fids)
+    question = prompt_mask(types)[0]
+    for bits in (3.0, 2.7):
+        plan = get_policy("auto", bits=bits).plan_prefill(ctx)
+        body = torch.arange(S) < S - plan.residual
+        b = plan.bits[0]
+        asked, other = b[question & body].float(), b[(types[0] == TEXT) & ~question & body].float()
+        assert asked.numel() >= 20 and asked.mean() > other.mean(), (bits, asked, other.mean())
+        if bits == 3.0:
+            assert (asked == 8).all(), asked
+        assert b[types[0] == IMAGE].float().mean() <= other.mean()

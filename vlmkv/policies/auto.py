@@ -8,9 +8,13 @@ tokens and the int32 slot map that mixed widths need. Per layer, at prefill, for
 2. pivot tokens (AKVQ-VL's PSA: a massive activation entering the layer, at most 15) go to 16 bits;
 3. the recent window (with its flush block) takes up to a quarter of what is left, at most 128 tokens: sized to
    the budget, not fixed (3 bits over 2,048 tokens of SmolLM2 afford 10 tokens, 4.5 bits 64);
-4. the rest goes to windows of tokens, first from 2 to 4 bits, then from 4 to 8, in order: text windows before
-   visual ones (AKVQ-VL's TSA), each kind ranked by its keys' attention from the prompt's keys (WindowQuant's
-   similarity; the prompt is the text after the last image, or the last 32 tokens of a text-only prompt).
+4. the question (the text after the last image, or the last 32 tokens of a text-only prompt) rises first, from
+   2 to 4 bits, then to 8: every answer token reads its keys and values, and on pocket's 64-frame clips it held
+   most of auto's error (keeping it at 8 bits cut next-token KL 16-fold for 0.1 bits an element;
+   benchmarks/auto_ablation.py);
+5. the rest goes to windows of tokens, first from 2 to 4 bits, then from 4 to 8, in order: text windows before
+   visual ones (AKVQ-VL's TSA), each kind ranked by its keys' attention from the question's keys (WindowQuant's
+   similarity).
    Visual windows are frames cut into runs of 32 tokens; text windows are runs of 32 tokens (S / 32 tokens, at
    least 4, on prompts under 1,024 tokens, so that short prompts can spend their budget).
 Keys and values are stored Walsh-Hadamard-rotated (AKVQ-VL's WHT), in symmetric groups of 32 channels with one
@@ -51,6 +55,7 @@ WINDOW_SHARE = 0.25  # at most this share of the spare budget goes to the recent
 ITEM_TOKENS = 32  # tokens per ranked window (fewer on prompts under 1,024 tokens: S / 32, at least 4)
 PIVOTS, PIVOT_THRESHOLD = 15, 100.0
 MARGIN = 0.995  # plan to this fraction of the budget (float rounding, the last partial window)
+QUESTION, TEXT_WINDOW, VISUAL = 0, 1, 2  # kinds of ranked windows, served in this order
 
 
 def _index_bits(head_dim: int, num_kv_heads: int) -> float:
@@ -76,44 +81,51 @@ def _costs(head_dim: int, num_kv_heads: int, group2: int) -> dict:
     return {**{w: w + _meta_bits(group2 if w == 2 else g) + idx for w in WIDTHS}, 16: 16.0 + idx}
 
 
-def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Tensor,
+def _items(types: torch.Tensor, frame_ids: torch.Tensor | None, stored: torch.Tensor, question: torch.Tensor,
            size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(long `[B, S]` window id of each token in `stored` (-1 elsewhere), bool `[B, n_max]` whether a window is
-    text). Visual windows: runs of `size` tokens inside a frame; text windows: runs of `size` text tokens."""
+    """(long `[B, S]` window id of each token in `stored` (-1 elsewhere), int8 `[B, n_max]` each window's kind:
+    QUESTION, TEXT_WINDOW or VISUAL). Visual windows: runs of `size` tokens inside a frame; question windows: runs of
+    `size` tokens of `question` (bool `[B, S]`); text windows: runs of `size` of the other text tokens."""
     B, S = types.shape
     vis = window_ids(types, frame_ids, size)
     out = torch.full((B, S), -1, dtype=torch.long, device=types.device)
-    is_text = []
+    kinds = []
     for b in range(B):
         v = vis[b].clone()
         v[~stored[b]] = -1
         _, v_ids = torch.unique(v[v >= 0], return_inverse=True)
-        nv = int(v_ids.max()) + 1 if v_ids.numel() else 0
+        n = int(v_ids.max()) + 1 if v_ids.numel() else 0
         out[b, v >= 0] = v_ids
+        kind = [torch.full((n,), VISUAL, dtype=torch.int8)]
         text = stored[b] & (types[b] != IMAGE) & (types[b] != PAD)
-        pos = text.nonzero().flatten()
-        out[b, pos] = nv + torch.arange(len(pos), device=types.device) // size
-        nt = -(-len(pos) // size)
-        is_text.append(torch.cat([torch.zeros(nv, dtype=torch.bool), torch.ones(nt, dtype=torch.bool)]))
-    n = max([len(t) for t in is_text] or [0])
-    mask = torch.zeros(B, n, dtype=torch.bool)
-    for b, t in enumerate(is_text):
-        mask[b, :len(t)] = t
-    return out, mask
+        for k, sel in ((QUESTION, text & question[b]), (TEXT_WINDOW, text & ~question[b])):
+            pos = sel.nonzero().flatten()
+            out[b, pos] = n + torch.arange(len(pos), device=types.device) // size
+            m = -(-len(pos) // size)
+            kind.append(torch.full((m,), k, dtype=torch.int8))
+            n += m
+        kinds.append(torch.cat(kind))
+    n = max([len(k) for k in kinds] or [0])
+    kind = torch.full((B, n), VISUAL, dtype=torch.int8)
+    for b, k in enumerate(kinds):
+        kind[b, :len(k)] = k
+    return out, kind
 
 
-def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict) -> torch.Tensor:
-    """int16 `[n]` widths: every item from 2 to 4 bits in `order` while `spare` bit-elements last, then from 4 to 8
-    bits in the same order. 4 bits first: going 2 -> 4 removes about 3/4 of an item's error for 2 bits an element,
-    4 -> 8 the last 1/4 for 4 bits, so a budget buys more as many 4-bit items than as fewer 8-bit ones."""
-    out = torch.full((len(sizes),), 2, dtype=torch.int16)
+def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict,
+          out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(int16 `[n]` widths, the spare left): every item of `order` from 2 to 4 bits while `spare` bit-elements
+    last, then from 4 to 8 bits in the same order; items not in `order` keep their width in `out` (default 2).
+    4 bits first: going 2 -> 4 removes about 3/4 of an item's error for 2 bits an element, 4 -> 8 the last 1/4
+    for 4 bits, so a budget buys more as many 4-bit items than as fewer 8-bit ones."""
+    out = torch.full((len(sizes),), 2, dtype=torch.int16) if out is None else out
     for lo, hi in ((2, 4), (4, 8)):
         for i in order:
             extra = (cost[hi] - cost[lo]) * float(sizes[i])
             if out[i] == lo and extra <= spare:
                 out[i] = hi
                 spare -= extra
-    return out
+    return out, spare
 
 
 @register_policy
@@ -185,11 +197,11 @@ class AutoPolicy(Policy):
             piv.scatter_(1, ratio.topk(n_piv, dim=1).indices.to(piv.device), True)
         bits[piv] = 16
         stored = real & body[None] & ~piv
-        items, is_text = _items(types, ctx.frame_ids, stored, max(4, min(ITEM_TOKENS, S // 32)))
         prompt = prompt_mask(types)
         if not (types == IMAGE).any():  # text only: the prompt's last tokens ask the question
             last = real.long().flip(1).cumsum(1).flip(1) <= ITEM_TOKENS
             prompt = real & last
+        items, kind = _items(types, ctx.frame_ids, stored, prompt, max(4, min(ITEM_TOKENS, S // 32)))
         scores = token_scores(ctx.keys, prompt, stored, "key_attention")
         # pivots, the window at its peak, and the decode segment's first growth (GROW_MIN tokens: a few % of
         # a short prompt; its 1/64 growth on long ones stays within the 2% the plan is measured against)
@@ -205,11 +217,14 @@ class AutoPolicy(Policy):
                 continue
             sizes = torch.bincount(items[b][m].cpu(), minlength=n).float()
             score = torch.zeros(n).index_add_(0, items[b][m].cpu(), scores[b, m].float().cpu()) / sizes.clamp_min(1)
-            # text windows first (TSA), each kind by similarity
-            order = sorted(range(n), key=lambda i: (not bool(is_text[b, i]), -float(score[i])))
+            # the question first, to 8 bits before anything else rises (its keys and values are what each answer
+            # token reads first), then text windows (TSA), then visual ones, each kind by similarity
+            order = sorted(range(n), key=lambda i: (int(kind[b, i]), -float(score[i])))
             rank = torch.empty(n, dtype=torch.long)
             rank[torch.tensor(order)] = torch.arange(n)
-            wbits = _fill(order, sizes, target - fixed - (S - W - n_piv) * cost[2], cost)
+            wbits, spare = _fill([i for i in order if kind[b, i] == QUESTION], sizes,
+                                 target - fixed - (S - W - n_piv) * cost[2], cost)
+            wbits, _ = _fill([i for i in order if kind[b, i] != QUESTION], sizes, spare, cost, wbits)
             # this row's tokens in rank order, and how many it could afford at 8, at 8 or 4
             tok_rank = rank[items[b, pos].cpu()] * S + pos.cpu()
             orders.append(pos[torch.argsort(tok_rank).to(pos.device)])
