@@ -370,3 +370,20 @@ def test_pareto_from_finished_runs(tmp_path):
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no results.json"):
         mod.main([str(tmp_path / "nothing")])
+
+
+def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, monkeypatch):  # noqa: F811
+    """A policy whose plan changed under the same options (`Policy.revision`) describes itself differently, so
+    --resume refuses the old records instead of mixing the two plans in one row."""
+    from vlmkv.policies.rtn import RTNPolicy
+
+    d, _ = local_llava
+    data, out = tmp_path / "data", tmp_path / "out"
+    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "1", "--frames", "4"])
+    common = ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity", "--out", str(out),
+              "--methods", "fp16,rtn:bits=2"]
+    assert main(common) == 0
+    monkeypatch.setattr(RTNPolicy, "revision", 1)
+    assert main(common + ["--resume"]) == 2
+    assert main(common) == 0  # a fresh run (no --resume) starts over under the new plan
+    assert json.loads((out / "run.json").read_text())["methods"]["rtn:bits=2"].endswith(")@r1")

@@ -133,6 +133,7 @@ def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict,
 class AutoPolicy(Policy):
     name = "auto"
     needs_modality = True
+    revision = 2  # 2: the question rises first (session 13); records of revision 1 are not resumed into it
     bits: float = 3.0
 
     def __post_init__(self):

@@ -109,6 +109,9 @@ class Policy:
     name: ClassVar[str] = "base"
     #: store unquantized tokens in the model's dtype even when it is float32 (only the fp16 reference)
     keep_model_dtype: ClassVar[bool] = False
+    #: raised when the same options start planning differently, so that `describe()` (and with it eval's --resume
+    #: check) tells records of the old plan from the new; 0: never changed
+    revision: ClassVar[int] = 0
 
     def validate(self, head_dim: int, num_kv_heads: int = 1) -> None:
         """Raise ValueError if this policy cannot run with `head_dim` and `num_kv_heads` (called when the cache is
@@ -156,7 +159,7 @@ class Policy:
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr) \
             if dataclasses.is_dataclass(self) else ""
-        return f"{self.name}({fields})"
+        return f"{self.name}({fields})" + (f"@r{self.revision}" if self.revision else "")
 
 
 def uniform_plan(ctx: PrefillContext, bits: int) -> torch.Tensor:
