@@ -18,7 +18,9 @@ the drop in KL and in answers lost against FP16 says how much of auto's error th
 
 Use a seed other than the test clips' (Table II uses --seed 2), so that what is tuned here is not scored on the
 clips it was tuned on. Writes `OUT/ablation.md` and `OUT/ablation.json`: per variant, bits per element (from
-bytes), next-token KL and top-1 against FP16, accuracy, and answers that differ from FP16's.
+bytes), next-token KL and top-1 against FP16, accuracy, and answers that differ from FP16's. `--report-only`
+writes them from the records of a stopped run. The oracles raise parts of `auto`'s current plan; the run in
+docs/pocket/auto_ablation_dev64/ was made on revision 1 (before the question rose first, which it led to).
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="a development set (make-data with a seed the test clips do not use)")
+    ap.add_argument("--data", help="a development set (make-data with a seed the test clips do not use)")
     ap.add_argument("--tasks", default="WhichFrame,Counting")
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="pocket-long")
@@ -112,7 +114,13 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default="akvq-vl,akvq-vl:recent=0", help="registered methods to run beside (labels)")
     ap.add_argument("--linears", choices=("native", "fp32"), default="native")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="only write the tables from OUT's records (a stopped run)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        return report(out)
+    if not args.data:
+        ap.error("--data is needed unless --report-only")
 
     import vlmkv
     from vlmkv.cli import _method_entry
@@ -125,7 +133,6 @@ def main(argv=None) -> int:
     methods = ["fp16", (f"auto:bits={args.bits}", AutoPolicy(bits=args.bits))]
     methods += [(f"oracle:{w}", AutoOracle(bits=args.bits, what=w)) for w in args.oracles.split(",") if w]
     methods += [_method_entry(m) for m in args.extra.split(",") if m]
-    out = Path(args.out)
     evaluate(model, proc, args.data, args.tasks.split(","), methods, limit=args.limit,
              max_new_tokens=args.max_new_tokens, log_dir=out, resume=args.resume)
     try:
@@ -135,6 +142,11 @@ def main(argv=None) -> int:
             return 0
     except ImportError:
         pass
+    return report(out)
+
+
+def report(out: Path) -> int:
+    """Write OUT/ablation.json and OUT/ablation.md from OUT/records*.jsonl (clips FP16 answered)."""
     records = [json.loads(line) for p in sorted(out.glob("records*.jsonl")) for line in p.read_text().splitlines()
                if line.strip()]
     rows = summarize(records)
