@@ -104,14 +104,19 @@ def test_eval_resume_reuses_finished_samples(local_llava, tmp_path, monkeypatch)
     assert len(calls) == 6 and len((out / "records.jsonl").read_text().splitlines()) == 6
 
 
+def _small_eval(local_llava, tmp_path, samples: int, methods: str):
+    """(data, out, eval arguments): `samples` FrameColour clips of 4 frames for the tiny LLaVA, fast settings."""
+    d, _ = local_llava
+    data, out = tmp_path / "data", tmp_path / "out"
+    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", str(samples), "--frames", "4"])
+    return data, out, ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity",
+                       "--out", str(out), "--methods", methods]
+
+
 def test_eval_report_only_tabulates_a_stopped_run_without_answering(local_llava, tmp_path, monkeypatch):  # noqa: F811
     """--report-only: the rows of a stopped run from its records, over the clips every method answered; nothing
     runs and no record is written."""
-    d, _ = local_llava
-    data, out = tmp_path / "data", tmp_path / "out"
-    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "3", "--frames", "4"])
-    common = ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity", "--out", str(out),
-              "--methods", "fp16,rtn-2"]
+    data, out, common = _small_eval(local_llava, tmp_path, 3, "fp16,rtn-2")
     assert main(common) == 0
     lines = (out / "records.jsonl").read_text().splitlines()
     stopped = "\n".join(lines[:5]) + "\n"  # the third clip answered by fp16 only
@@ -377,11 +382,7 @@ def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, mon
     --resume refuses the old records instead of mixing the two plans in one row."""
     from vlmkv.policies.rtn import RTNPolicy
 
-    d, _ = local_llava
-    data, out = tmp_path / "data", tmp_path / "out"
-    main(["make-data", "--out", str(data), "--tasks", "FrameColour", "--samples", "1", "--frames", "4"])
-    common = ["eval", "--model", str(d), "--data", str(data), "--max-new-tokens", "2", "--no-fidelity", "--out", str(out),
-              "--methods", "fp16,rtn:bits=2"]
+    _, out, common = _small_eval(local_llava, tmp_path, 1, "fp16,rtn:bits=2")
     assert main(common) == 0
     monkeypatch.setattr(RTNPolicy, "revision", 1)
     assert main(common + ["--resume"]) == 2
