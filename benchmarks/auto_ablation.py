@@ -125,11 +125,12 @@ def main(argv=None) -> int:
     import vlmkv
     from vlmkv.cli import _method_entry
     from vlmkv.eval.runner import evaluate
-    from vlmkv.models.cpu_bf16 import linears_via_fp32
+    from vlmkv.models.cpu_bf16 import apply_linears
 
     model, proc = vlmkv.load_model(args.model, dtype=torch.bfloat16)
-    if args.linears == "fp32":
-        linears_via_fp32(model)
+    line = apply_linears(model, args.linears, "cpu")  # the same check and switch as `vlmkv eval --linears`
+    if line:
+        print(line, flush=True)
     methods = ["fp16", (f"auto:bits={args.bits}", AutoPolicy(bits=args.bits))]
     methods += [(f"oracle:{w}", AutoOracle(bits=args.bits, what=w)) for w in args.oracles.split(",") if w]
     methods += [_method_entry(m) for m in args.extra.split(",") if m]

@@ -98,3 +98,22 @@ def test_eval_records_the_linears_setting_and_resume_will_not_mix_them(local_lla
     # a float32 model has nothing to compute in float32: refused, not ignored
     assert main(common + ["--linears", "fp32"]) == 2
     assert "--linears fp32 is for a bfloat16/float16 model" in capsys.readouterr().err
+
+
+def test_apply_linears_is_the_one_check_for_every_entry_point():
+    """`apply_linears` is what `vlmkv eval --linears` and benchmarks/auto_ablation.py both call."""
+    from vlmkv.models.cpu_bf16 import apply_linears, bf16_gemm_is_native
+
+    m = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
+    note = apply_linears(m, "native", "cpu")
+    assert note.startswith("note: this CPU has no bf16") if not bf16_gemm_is_native() else note == ""
+    assert apply_linears(m, "native", "cuda:0") == ""  # the hint is about CPU kernels only
+    assert type(m[0]) is nn.Linear  # native changes nothing
+    assert apply_linears(m, "fp32", "cpu").startswith("--linears fp32: 1 linear")
+    assert type(m[0]) is Fp32Linear
+    with pytest.raises(ValueError, match="for a bfloat16/float16 model on the CPU"):
+        apply_linears(nn.Linear(4, 4), "fp32", "cpu")  # float32: nothing to do, refused
+    with pytest.raises(ValueError, match="for a bfloat16/float16 model on the CPU"):
+        apply_linears(nn.Linear(4, 4).to(torch.bfloat16), "fp32", "cuda:0")
+    with pytest.raises(ValueError, match="mode must be"):
+        apply_linears(m, "fp8", "cpu")

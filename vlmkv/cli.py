@@ -250,20 +250,11 @@ def cmd_eval(args) -> int:
 
 def _linears(args, model) -> None:
     """--linears fp32: bf16/fp16 linear layers through float32 GEMMs; a hint where bf16 matmul is emulated."""
-    import torch
+    from .models.cpu_bf16 import apply_linears
 
-    from .models.cpu_bf16 import bf16_gemm_is_native, linears_via_fp32
-
-    cpu = str(args.device).startswith("cpu")
-    if args.linears == "fp32":
-        if model.dtype not in (torch.bfloat16, torch.float16) or not cpu:
-            raise ValueError(f"--linears fp32 is for a bfloat16/float16 model on the CPU, got dtype {model.dtype} "
-                             f"on {args.device!r}")
-        print(f"--linears fp32: {linears_via_fp32(model)} linear layers compute in float32", flush=True)
-    elif cpu and model.dtype == torch.bfloat16 and not bf16_gemm_is_native():
-        print("note: this CPU has no bf16 instructions, so bf16 linear layers run an emulated kernel (about 9x "
-              "float32's time here); --linears fp32 computes them in float32, with bf16 activations and caches",
-              flush=True)
+    line = apply_linears(model, args.linears, str(args.device))
+    if line:
+        print(line, flush=True)
 
 
 def _eval_and_report(args, model, proc, tasks, state) -> int:
