@@ -377,6 +377,47 @@ def test_pareto_from_finished_runs(tmp_path):
         mod.main([str(tmp_path / "nothing")])
 
 
+def test_pareto_from_results_merges_a_rerun_only_on_the_same_clips(tmp_path):
+    """--replace-from: a rerun method replaces the row of the same label, FP16 stays the base's; runs of other
+    settings, or whose FP16 answers differ on a shared clip, are refused (not the same experiment)."""
+    import importlib.util
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from vlmkv.eval.runner import Row
+
+    spec = importlib.util.spec_from_file_location("pfr", Path(__file__).parents[1] / "benchmarks" / "pareto_from_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(name, rows, fp16_answer, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps([asdict(r) for r in rows]))
+        (d / "run.json").write_text(json.dumps({"model": "m", "data": "d", "dtype": "bf16", **cfg}))
+        rec = {"sample_id": "T_0", "task": "T", "method": rows[0].method, "answer": fp16_answer}
+        (d / "records.rank0.jsonl").write_text(json.dumps(rec) + "\n")
+        return str(d)
+
+    base = run("base", [Row("FP16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0), Row("auto:bits=3.0", "T", 4, 0.25, 3.0, 1.0, 0.1, 0.9),
+                        Row("KIVI", "T", 4, 0.5, 3.9, 1.0, 0.05, 0.9)], "frame 2")
+    rerun = run("rerun", [Row("fp16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0),
+                          Row("auto:bits=3.0", "T", 4, 0.5, 3.0, 1.0, 0.01, 1.0)], "frame 2")
+    assert mod.main([base, "--replace-from", rerun, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [(r["method"], r["accuracy"]) for r in merged] == [("FP16", 0.5), ("KIVI", 0.5), ("auto:bits=3.0", 0.5)]
+    assert "| auto | 3.00 | auto:bits=3.0 |" in (tmp_path / "m" / "fewest_bits.md").read_text()
+    assert "| auto:bits=3.0 | 3.00 |" in (tmp_path / "m" / "table2.md").read_text()
+    other = run("other", [Row("fp16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0)], "frame 3")
+    with pytest.raises(SystemExit, match="FP16 answers differ on 1 of 1"):
+        mod.main([base, "--replace-from", other, "--out", str(tmp_path / "m2")])
+    bf = run("bf", [Row("fp16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0)], "frame 2", linears="float32")
+    with pytest.raises(SystemExit, match="same settings"):
+        mod.main([base, "--replace-from", bf, "--out", str(tmp_path / "m3")])
+    with pytest.raises(SystemExit):  # merging needs one base run and a destination
+        mod.main([base, rerun, "--replace-from", rerun])
+
+
 def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, monkeypatch):  # noqa: F811
     """A policy whose plan changed under the same options (`Policy.revision`) describes itself differently, so
     --resume refuses the old records instead of mixing the two plans in one row."""
