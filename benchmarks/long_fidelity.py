@@ -69,11 +69,27 @@ def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_m
                      "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
                      "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
-                     "shared_prefill": src.shared})
+                     "shared_prefill": src.shared, "describe": _describe(policy)})
     return rows
 
 
-def run(args) -> list[dict]:
+def _describe(policy) -> str:
+    """The policy's full description, its plan revision included (`auto(bits=3.0)@r2`): which plan made a row."""
+    return policy.describe() if hasattr(policy, "describe") else str(policy)
+
+
+def replace_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each row of the same (context, method) as a row of `new` replaced by it, new pairs appended.
+
+    For rerunning one family (a changed plan) into a finished sweep without rerunning the others."""
+    fresh = {(r["context"], r["method"]): r for r in new}
+    out = [fresh.pop((r["context"], r["method"]), r) for r in old]
+    return out + [r for r in new if (r["context"], r["method"]) in fresh]
+
+
+def run(args, keep: list[dict] | None = None) -> list[dict]:
+    """Every context's rows; with `keep` (a finished run's rows), what is saved after each context is `keep` with
+    these rows in place (`replace_rows`), so a stopped rerun never leaves less than the finished run had."""
     model, tok = vlmkv.load_model(args.model)
     ids_all = tok(corpus(args.text), add_special_tokens=False, return_tensors="pt")["input_ids"]
     rows = []
@@ -83,7 +99,7 @@ def run(args) -> list[dict]:
         rows += context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
                              args.per_method_prefill)
         if args.out:  # each finished context is kept, should a later (longer) one be stopped
-            Path(args.out).write_text(json.dumps(rows, indent=1))
+            Path(args.out).write_text(json.dumps(rows if keep is None else replace_rows(keep, rows), indent=1))
     return rows
 
 
@@ -158,8 +174,16 @@ def main():
                    help="prefill the prompt once per method (default: once, every cache filled from it, as vlmkv eval)")
     p.add_argument("--text", default=None, help="a text file (default: the Debian license texts)")
     p.add_argument("--out", default=None)
+    p.add_argument("--replace-in", default=None, metavar="JSON",
+                   help="a finished run's JSON: this run's rows replace its rows of the same context and method, "
+                        "the others are kept; the merged rows go to --out (which may be the same file)")
     args = p.parse_args()
-    rows = run(args)
+    if args.replace_in is not None and not args.out:
+        p.error("--replace-in needs --out")
+    old = json.loads(Path(args.replace_in).read_text()) if args.replace_in else None  # read before anything runs
+    rows = run(args, old)
+    if old is not None:
+        rows = replace_rows(old, rows)
     print(markdown(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -188,6 +188,11 @@ def test_long_fidelity_rows_equal_with_one_prefill(tiny_llama):
     keys = ("method", "bits_per_element", "kl", "top1")
     assert [[r[k] for k in keys] for r in shared] == [[r[k] for k in keys] for r in apart]
     assert shared[0]["kl"] > 0 and shared[0]["bits_per_element"] < 4  # rtn-2 does differ from the reference
+    assert shared[0]["describe"].startswith("rtn(bits=2")  # each row names the plan that made it
+    # --replace-in: a rerun family's rows take the place of its old rows, every other row stays where it was
+    old = [{"context": 400, "method": m, "kl": 1.0} for m in ("FP16", "auto bits=3.0", "kivi-2")]
+    new = [{"context": 400, "method": "auto bits=3.0", "kl": 0.5}, {"context": 800, "method": "auto bits=3.0", "kl": 0.6}]
+    assert mod.replace_rows(old, new) == [old[0], new[0], old[2], new[1]]
 
 
 def test_prompt_prefill_reference_equals_a_dynamic_cache_prefill(tiny_llama):
