@@ -211,3 +211,30 @@ def test_prompt_prefill_reference_equals_a_dynamic_cache_prefill(tiny_llama):
     torch.testing.assert_close(src.reference(ids[:, 50:]), want)
     with pytest.raises(ValueError, match="shared"):
         PromptPrefill(tiny_llama, ids, torch.ones_like(ids), shared=1)
+
+
+def test_eval_fidelity_reference_ends_at_the_answers_stop(local_llava, tmp_path):
+    """KL and top-1 are teacher-forced on fp16's answer through its end-of-sequence token: a model that stops
+    after one token gives two positions (the answer and its stop), never a continuation forced past the stop.
+    run.json names the reference, so --resume cannot mix records measured against another one."""
+    import json
+
+    from vlmkv.cli import main
+    from vlmkv.eval.runner import FIDELITY, build_sample_inputs, evaluate
+    from vlmkv.eval.milebench import load_task
+    from vlmkv.models.loading import load_model
+
+    d, _ = local_llava
+    model, proc = load_model(str(d))
+    main(["make-data", "--out", str(tmp_path / "data"), "--tasks", "Counting", "--samples", "1", "--frames", "4"])
+    inp = build_sample_inputs(proc, load_task(tmp_path / "data", "Counting", 1)[0])
+    model.generation_config.eos_token_id = None
+    seq = model.generate(**inp, max_new_tokens=2, do_sample=False)[0, inp["input_ids"].shape[1]:].tolist()
+    assert seq[0] != seq[1], seq  # the tiny model's first two tokens differ: the second can act as its stop
+    model.generation_config.eos_token_id = seq[1]
+    answers = []
+    evaluate(model, proc, tmp_path / "data", ["Counting"], ["fp16", "rtn-2"], max_new_tokens=6, answers=answers,
+             log_dir=tmp_path / "out")
+    recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert [r["kl_positions"] for r in recs] == [2, 2]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["fidelity"] == FIDELITY

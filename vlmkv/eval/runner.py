@@ -7,7 +7,9 @@ home-made launcher).
 
 Per (method, task): accuracy (MileBench scoring), bits per element and KV MiB from `cache.nbytes()` at the
 end of each answer, and next-token KL / top-1 agreement against the `fp16` cache, teacher-forced on the
-fp16 answer tokens of the same sample. Deterministic (greedy decoding).
+fp16 answer of the same sample through its end-of-sequence token (`FIDELITY`): a one-token answer gives two
+positions, the answer (from the full-precision prefill, equal for every method) and the stop, which reads the
+cache. Deterministic (greedy decoding).
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ from ..cache import cache_kwargs
 from ..models.cpu_bf16 import Fp32Linear
 from .fidelity import PromptPrefill, greedy_continuation
 from .milebench import Sample, load_task, score, score_strict
+
+
+# What KL and top-1 are measured over; run.json records it, so --resume never mixes it with another reference.
+# Before 2026-12-02 the reference barred the end-of-sequence token for 2 tokens (min_new_tokens=2): a one-token
+# answer ("3", "red", "yes") was forced on past its stop into a made-up next turn, which dominated the KL.
+FIDELITY = "fp16 answer through its end-of-sequence token"
 
 
 @dataclass
@@ -214,7 +222,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         lock = OutputLock(Path(log_dir), rank)
         if state is None or state.is_main_process:
             settings = {"model": str(getattr(model.config, "_name_or_path", "")), "data": str(Path(data_root).resolve()),
-                        "dtype": str(model.dtype), "max_new_tokens": max_new_tokens, "fidelity": fidelity,
+                        "dtype": str(model.dtype), "max_new_tokens": max_new_tokens,
+                        "fidelity": FIDELITY if fidelity else False,
                         "methods": {label: (m if isinstance(m, str) else m.describe()) for label, m in entries}}
             if any(isinstance(mod, Fp32Linear) for mod in model.modules()):  # another summation order: other answers
                 settings["linears"] = "float32 (linears_via_fp32)"
@@ -260,9 +269,9 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 return _greedy(model, inp, cache, max_new_tokens, tok, **kw)
             return greedy_continuation(model, am, cache, src.first, max_new_tokens, eos, tok.pad_token_id, **kw)
 
-        if fidelity:  # the fp16 answer tokens every method is teacher-forced on
+        if fidelity:  # the fp16 answer every method is teacher-forced on: at least one token, then its stop
             with src.cache("fp16") as cache:
-                ref, lr = greedy(cache, min_new_tokens=2)
+                ref, lr = greedy(cache, min_new_tokens=1)
             lp = lr.log_softmax(-1)
         for label, m in entries:
             if old[label] is not None:
@@ -272,7 +281,9 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 ans = tok.decode(new[0], skip_special_tokens=True)
                 bpe, nb = cache.bits_per_element(), cache.nbytes()
             kl = top1 = float("nan")
+            positions = 0
             if fidelity:
+                positions = ref.shape[1]
                 lq = _forced_from_greedy(new, lg, ref)
                 if lq is None:  # the answer left fp16's path: teacher-force it
                     with src.cache(m) as c1:
@@ -287,7 +298,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
             if answers is not None:
                 answers.append(rec)
             if log is not None:
-                log.write(json.dumps({**rec, "bytes": nb, "kl": kl, "top1": top1}) + "\n")
+                log.write(json.dumps({**rec, "bytes": nb, "kl": kl, "top1": top1, "kl_positions": positions}) + "\n")
                 log.flush()
     if log is not None:
         log.close()
