@@ -186,8 +186,12 @@ def test_sweep_parsing_and_table2_layout():
     assert parse_sweep("recent=0,32,64") == ("recent", [0, 32, 64])
     assert [l for l, _ in preset_methods("akvq-table2")] == ["FP16", "RTN (INT4)", "RTN (INT2)", "SmoothQuant", "KIVI",
                                                              "SKVQ", "AKVQ-VL"]
-    md = table2_markdown([Row("FP16", "OE", 2, 0.5, 32.0, 1.0, 0.0, 1.0), Row("FP16", "ST", 2, 1.0, 32.0, 1.0, 0.0, 1.0)])
-    assert "| FP16 | 32.00 | 50.0 | 100.0 |" in md
+    md = table2_markdown([Row("FP16", "OE", 2, 0.5, 32.0, 1.0, 0.0, 1.0), Row("FP16", "ST", 2, 1.0, 32.0, 1.0, 0.0, 1.0),
+                          Row("rtn-2", "OE", 2, 0.5, 2.5, 0.1, 0.2, 0.5), Row("rtn-2", "ST", 2, 0.0, 2.5, 0.1, 0.4, 0.5)])
+    assert "| FP16 | 32.00 | 50.0 | 100.0 | 0.750 | 100.0% | 0.0000 | 1.000 |" in md
+    assert "| rtn-2 | 2.50 | 50.0 | 0.0 | 0.250 | 33.3% | 0.3000 | 0.500 |" in md
+    nan = float("nan")  # --no-fidelity: no KL to average
+    assert "| 0.500 | - | - | - |" in table2_markdown([Row("x", "OE", 1, 0.5, 3.0, 1.0, nan, nan)])
     with pytest.raises(ValueError, match="sweep"):
         parse_sweep("nope=1,2")
 

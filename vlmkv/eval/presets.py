@@ -59,17 +59,30 @@ def sweep_methods(spec: str) -> tuple[str, list, list[tuple[str, object]]]:
 
 
 def table2_markdown(rows) -> str:
-    """Methods as rows, tasks as columns (accuracy in %), plus bits per element from bytes."""
+    """Methods as rows, tasks as columns (accuracy in %), plus bits per element from bytes, and over all tasks
+    (weighted by samples): mean accuracy, its share of FP16's, mean KL and top-1 against FP16 ('-' unmeasured)."""
+    import math
+
     methods = list(dict.fromkeys(r.method for r in rows))
     tasks = list(dict.fromkeys(r.task for r in rows))
     cell = {(r.method, r.task): r for r in rows}
-    lines = ["| Method | Bits (from bytes) | " + " | ".join(tasks) + " |",
-             "|---|---:|" + "---:|" * len(tasks)]
+    pts = _points(rows)
+    ref = _reference(pts)
+
+    def mean(rs, field):
+        n = sum(r.n for r in rs)
+        v = sum(getattr(r, field) * r.n for r in rs) / max(1, n)
+        return "-" if math.isnan(v) else f"{v:.4f}" if field == "kl" else f"{v:.3f}"
+
+    lines = ["| Method | Bits (from bytes) | " + " | ".join(tasks) + " | Mean | % of FP16 | KL | top-1 |",
+             "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"]
     for m in methods:
         rs = [cell[(m, t)] for t in tasks if (m, t) in cell]
-        bits = sum(r.bits_per_element * r.n for r in rs) / max(1, sum(r.n for r in rs))
+        bits, acc, _ = pts[m]
+        share = f"{100 * acc / ref[1]:.1f}%" if ref and ref[1] > 0 else "-"
         lines.append(f"| {m} | {bits:.2f} | " + " | ".join(f"{100 * cell[(m, t)].accuracy:.1f}" if (m, t) in cell else "-"
-                                                           for t in tasks) + " |")
+                                                           for t in tasks)
+                     + f" | {acc:.3f} | {share} | {mean(rs, 'kl')} | {mean(rs, 'top1')} |")
     return "\n".join(lines)
 
 
