@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     from vlmkv.models.cpu_bf16 import apply_linears
 
     model, proc = vlmkv.load_model(args.model, dtype=torch.bfloat16)
-    line = apply_linears(model, args.linears, "cpu")  # the same check and switch as `vlmkv eval --linears`
+    line = apply_linears(model, args.linears)  # the same check and switch as `vlmkv eval --linears`
     if line:
         print(line, flush=True)
     methods = ["fp16", (f"auto:bits={args.bits}", AutoPolicy(bits=args.bits))]

@@ -105,15 +105,15 @@ def test_apply_linears_is_the_one_check_for_every_entry_point():
     from vlmkv.models.cpu_bf16 import apply_linears, bf16_gemm_is_native
 
     m = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
-    note = apply_linears(m, "native", "cpu")
+    note = apply_linears(m, "native")
     assert note.startswith("note: this CPU has no bf16") if not bf16_gemm_is_native() else note == ""
-    assert apply_linears(m, "native", "cuda:0") == ""  # the hint is about CPU kernels only
+    assert apply_linears(nn.Linear(4, 4, device="meta").to(torch.bfloat16), "native") == ""  # CPU kernels only
     assert type(m[0]) is nn.Linear  # native changes nothing
-    assert apply_linears(m, "fp32", "cpu").startswith("--linears fp32: 1 linear")
+    assert apply_linears(m, "fp32").startswith("--linears fp32: 1 linear")
     assert type(m[0]) is Fp32Linear
     with pytest.raises(ValueError, match="for a bfloat16/float16 model on the CPU"):
-        apply_linears(nn.Linear(4, 4), "fp32", "cpu")  # float32: nothing to do, refused
+        apply_linears(nn.Linear(4, 4), "fp32")  # float32: nothing to do, refused
     with pytest.raises(ValueError, match="for a bfloat16/float16 model on the CPU"):
-        apply_linears(nn.Linear(4, 4).to(torch.bfloat16), "fp32", "cuda:0")
+        apply_linears(nn.Linear(4, 4, device="meta").to(torch.bfloat16), "fp32")  # not on the CPU
     with pytest.raises(ValueError, match="mode must be"):
-        apply_linears(m, "fp8", "cpu")
+        apply_linears(m, "fp8")

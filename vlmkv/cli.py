@@ -252,7 +252,7 @@ def _linears(args, model) -> None:
     """--linears fp32: bf16/fp16 linear layers through float32 GEMMs; a hint where bf16 matmul is emulated."""
     from .models.cpu_bf16 import apply_linears
 
-    line = apply_linears(model, args.linears, str(args.device))
+    line = apply_linears(model, args.linears)
     if line:
         print(line, flush=True)
 

@@ -67,24 +67,25 @@ def linears_via_fp32(model: nn.Module) -> int:
     return n
 
 
-def apply_linears(model: nn.Module, mode: str, device: str = "cpu") -> str:
+def apply_linears(model: nn.Module, mode: str) -> str:
     """Apply a `--linears` choice to `model` and return one line saying what happened (for the log).
 
     mode "fp32": every bf16/fp16 `nn.Linear` computes in float32 (`linears_via_fp32`); only for a bf16/fp16 model
-    on the CPU, anything else raises (the switch would do nothing, or slow a GPU down). mode "native": nothing
-    changes; the line warns when a bf16 model on this CPU runs emulated bf16 kernels, "" otherwise.
+    whose parameters are on the CPU, anything else raises (the switch would do nothing, or slow a GPU down). mode
+    "native": nothing changes; the line warns when a bf16 model on this CPU runs emulated bf16 kernels, "" otherwise.
     """
     if mode not in ("native", "fp32"):
         raise ValueError(f"mode must be 'native' or 'fp32', got {mode!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__!r}")
     # a transformers model names its dtype; a bare module goes by its first parameter
-    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
-    cpu = str(device).startswith("cpu")
+    first = next(model.parameters())
+    dtype, device = getattr(model, "dtype", None) or first.dtype, first.device
+    cpu = device.type == "cpu"  # where the weights are, whatever a --device flag asked for
     if mode == "fp32":
         if dtype not in (torch.bfloat16, torch.float16) or not cpu:
             raise ValueError(f"--linears fp32 is for a bfloat16/float16 model on the CPU, got dtype {dtype} "
-                             f"on {device!r}")
+                             f"on {str(device)!r}")
         return f"--linears fp32: {linears_via_fp32(model)} linear layers compute in float32"
     if cpu and dtype == torch.bfloat16 and not bf16_gemm_is_native():
         return ("note: this CPU has no bf16 instructions, so bf16 linear layers run an emulated kernel (about 9x "
