@@ -2,7 +2,8 @@
 
     python benchmarks/pareto_from_results.py docs/pocket/table2_long/32 docs/pocket/table2_long/64
 
-For each folder holding an eval's `results.json`, writes beside it `pareto.png` (mean accuracy and KL against bits
+For each folder holding an eval's `results.json`, writes beside it `table2.md` (accuracy per task, mean, share of
+FP16, KL, top-1), `pareto.png` (mean accuracy and KL against bits
 per element counted from bytes, one line per method family, FP16's line) and `fewest_bits.md` (per family, the
 fewest bits keeping 99% of FP16's accuracy), as `vlmkv eval --pareto` does for its own sweep. Method labels join
 their family's line: "RTN (INT4)" and "rtn-2" are rtn, "auto:bits=3.0" is auto (vlmkv/eval/presets.py: _family).
@@ -86,12 +87,12 @@ def main(argv=None) -> int:
             dest = Path(args.out)
             dest.mkdir(parents=True, exist_ok=True)
             (dest / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
-            (dest / "table2.md").write_text(presets.table2_markdown(rows) + "\n")
             print(line)
+        (dest / "table2.md").write_text(presets.table2_markdown(rows) + "\n")
         table = presets.fewest_bits_markdown(rows, keep=args.keep)
         (dest / "fewest_bits.md").write_text(table + "\n")
         presets.plot_pareto(rows, dest / "pareto.png", title=str(dest))
-        print(f"{dest}:\n{table}\nwrote {dest / 'pareto.png'} and {dest / 'fewest_bits.md'}\n")
+        print(f"{dest}:\n{table}\nwrote {dest / 'table2.md'}, {dest / 'pareto.png'} and {dest / 'fewest_bits.md'}\n")
     return 0
 
 

@@ -377,6 +377,7 @@ def test_pareto_from_finished_runs(tmp_path):
     md = (tmp_path / "r" / "fewest_bits.md").read_text()
     assert "| rtn | 4.80 | RTN (INT4) |" in md and "| auto | - |" in md and "FP16: mean accuracy 0.500 (4 answers)" in md
     assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
+    assert "| RTN (INT4) | 4.80 | 50.0 | 0.500 | 100.0% |" in (tmp_path / "r" / "table2.md").read_text()
     with pytest.raises(SystemExit, match="no results.json"):
         mod.main([str(tmp_path / "nothing")])
 
