@@ -78,10 +78,21 @@ def _describe(policy) -> str:
     return policy.describe() if hasattr(policy, "describe") else str(policy)
 
 
+SETUP = ("model", "text", "steps")  # what rows of one sweep share; rows from before 2026-12-02 do not record it
+
+
+def setup(args) -> dict:
+    return {"model": args.model, "text": args.text or "debian-licenses", "steps": args.steps}
+
+
 def replace_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """`old` with each row of the same (context, method) as a row of `new` replaced by it, new pairs appended.
 
-    For rerunning one family (a changed plan) into a finished sweep without rerunning the others."""
+    For rerunning one family (a changed plan) into a finished sweep without rerunning the others. Rows that record
+    their setup (model, text, steps) must all agree on it: a sweep measured otherwise is refused, not mixed in."""
+    seen = {tuple(r[k] for k in SETUP) for r in old + new if all(k in r for k in SETUP)}
+    if len(seen) > 1:
+        raise ValueError(f"replace_rows needs rows of one setup {SETUP}, got {sorted(seen, key=str)!r}")
     fresh = {(r["context"], r["method"]): r for r in new}
     out = [fresh.pop((r["context"], r["method"]), r) for r in old]
     return out + [r for r in new if (r["context"], r["method"]) in fresh]
@@ -96,8 +107,9 @@ def run(args, keep: list[dict] | None = None) -> list[dict]:
     for n in [int(c) for c in args.contexts.split(",")]:
         if ids_all.shape[1] < n + args.steps:
             raise SystemExit(f"the text holds {ids_all.shape[1]} tokens, fewer than {n} + {args.steps}")
-        rows += context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
-                             args.per_method_prefill)
+        new = context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
+                           args.per_method_prefill)
+        rows += [{**r, **setup(args)} for r in new]
         if args.out:  # each finished context is kept, should a later (longer) one be stopped
             Path(args.out).write_text(json.dumps(rows if keep is None else replace_rows(keep, rows), indent=1))
     return rows
@@ -181,6 +193,9 @@ def main():
     if args.replace_in is not None and not args.out:
         p.error("--replace-in needs --out")
     old = json.loads(Path(args.replace_in).read_text()) if args.replace_in else None  # read before anything runs
+    theirs = {tuple(r[k] for k in SETUP) for r in old or [] if all(k in r for k in SETUP)}
+    if theirs and theirs != {tuple(setup(args)[k] for k in SETUP)}:  # refused before an hour of work, not after
+        p.error(f"--replace-in holds rows of setup {SETUP} = {sorted(theirs, key=str)!r}, this run is {setup(args)!r}")
     rows = run(args, old)
     if old is not None:
         rows = replace_rows(old, rows)

@@ -193,6 +193,10 @@ def test_long_fidelity_rows_equal_with_one_prefill(tiny_llama):
     old = [{"context": 400, "method": m, "kl": 1.0} for m in ("FP16", "auto bits=3.0", "kivi-2")]
     new = [{"context": 400, "method": "auto bits=3.0", "kl": 0.5}, {"context": 800, "method": "auto bits=3.0", "kl": 0.6}]
     assert mod.replace_rows(old, new) == [old[0], new[0], old[2], new[1]]
+    same = {"model": "m", "text": "t", "steps": 32}
+    assert mod.replace_rows([{**r, **same} for r in old], [{**r, **same} for r in new])[1]["kl"] == 0.5
+    with pytest.raises(ValueError, match="one setup"):  # another number of steps is another measurement
+        mod.replace_rows([{**r, **same} for r in old], [{**r, **same, "steps": 16} for r in new])
 
 
 def test_prompt_prefill_reference_equals_a_dynamic_cache_prefill(tiny_llama):
