@@ -189,9 +189,18 @@ def fewest_per_family(points: dict, ok) -> dict[str, tuple | None]:
 
 def draw_families(ax, points: dict, metric: int) -> None:
     """One line per family on `ax`: bits (log2 axis) against metric number `metric` of the points' tuples."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    xs = []
     for fam, pts in by_family(points).items():
         ax.plot([p[0] for p in pts], [p[2 + metric] for p in pts], marker="o", label=fam)
+        xs += [p[0] for p in pts]
     ax.set_xscale("log", base=2)
+    if xs:  # plain numbers at the bit widths people compare (a log2 axis alone labels only powers of two)
+        ticks = [t for t in (2, 2.5, 3, 4, 5, 6, 8, 12, 16) if min(xs) / 1.1 <= t <= max(xs) * 1.1]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def fewest_bits_markdown(rows, keep: float = 0.99) -> str:
