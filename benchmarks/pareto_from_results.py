@@ -63,9 +63,9 @@ def merge(base: Path, other: Path) -> tuple[list[Row], str]:
         raise SystemExit(f"FP16 answers differ on {len(differ)} of {len(shared)} shared clips (first {differ[0]!r}): "
                          f"{base} and {other} are not the same experiment")
     new = [r for r in _rows(other) if presets._family(r.method) != "fp16"]
-    labels = {r.method for r in new}
-    rows = [r for r in _rows(base) if r.method not in labels] + new
-    kept = sorted(labels & {r.method for r in _rows(base)})
+    labels, old = {r.method for r in new}, _rows(base)
+    rows = [r for r in old if r.method not in labels] + new
+    kept = sorted(labels & {r.method for r in old})
     return rows, (f"{len(labels)} methods from {other} ({', '.join(sorted(labels))}; replacing {', '.join(kept) or 'none'}); "
                   f"FP16 answers equal on all {len(shared)} shared clips")
 
@@ -81,8 +81,10 @@ def main(argv=None) -> int:
     if args.replace_from is not None and (len(args.runs) != 1 or not args.out):
         p.error("--replace-from merges into one run: give exactly one run and --out")
     for run in map(Path, args.runs):
-        rows, dest = _rows(run), run
-        if args.replace_from is not None:
+        dest = run
+        if args.replace_from is None:
+            rows = _rows(run)
+        else:
             rows, line = merge(run, Path(args.replace_from))
             dest = Path(args.out)
             dest.mkdir(parents=True, exist_ok=True)
