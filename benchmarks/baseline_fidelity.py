@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vlmkv  # noqa: E402
 from long_fidelity import corpus  # noqa: E402
 from vlmkv.attention import segment_attention  # noqa: E402
-from vlmkv.eval.fidelity import teacher_forced_logits  # noqa: E402
+from vlmkv.eval.fidelity import next_token_kl, teacher_forced_logits, top1_agreement  # noqa: E402
 from vlmkv.policies import PrefillContext, get_policy  # noqa: E402
 from vlmkv.storage import LayerStore  # noqa: E402
 
@@ -109,15 +109,15 @@ def run(args) -> list[dict]:
     dtype = seen[0][1].dtype
     prompt, cont = ids[:, :args.context], ids[:, args.context:]
     mask = torch.ones_like(prompt)
-    ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont).log_softmax(-1)
+    ref = teacher_forced_logits(model, prompt, mask, DynamicCache(config=model.config), cont)
     rows = []
     for label, method, opts in tqdm(CONFIGS, desc="configurations", file=sys.stderr):
         policy = get_policy(method, **opts)
         t0 = time.perf_counter()
         per = [layer_errors(policy, i, q, k, v, args.context, scaling, dtype) for i, (q, k, v) in enumerate(seen)]
         with vlmkv.QuantizedKVCache(model, policy) as cache:
-            got = teacher_forced_logits(model, prompt, mask, cache, cont).log_softmax(-1)
-        kl = (ref.exp() * (ref - got)).sum(-1)
+            got = teacher_forced_logits(model, prompt, mask, cache, cont)
+        kl = next_token_kl(ref, got)
         L = len(per)
         rows.append({"config": label, "method": method, "options": opts,
                      "attention_error": round(sum(p["attn"] for p in per) / L, 4),
@@ -125,7 +125,7 @@ def run(args) -> list[dict]:
                      "value_error": round(sum(p["v"] for p in per) / L, 4),
                      "bits_per_element": round(8 * sum(p["bytes"] for p in per) / sum(p["elements"] for p in per), 3),
                      "kl": round(float(kl.mean()), 5),
-                     "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+                     "top1": round(float(top1_agreement(ref, got).mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
-from vlmkv.eval.fidelity import PromptPrefill, greedy_continuation  # noqa: E402
+from vlmkv.eval.fidelity import REFERENCE_MIN_NEW_TOKENS, greedy_continuation, next_token_kl  # noqa: E402
 from vlmkv.eval.milebench import load_task  # noqa: E402
-from vlmkv.eval.runner import build_sample_inputs  # noqa: E402
+from vlmkv.eval.runner import build_sample_inputs, sample_prefill  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,24 +30,22 @@ def main(argv=None) -> int:
     p.add_argument("--clips", type=int, default=3)
     p.add_argument("--methods", default="auto,akvq-vl")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--min-new-tokens", type=int, default=1, help="1: eval's reference; 2: the one used before")
+    p.add_argument("--min-new-tokens", type=int, default=REFERENCE_MIN_NEW_TOKENS,
+                   help=f"{REFERENCE_MIN_NEW_TOKENS}: eval's reference; 2: the one used before")
     args = p.parse_args(argv)
     model, proc = vlmkv.load_model(args.model)
     tok = getattr(proc, "tokenizer", proc)
     eos = model.generation_config.eos_token_id
     for s in load_task(args.data, args.task, args.clips):
-        inp = build_sample_inputs(proc, s)
-        extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
-        src = PromptPrefill(model, inp["input_ids"], inp["attention_mask"], shared=True, tokenizer=tok, **extra)
+        src = sample_prefill(model, build_sample_inputs(proc, s), True, tok)
         with src.cache("fp16") as c:
-            ref, lr = greedy_continuation(model, inp["attention_mask"], c, src.first, args.max_new_tokens, eos,
+            ref, lr = greedy_continuation(model, src.attention_mask, c, src.first, args.max_new_tokens, eos,
                                           tok.pad_token_id, min_new_tokens=args.min_new_tokens)
-        lp = lr.log_softmax(-1)
         print(f"{s.sample_id}: reference {[tok.decode(t) for t in ref[0]]}")
         for m in args.methods.split(","):
             with src.cache(vlmkv.get_policy(m)) as c:
-                lq = src.forced(c, ref).log_softmax(-1)
-            kl = (lp.exp() * (lp - lq)).sum(-1)[0]
+                lq = src.forced(c, ref)
+            kl = next_token_kl(lr, lq)[0]
             print(f"  {m:10s} KL by position {[round(float(x), 4) for x in kl]}  mean {float(kl.mean()):.4f}")
             print(f"  {'':10s} argmax {[tok.decode(t) for t in lq.argmax(-1)[0]]}")
     return 0

@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vlmkv  # noqa: E402
 from vlmkv.cli import _feasible, _method_entry  # noqa: E402
-from vlmkv.eval.fidelity import PromptPrefill  # noqa: E402
+from vlmkv.eval.fidelity import PromptPrefill, next_token_kl, top1_agreement  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
 METHODS = "rtn-4,rtn-2,kivi-4,kivi-2,smoothquant-2,skvq,akvq-vl,windowquant"
@@ -56,18 +56,18 @@ def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_m
     n = prompt.shape[1]
     t0 = time.perf_counter()
     src = PromptPrefill(model, prompt, torch.ones_like(prompt), shared=not per_method_prefill)
-    ref = src.reference(cont).log_softmax(-1)
+    ref = src.reference(cont)
     t_ref = time.perf_counter() - t0
     rows = []
     for method, policy in tqdm(methods, desc=f"{n} tokens", file=sys.stderr):
         t0 = time.perf_counter()
         with src.cache(policy) as cache:
-            got = src.forced(cache, cont).log_softmax(-1)
+            got = src.forced(cache, cont)
             bits = cache.bits_per_element()
-        kl = (ref.exp() * (ref - got)).sum(-1)
+        kl = next_token_kl(ref, got)
         rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
                      "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
-                     "top1": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+                     "top1": round(float(top1_agreement(ref, got).mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
                      "shared_prefill": src.shared, "describe": _describe(policy)})
     return rows

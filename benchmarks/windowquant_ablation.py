@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vlmkv  # noqa: E402
 from akvq_ablation import long_prompt  # noqa: E402
-from vlmkv.eval.fidelity import teacher_forced_logits  # noqa: E402
+from vlmkv.eval.fidelity import next_token_kl, teacher_forced_logits, top1_agreement  # noqa: E402
 from vlmkv.eval.prompts import copy_table_prompt, score_copy  # noqa: E402
 from vlmkv.models.modality import IMAGE, TEXT  # noqa: E402
 from vlmkv.policies.base import PrefillContext  # noqa: E402
@@ -85,7 +85,6 @@ def part1(model, tok, args):
     gen = model.generate(**x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     cont = gen[:, x["input_ids"].shape[1]:]
     ref = teacher_forced_logits(model, x["input_ids"], x["attention_mask"], vlmkv.QuantizedKVCache(model, "fp16"), cont)
-    logp_ref = ref.log_softmax(-1)
     t0 = time.perf_counter()
     model(**x)
     t_prefill = time.perf_counter() - t0
@@ -95,8 +94,8 @@ def part1(model, tok, args):
         with vlmkv.QuantizedKVCache(model, pol) as cache:
             cache.set_spans(types, frames)
             got = teacher_forced_logits(model, x["input_ids"], x["attention_mask"], cache, cont)
-            kl = float((logp_ref.exp() * (logp_ref - got.log_softmax(-1))).sum(-1).mean())
-            top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+            kl = float(next_token_kl(ref, got).mean())
+            top1 = float(top1_agreement(ref, got).mean())
             bpe = cache.bits_per_element()
             search = sum(cache.plan_seconds())  # planning time of every layer (scoring + search)
         with vlmkv.QuantizedKVCache(model, make_policy(name, opts, args.budget)) as cache:

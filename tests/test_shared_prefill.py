@@ -242,3 +242,20 @@ def test_eval_fidelity_reference_ends_at_the_answers_stop(local_llava, tmp_path)
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert [r["kl_positions"] for r in recs] == [2, 2]
     assert json.loads((tmp_path / "out" / "run.json").read_text())["fidelity"] == FIDELITY
+
+
+def test_next_token_kl_and_top1_agree_with_torch():
+    """The one KL every fidelity figure uses equals torch's kl_div, from logits or log-probabilities alike."""
+    from vlmkv.eval.fidelity import next_token_kl, top1_agreement
+
+    g = torch.Generator().manual_seed(0)
+    ref, got = torch.randn(2, 5, 50, generator=g), torch.randn(2, 5, 50, generator=g)
+    want = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
+    kl = next_token_kl(ref, got)
+    assert kl.shape == (2, 5) and kl.dtype == torch.float32
+    torch.testing.assert_close(kl, want)
+    torch.testing.assert_close(next_token_kl(ref.log_softmax(-1), got.log_softmax(-1)), want)
+    torch.testing.assert_close(next_token_kl(ref, ref + 3.0), torch.zeros(2, 5), atol=1e-6, rtol=0)  # a shift: same p
+    assert torch.equal(top1_agreement(ref, got), (ref.argmax(-1) == got.argmax(-1)).float())
+    assert top1_agreement(ref, ref).eq(1).all()

@@ -13,6 +13,23 @@ from ..cache import QuantizedKVCache
 from ..models.positions import decode_position_ids, prefill_position_ids
 from ..cache import cache_kwargs
 
+# `vlmkv eval`'s reference answer is fp16's greedy answer of at least this many tokens, through its
+# end-of-sequence token (runner.FIDELITY names it). 2 would bar the stop at the second token too: a one-token
+# answer ("3", "red") would be forced on into a made-up next turn.
+REFERENCE_MIN_NEW_TOKENS = 1
+
+
+def next_token_kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p_got) at each position: `[...]` float32 from logits or log-probabilities `[..., V]` (either:
+    log_softmax is idempotent). Equals sum_v p_ref(v) * (log p_ref(v) - log p_got(v)), p = softmax(x, -1)."""
+    lp, lq = ref.float().log_softmax(-1), got.float().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def top1_agreement(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """1.0 where `ref` and `got` `[..., V]` put their largest value on the same token, else 0.0: `[...]` float32."""
+    return (ref.argmax(-1) == got.argmax(-1)).float()
+
 
 @torch.no_grad()
 def prefill_logits(model, input_ids, attention_mask, cache, **inputs) -> torch.Tensor:
@@ -94,16 +111,13 @@ def fidelity(model, input_ids, attention_mask, policies, steps: int = 32) -> dic
     cont = gen[:, input_ids.shape[1]:]
     src = PromptPrefill(model, input_ids, attention_mask, shared=False)  # a prefill per cache, as before
     ref = src.reference(cont)
-    logp_ref = ref.log_softmax(-1)
     results = {}
     for p in policies:
         with src.cache(p) as cache:
             got = src.forced(cache, cont)
-            logp = got.log_softmax(-1)
-            kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
             results[p if isinstance(p, str) else p.describe()] = {
-                "kl": float(kl.mean()),
-                "top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "kl": float(next_token_kl(ref, got).mean()),
+                "top1": float(top1_agreement(ref, got).mean()),
                 **cache.memory_report(),
             }
     return results

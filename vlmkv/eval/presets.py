@@ -69,20 +69,19 @@ def table2_markdown(rows) -> str:
     pts = _points(rows)
     ref = _reference(pts)
 
-    def mean(rs, field):
-        n = sum(r.n for r in rs)
-        v = sum(getattr(r, field) * r.n for r in rs) / max(1, n)
-        return "-" if math.isnan(v) else f"{v:.4f}" if field == "kl" else f"{v:.3f}"
+    def shown(v, fmt):
+        return "-" if math.isnan(v) else format(v, fmt)
 
     lines = ["| Method | Bits (from bytes) | " + " | ".join(tasks) + " | Mean | % of FP16 | KL | top-1 |",
              "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"]
     for m in methods:
         rs = [cell[(m, t)] for t in tasks if (m, t) in cell]
-        bits, acc, _ = pts[m]
+        bits, acc, kl = pts[m]
+        top1 = sum(r.top1 * r.n for r in rs) / max(1, sum(r.n for r in rs))  # weighted as `_points` weighs KL
         share = f"{100 * acc / ref[1]:.1f}%" if ref and ref[1] > 0 else "-"
         lines.append(f"| {m} | {bits:.2f} | " + " | ".join(f"{100 * cell[(m, t)].accuracy:.1f}" if (m, t) in cell else "-"
                                                            for t in tasks)
-                     + f" | {acc:.3f} | {share} | {mean(rs, 'kl')} | {mean(rs, 'top1')} |")
+                     + f" | {acc:.3f} | {share} | {shown(kl, '.4f')} | {shown(top1, '.3f')} |")
     return "\n".join(lines)
 
 

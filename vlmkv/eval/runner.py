@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..cache import cache_kwargs
 from ..models.cpu_bf16 import Fp32Linear
-from .fidelity import PromptPrefill, greedy_continuation
+from .fidelity import REFERENCE_MIN_NEW_TOKENS, PromptPrefill, greedy_continuation, next_token_kl, top1_agreement
 from .milebench import Sample, load_task, score, score_strict
 
 
@@ -125,6 +125,13 @@ def _check_settings(folder: Path, settings: dict, resume: bool) -> None:
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
                              + " (start a fresh --out)")
     path.write_text(json.dumps(settings, indent=1))
+
+
+def sample_prefill(model, inp: dict, shared: bool, tok) -> PromptPrefill:
+    """The prompt of `inp` (`build_sample_inputs`) prefilled once for every method's cache (`shared`), or set up
+    for a prefill per cache; its other inputs (pixel_values, ...) go to the prefill."""
+    extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
+    return PromptPrefill(model, inp["input_ids"], inp["attention_mask"], shared=shared, tokenizer=tok, **extra)
 
 
 @torch.no_grad()
@@ -259,10 +266,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
         if all(r is not None for r in old.values()):
             continue
         inp = build_sample_inputs(proc, s)
-        extra = {k: v for k, v in inp.items() if k not in ("input_ids", "attention_mask")}
         am = inp["attention_mask"]
-        # the one forward over the prompt every method's cache is filled from (or, unshared, a forward per cache)
-        src = PromptPrefill(model, inp["input_ids"], am, shared=shared, tokenizer=tok, **extra)
+        src = sample_prefill(model, inp, shared, tok)
 
         def greedy(cache, **kw):
             if not src.shared:
@@ -271,8 +276,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
 
         if fidelity:  # the fp16 answer every method is teacher-forced on: at least one token, then its stop
             with src.cache("fp16") as cache:
-                ref, lr = greedy(cache, min_new_tokens=1)
-            lp = lr.log_softmax(-1)
+                ref, lr = greedy(cache, min_new_tokens=REFERENCE_MIN_NEW_TOKENS)
         for label, m in entries:
             if old[label] is not None:
                 continue
@@ -288,8 +292,8 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 if lq is None:  # the answer left fp16's path: teacher-force it
                     with src.cache(m) as c1:
                         lq = src.forced(c1, ref)
-                kl = float((lp.exp() * (lp - lq.log_softmax(-1))).sum(-1).mean())
-                top1 = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
+                kl = float(next_token_kl(lr, lq).mean())
+                top1 = float(top1_agreement(lr, lq).mean())
             ok, strict = bool(score(ans, s)), bool(score_strict(ans, s))
             records.append((i, label, s.task, ok, bpe, nb, kl, top1, strict))
             rec = {"sample_id": s.sample_id, "task": s.task, "question": s.context.rsplit("\n", 1)[-1],
