@@ -332,3 +332,27 @@ def test_residual_buffer_holds_no_spare_room_where_nothing_slides():
     for _ in range(10):
         grow.append(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), 16, keep_recent=0, flush_every=None)
     assert grow.nbytes() == 2 * 2 * 50 * 32 * 4  # K and V in float32; one width for all: no bit map
+
+
+def test_load_model_never_fetches_hub_kernels(local_llava, smollm2, monkeypatch):
+    """transformers 5.25 turns `use_kernels` on by default: compiled layers fetched from the Hub at load time, and no
+    load at all without the `kernels` package. vlmkv's loader asks for none, on the VLM and the text-only path."""
+    import transformers
+
+    import vlmkv
+
+    seen = []
+    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+        orig = auto.from_pretrained
+
+        def spy(*args, _orig=orig, **kwargs):
+            seen.append(kwargs.get("use_kernels"))
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", spy)
+    d, _ = local_llava
+    vlmkv.load_model(str(d))
+    vlmkv.load_model(smollm2[0].name_or_path)
+    assert seen == [False, False]
+    vlmkv.load_model(str(d), use_kernels=None)  # a caller's own choice still reaches transformers
+    assert seen[-1] is None

