@@ -347,6 +347,8 @@ def test_load_model_never_fetches_hub_kernels(local_llava, smollm2, monkeypatch)
 
         def spy(*args, _orig=orig, **kwargs):
             seen.append(kwargs.get("use_kernels"))
+            if kwargs.get("use_kernels") is not False:  # recorded; not loaded (that may need the kernels package)
+                raise LookupError("spied")
             return _orig(*args, **kwargs)
 
         monkeypatch.setattr(auto, "from_pretrained", spy)
@@ -354,5 +356,6 @@ def test_load_model_never_fetches_hub_kernels(local_llava, smollm2, monkeypatch)
     vlmkv.load_model(str(d))
     vlmkv.load_model(smollm2[0].name_or_path)
     assert seen == [False, False]
-    vlmkv.load_model(str(d), use_kernels=None)  # a caller's own choice still reaches transformers
-    assert seen[-1] is None
+    with pytest.raises(LookupError, match="spied"):  # a caller's own choice still reaches transformers
+        vlmkv.load_model(str(d), use_kernels=True)
+    assert seen[-1] is True
