@@ -85,12 +85,17 @@ def setup(args) -> dict:
     return {"model": args.model, "text": args.text or "debian-licenses", "steps": args.steps}
 
 
+def setups(rows: list[dict]) -> set[tuple]:
+    """The distinct setups (values of SETUP) that `rows` record; rows that record none add nothing."""
+    return {tuple(r[k] for k in SETUP) for r in rows if all(k in r for k in SETUP)}
+
+
 def replace_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """`old` with each row of the same (context, method) as a row of `new` replaced by it, new pairs appended.
 
     For rerunning one family (a changed plan) into a finished sweep without rerunning the others. Rows that record
     their setup (model, text, steps) must all agree on it: a sweep measured otherwise is refused, not mixed in."""
-    seen = {tuple(r[k] for k in SETUP) for r in old + new if all(k in r for k in SETUP)}
+    seen = setups(old + new)
     if len(seen) > 1:
         raise ValueError(f"replace_rows needs rows of one setup {SETUP}, got {sorted(seen, key=str)!r}")
     fresh = {(r["context"], r["method"]): r for r in new}
@@ -193,8 +198,8 @@ def main():
     if args.replace_in is not None and not args.out:
         p.error("--replace-in needs --out")
     old = json.loads(Path(args.replace_in).read_text()) if args.replace_in else None  # read before anything runs
-    theirs = {tuple(r[k] for k in SETUP) for r in old or [] if all(k in r for k in SETUP)}
-    if theirs and theirs != {tuple(setup(args)[k] for k in SETUP)}:  # refused before an hour of work, not after
+    theirs = setups(old or [])
+    if theirs and theirs != setups([setup(args)]):  # refused before an hour of work, not after
         p.error(f"--replace-in holds rows of setup {SETUP} = {sorted(theirs, key=str)!r}, this run is {setup(args)!r}")
     rows = run(args, old)
     if old is not None:
