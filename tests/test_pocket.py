@@ -139,6 +139,23 @@ def test_curriculum_levels_and_batches():
         == [(16, 4, ""), (64, 1, ""), (128, 1, "")]
 
 
+
+@pytest.mark.parametrize("flag, bf16", [([], None), (["--precision", "auto"], None), (["--precision", "bf16"], True),
+                                        (["--precision", "fp32"], False)])
+def test_train_demo_precision_flag(monkeypatch, tmp_path, flag, bf16):
+    """`train-demo --precision` reaches TrainConfig.bf16 (None: bf16 only where the CPU computes it natively,
+    resolved and recorded by `train`); a bf16 value other than True/False/None is refused."""
+    import vlmkv.models.pocket.train as T
+    from vlmkv.cli import main
+    from vlmkv.models.pocket.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(T, "train", lambda cfg: seen.append(cfg) or {"stages": {}})
+    assert main(["train-demo", "--out", str(tmp_path)] + flag) == 0
+    assert seen[0].bf16 is bf16
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="yes")
+
 def test_task_mix_weights_the_draws(pocket):
     """`mix` draws named tasks more often, for first questions and follow-ups; bad weights are refused."""
     import random
@@ -173,10 +190,12 @@ def test_train_demo_end_to_end_and_resume(tmp_path):
 
     from vlmkv.models.cpu_bf16 import bf16_gemm_is_native
 
-    # bf16 autocast only where the CPU computes bf16 natively: emulated, it made this test most of the slow set
+    # the default precision: bf16 autocast only where the CPU computes bf16 natively (emulated, it made this test
+    # most of the slow set)
     cfg = TrainConfig(out=str(tmp_path), tasks=("FrameColour",), text_steps=1, align_steps=1, joint_steps=1, batch=2,
-                      eval_clips=1, frames=4, curriculum="6:1,8:1", bf16=bf16_gemm_is_native())
+                      eval_clips=1, frames=4, curriculum="6:1,8:1")
     rec = train(cfg, log=lambda *_: None)
+    assert {s["bf16"] for s in rec["stages"].values()} == {bf16_gemm_is_native()}
     assert list(rec["stages"]) == ["text", "align", "joint", "frames6", "frames8"]
     assert all(s["done"] for s in rec["stages"].values())
     state = load_file(tmp_path / "pocket.safetensors")

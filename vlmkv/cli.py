@@ -356,7 +356,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _train_flags() -> list:
-    """`TrainConfig` fields exposed as flags (all but `out`, which has its own, `tasks` and `bf16`)."""
+    """`TrainConfig` fields exposed as flags (all but `out`, `tasks` and `bf16`, which have their own: `--precision`)."""
     from .models.pocket.config import TrainConfig
 
     return [f for f in dataclasses.fields(TrainConfig) if f.name not in ("out", "tasks", "bf16")]
@@ -370,7 +370,8 @@ def cmd_train_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TrainConfig.tasks
-    cfg = TrainConfig(out=args.out, tasks=tasks, **{f.name: getattr(args, f.name) for f in _train_flags()})
+    bf16 = {"auto": None, "bf16": True, "fp32": False}[args.precision]
+    cfg = TrainConfig(out=args.out, tasks=tasks, bf16=bf16, **{f.name: getattr(args, f.name) for f in _train_flags()})
     rec = train(cfg)
     print(f"wrote {args.out}/pocket.safetensors; held-out accuracy after each stage:")
     for name, st in rec["stages"].items():
@@ -444,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         td.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     td.add_argument("--tasks", default=None, help="comma-separated synthetic task types (default: all five)")
     td.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
+    td.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="compute precision of the backbone: bf16 autocast or float32; auto (default) takes bf16 "
+                         "where the CPU has bf16 instructions, float32 where bf16 would be emulated (many times slower)")
     td.set_defaults(func=cmd_train_demo)
 
     ins = sub.add_parser("inspect", help="attention patterns: text / visual / pivot attention per layer and head, "

@@ -244,6 +244,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     from .lora import add_lora
 
+    if cfg.bf16 is None:  # resolved once, so the record says which precision the run used
+        from ..cpu_bf16 import bf16_gemm_is_native
+
+        cfg = replace(cfg, bf16=bf16_gemm_is_native())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -295,7 +299,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         # after `align`, images in: how much of stage 1 the visual route carries before any joint step
         acc = heldout_accuracy(model, proc, eval_cfg, as_words=name == "text")
         record["stages"][name] = {"done": True, "steps": steps, "seconds": round(secs, 1), "final_loss": round(loss.item(), 4),
-                                  "heldout_accuracy": acc}
+                                  "bf16": cfg.bf16, "heldout_accuracy": acc}
         log(f"stage {name}: {steps} steps in {secs:.0f} s, loss {loss.item():.3f}, held-out {acc}")
         save_checkpoint({"stage": name + ":done", "step": steps, "seconds": secs, "opt": None,
                          "params": _trainable(model)}, ckpt)
