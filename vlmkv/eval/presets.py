@@ -77,7 +77,7 @@ def table2_markdown(rows) -> str:
     for m in methods:
         rs = [cell[(m, t)] for t in tasks if (m, t) in cell]
         bits, acc, kl = pts[m]
-        top1 = sum(r.top1 * r.n for r in rs) / max(1, sum(r.n for r in rs))  # weighted as `_points` weighs KL
+        top1 = _weighted(rs, "top1")
         share = f"{100 * acc / ref[1]:.1f}%" if ref and ref[1] > 0 else "-"
         lines.append(f"| {m} | {bits:.2f} | " + " | ".join(f"{100 * cell[(m, t)].accuracy:.1f}" if (m, t) in cell else "-"
                                                            for t in tasks)
@@ -160,14 +160,17 @@ def _reference(points: dict):
     return next((p for label, p in points.items() if _family(label) == "fp16"), None)
 
 
+def _weighted(rows, field: str) -> float:
+    """Mean of `field` over `rows` (one method's tasks), weighted by their samples."""
+    return sum(getattr(r, field) * r.n for r in rows) / max(1, sum(r.n for r in rows))
+
+
 def _points(rows) -> dict:
     """label -> (bits from bytes, mean accuracy, mean KL), averaged over tasks weighted by samples."""
     out = {}
     for m in dict.fromkeys(r.method for r in rows):
         rs = [r for r in rows if r.method == m]
-        n = max(1, sum(r.n for r in rs))
-        out[m] = (sum(r.bits_per_element * r.n for r in rs) / n, sum(r.accuracy * r.n for r in rs) / n,
-                  sum(r.kl * r.n for r in rs) / n)
+        out[m] = tuple(_weighted(rs, f) for f in ("bits_per_element", "accuracy", "kl"))
     return out
 
 
