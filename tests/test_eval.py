@@ -434,3 +434,27 @@ def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, mon
     assert main(common + ["--resume"]) == 2
     assert main(common) == 0  # a fresh run (no --resume) starts over under the new plan
     assert json.loads((out / "run.json").read_text())["methods"]["rtn:bits=2"].endswith(")@r1")
+
+
+def test_paired_answers_compares_the_same_clips(tmp_path):
+    """benchmarks/paired_answers.py: only clips both runs answered, lost and gained per task; runs of other data
+    or another dtype are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pa", Path(__file__).parents[1] / "benchmarks" / "paired_answers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = {"a": ("FP16", {"C_0": True, "C_1": False, "C_2": True, "C_3": True}),
+            "b": ("fp16", {"C_0": False, "C_1": True, "C_2": True})}  # b stopped before C_3
+    for d, (label, answers) in runs.items():
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "run.json").write_text(json.dumps({"data": "D", "dtype": "bf16", "max_new_tokens": 6}))
+        (tmp_path / d / "records.rank0.jsonl").write_text("".join(
+            json.dumps({"task": "C", "sample_id": s, "method": label, "correct": ok}) + "\n" for s, ok in answers.items()))
+    res = mod.paired(mod._load_records(tmp_path / "a"), mod._load_records(tmp_path / "b"), "FP16", "fp16")
+    assert res == {"C": {"clips": 3, "first": 2, "second": 2, "lost": 1, "gained": 1}}
+    assert mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--second-method", "fp16"]) == 0
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"data": "D", "dtype": "fp32", "max_new_tokens": 6}))
+    with pytest.raises(SystemExit, match="dtype"):
+        mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--second-method", "fp16"])
