@@ -139,7 +139,6 @@ def test_curriculum_levels_and_batches():
         == [(16, 4, ""), (64, 1, ""), (128, 1, "")]
 
 
-
 @pytest.mark.parametrize("flag, bf16", [([], None), (["--precision", "auto"], None), (["--precision", "bf16"], True),
                                         (["--precision", "fp32"], False)])
 def test_train_demo_precision_flag(monkeypatch, tmp_path, flag, bf16):
@@ -155,6 +154,7 @@ def test_train_demo_precision_flag(monkeypatch, tmp_path, flag, bf16):
     assert seen[0].bf16 is bf16
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig(bf16="yes")
+
 
 def test_task_mix_weights_the_draws(pocket):
     """`mix` draws named tasks more often, for first questions and follow-ups; bad weights are refused."""
