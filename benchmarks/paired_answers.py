@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlmkv.eval.runner import _load_records  # noqa: E402
+from vlmkv.eval.runner import _load_records, settings_diff  # noqa: E402
 
 SAME = ("data", "dtype", "max_new_tokens", "linears")  # run.json fields the two runs must share
 
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the comparison as JSON here")
     args = ap.parse_args(argv)
     runs = [json.loads((d / "run.json").read_text()) for d in (args.first, args.second)]
-    for k in SAME:
-        if runs[0].get(k) != runs[1].get(k):
-            raise SystemExit(f"the runs differ in {k}: {runs[0].get(k)!r} vs {runs[1].get(k)!r}; not one experiment")
+    diff = settings_diff(*runs, SAME)
+    if diff:
+        raise SystemExit(f"the runs differ in {diff!r}: not one experiment")
     second = args.second_method or args.method
     res = paired(_load_records(args.first), _load_records(args.second), args.method, second)
     if not res:

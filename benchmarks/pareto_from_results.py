@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlmkv.eval import presets  # noqa: E402
-from vlmkv.eval.runner import Row, _load_records  # noqa: E402
+from vlmkv.eval.runner import Row, _load_records, settings_diff  # noqa: E402
 
 SAME = ("model", "data", "dtype", "max_new_tokens", "fidelity", "linears")  # run.json keys both runs must share
 
@@ -50,7 +50,7 @@ def merge(base: Path, other: Path) -> tuple[list[Row], str]:
     Returns (rows, a line saying what was checked). Raises SystemExit when the runs are not the same experiment.
     """
     cfg = [json.loads((r / "run.json").read_text()) for r in (base, other)]
-    diff = {k: (cfg[0].get(k), cfg[1].get(k)) for k in SAME if cfg[0].get(k) != cfg[1].get(k)}
+    diff = settings_diff(*cfg, SAME)
     if diff:
         raise SystemExit(f"--replace-from needs a run with the same settings as {base}, got changes {diff!r}")
     a, b = _fp16_answers(base), _fp16_answers(other)

@@ -114,12 +114,19 @@ class OutputLock:
         self.f.close()
 
 
+def settings_diff(old: dict, new: dict, keys=None) -> dict:
+    """{key: (old value, new value)} for each of `keys` (default: every key of either) where two runs' settings
+    (their run.json) differ; a key one of them lacks reads as None."""
+    keys = {**old, **new} if keys is None else keys
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
 def _check_settings(folder: Path, settings: dict, resume: bool) -> None:
     """--resume reuses answers only from a run with the same settings; a fresh run records its settings."""
     path = folder / "run.json"
     if resume and path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
+        diff = settings_diff(old, settings)
         if diff:
             raise ValueError(f"resume needs the settings of the run in {folder}, got changes "
                              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
