@@ -180,6 +180,43 @@ def test_task_mix_weights_the_draws(pocket):
     assert text.count("How many frames show") > text.count("In which frame") + text.count("What colour") + text.count("appear in any frame")
 
 
+def test_aux_counting_follow_ups(pocket):
+    """`aux` adds training-only counting turns with every option within 2 of the truth, counted right, the
+    first question still one the eval asks; bad specs are refused."""
+    import random
+    import re
+
+    from vlmkv.models.pocket.config import TrainConfig, aux_weights
+    from vlmkv.models.pocket.train import aux_question, make_batch
+
+    assert aux_weights("") == {} and aux_weights("CountRange=2, CountClose=0.5") == {"CountRange": 2.0, "CountClose": 0.5}
+    for bad in ("CountRange", "CountRange=0", "CountRange=inf", "Counting=2", "CountClose=x"):
+        with pytest.raises(ValueError, match="aux must"):
+            TrainConfig(aux=bad)
+    with pytest.raises(ValueError, match="kind must"):
+        aux_question("Counting", [("red", "circle")] * 4, random.Random(0))
+    rng = random.Random(0)
+    for _ in range(300):
+        clip = [(rng.choice(["red", "blue"]), rng.choice(["circle", "square", "triangle"])) for _ in range(rng.randrange(2, 40))]
+        for kind in ("CountClose", "CountRange"):
+            q, choices, ans = aux_question(kind, clip, rng)
+            shape = q.rsplit(" ", 1)[1].rstrip("?")
+            m = re.match(r"How many of frames (\d+) to (\d+) show", q)
+            lo, hi = (int(m[1]) - 1, int(m[2])) if m else (0, len(clip))
+            assert (kind == "CountRange") == bool(m) and hi - lo >= 2 and 0 <= lo and hi <= len(clip), q
+            assert ans == str(sum(sh == shape for _, sh in clip[lo:hi])) and ans in choices, (q, clip, ans)
+            assert all(abs(int(c) - int(ans)) <= 2 and 0 <= int(c) <= hi - lo for c in choices), choices
+            assert len(set(choices)) == len(choices) == min(4, 1 + len([v for v in range(int(ans) - 2, int(ans) + 3)
+                                                                       if v != int(ans) and 0 <= v <= hi - lo]))
+    _, proc = pocket
+    tasks = ("ObjectExistence", "FrameColour", "WhichFrame", "Counting")
+    cfg = TrainConfig(tasks=tasks, aux="CountRange=3,CountClose=1", batch=4, questions=12, frames=8)
+    inputs, labels, recs = make_batch(proc, random.Random(3), cfg, as_words=True)
+    text = proc.tokenizer.decode(inputs["input_ids"].flatten())
+    assert text.count("How many of frames") > 4 and all(t in tasks for t, *_ in recs)
+    assert (labels != -100).any(dim=1).all()
+
+
 @pytest.mark.slow
 def test_train_demo_end_to_end_and_resume(tmp_path):
     from safetensors.torch import load_file

@@ -5,6 +5,10 @@ from dataclasses import dataclass
 
 from ...eval.synthetic import TASKS, check_tasks
 
+# training-only follow-up questions (`vlmkv eval` never asks them): counting with every option within 2 of the
+# truth ("CountClose", the eval's wording) and counting over a stretch of the clip ("CountRange"); see train.py
+AUX_TASKS = ("CountClose", "CountRange")
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +35,9 @@ class TrainConfig:
     # how often each task is drawn, for first questions and follow-ups alike: "TASK=WEIGHT,...", unnamed tasks
     # weigh 1 (e.g. "Counting=3,WhichFrame=3" for the long-range tasks); "" draws them uniformly
     mix: str = ""
+    # training-only follow-ups drawn among the other follow-ups with these weights (on `mix`'s scale, where an
+    # unnamed task weighs 1): "AUX=WEIGHT,..." over AUX_TASKS, e.g. "CountClose=2,CountRange=2"; "" adds none
+    aux: str = ""
 
     def __post_init__(self):
         for k in ("frames", "batch", "questions", "lora_r", "eval_clips"):
@@ -44,6 +51,7 @@ class TrainConfig:
         check_tasks(self.tasks)
         curriculum_levels(self.curriculum, self.frames)
         task_weights(self.mix, self.tasks)
+        aux_weights(self.aux)
 
 
 def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
@@ -58,6 +66,21 @@ def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
             raise ValueError(f"curriculum frame counts must rise above frames={base} and steps be positive, got {spec!r}")
         levels.append((f, n))
     return levels
+
+
+def aux_weights(spec: str) -> dict[str, float]:
+    """{aux task: weight} from "AUX=WEIGHT,..." over AUX_TASKS (weights finite and > 0); {} for ""."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, w = item.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if name.strip() not in AUX_TASKS or not 0 < weight < float("inf"):
+            raise ValueError(f"aux must be AUX=WEIGHT,... over {AUX_TASKS} with finite weights > 0, got {spec!r}")
+        out[name.strip()] = weight
+    return out
 
 
 def task_weights(mix: str, tasks) -> list[float] | None:

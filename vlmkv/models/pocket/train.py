@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ...eval.milebench import Sample, score
 from ...eval.synthetic import ANSWER_HINT, COLOURS, INSTRUCTION, SHAPES, TASKS, make_question, context, draw, sample_clip
-from .config import TrainConfig, curriculum_levels, task_weights
+from .config import AUX_TASKS, TrainConfig, aux_weights, curriculum_levels, task_weights
 from .model import LORA_TARGETS, TOKENS_PER_FRAME, build_untrained, load_vision, part, trained_state
 
 EVAL_SEED = 1_000_003
@@ -89,6 +89,29 @@ def _follow_up(question: str, choices: list[str]) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": "".join(v for _, v in s.segments())}]}
 
 
+def aux_question(kind: str, clip: list[tuple[str, str]], rng: random.Random) -> tuple[str, list[str], str]:
+    """A training-only counting question (config.AUX_TASKS) about `clip`: (question, choices, answer).
+
+    The eval's Counting draws its three distractors from 0..frames, so most are far from the truth and a rough
+    count passes; these put every option within 2 of the truth, so only an exact count earns the loss.
+    "CountClose" asks the eval's question; "CountRange" counts frames i..j (at least two frames), so one clip
+    gives counts of every size up to its length.
+    """
+    s = rng.choice(SHAPES)
+    if kind == "CountClose":
+        lo, hi, q = 0, len(clip), f"How many frames show a {s}?"
+    elif kind == "CountRange":
+        lo = rng.randrange(len(clip) - 1)
+        hi = rng.randrange(lo + 2, len(clip) + 1)
+        q = f"How many of frames {lo + 1} to {hi} show a {s}?"
+    else:
+        raise ValueError(f"kind must be one of {AUX_TASKS}, got {kind!r}")
+    cnt = sum(1 for _, sh in clip[lo:hi] if sh == s)
+    near = [v for v in range(cnt - 2, cnt + 3) if v != cnt and 0 <= v <= hi - lo]
+    opts = sorted([cnt, *rng.sample(near, min(3, len(near)))])
+    return q, [str(o) for o in opts], str(cnt)
+
+
 def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task: str | None = None,
                with_answer: bool = True):
     """Left-padded batch: (inputs, labels, records), records = (task, clip, choices, answer) of each first question.
@@ -106,9 +129,12 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
     others = [(x, w) for x, w in tasks if x != "StateChange"]
     if weights is not None and others and not any(w for _, w in others):
         others = []  # only StateChange has weight: no follow-ups, as with tasks=("StateChange",)
+    aux = aux_weights(cfg.aux)
+    if aux and others:
+        others += list(aux.items())
 
     def draw_task(pool):  # uniform draws keep the rng stream of runs made before `mix` existed
-        if weights is None:
+        if weights is None and not aux:
             return rng.choice([x for x, _ in pool])
         return rng.choices([x for x, _ in pool], [w for _, w in pool])[0]
 
@@ -119,7 +145,8 @@ def make_batch(proc, rng: random.Random, cfg: TrainConfig, as_words: bool, task:
         if with_answer:
             msgs.append({"role": "assistant", "content": ans})
             for _ in range(cfg.questions - 1 if others else 0):
-                fq, fc, fa = make_question(draw_task(others), clip, rng)
+                kind = draw_task(others)
+                fq, fc, fa = aux_question(kind, clip, rng) if kind in aux else make_question(kind, clip, rng)
                 msgs += [_follow_up(fq, fc), {"role": "assistant", "content": fa}]
         texts.append(proc.apply_chat_template(msgs, add_generation_prompt=not with_answer))
         if not as_words:
