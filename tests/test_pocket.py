@@ -181,8 +181,8 @@ def test_task_mix_weights_the_draws(pocket):
 
 
 def test_aux_counting_follow_ups(pocket):
-    """`aux` adds training-only counting turns with every option within 2 of the truth, counted right, the
-    first question still one the eval asks; bad specs are refused."""
+    """`aux` adds training-only turns with hard options (counts within 2 of the truth, counted right; wrong frames
+    sharing the asked frame's colour or shape), the first question still one the eval asks; bad specs are refused."""
     import random
     import re
 
@@ -208,9 +208,16 @@ def test_aux_counting_follow_ups(pocket):
             assert all(abs(int(c) - int(ans)) <= 2 and 0 <= int(c) <= hi - lo for c in choices), choices
             assert len(set(choices)) == len(choices) == min(4, 1 + len([v for v in range(int(ans) - 2, int(ans) + 3)
                                                                        if v != int(ans) and 0 <= v <= hi - lo]))
+        q, choices, ans = aux_question("WhichClose", clip, rng)
+        asked = clip[int(ans.split()[1]) - 1]
+        assert q == f"In which frame is the {asked[0]} {asked[1]}?" and ans in choices and len(set(choices)) == len(choices)
+        wrong = [clip[int(c.split()[1]) - 1] for c in choices if c != ans]
+        shared = [f for f in clip if f != asked and (f[0] == asked[0] or f[1] == asked[1])]
+        assert asked not in wrong and len(wrong) == min(3, sum(f != asked for f in clip)), (clip, choices)
+        assert sum(f in shared for f in wrong) == min(3, len(shared)), (clip, choices)  # the near ones first
     _, proc = pocket
     tasks = ("ObjectExistence", "FrameColour", "WhichFrame", "Counting")
-    cfg = TrainConfig(tasks=tasks, aux="CountRange=3,CountClose=1", batch=4, questions=12, frames=8)
+    cfg = TrainConfig(tasks=tasks, aux="CountRange=3,CountClose=1,WhichClose=1", batch=4, questions=12, frames=8)
     inputs, labels, recs = make_batch(proc, random.Random(3), cfg, as_words=True)
     text = proc.tokenizer.decode(inputs["input_ids"].flatten())
     assert text.count("How many of frames") > 4 and all(t in tasks for t, *_ in recs)

@@ -5,9 +5,10 @@ from dataclasses import dataclass
 
 from ...eval.synthetic import TASKS, check_tasks
 
-# training-only follow-up questions (`vlmkv eval` never asks them): counting with every option within 2 of the
-# truth ("CountClose", the eval's wording) and counting over a stretch of the clip ("CountRange"); see train.py
-AUX_TASKS = ("CountClose", "CountRange")
+# training-only follow-up questions with hard options (see train.aux_question): counting with every option within 2
+# of the truth ("CountClose", the eval's wording; "CountRange", over a stretch of the clip) and WhichFrame whose
+# wrong options share the colour or the shape of the asked frame ("WhichClose")
+AUX_TASKS = ("CountClose", "CountRange", "WhichClose")
 
 
 @dataclass

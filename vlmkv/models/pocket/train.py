@@ -90,13 +90,24 @@ def _follow_up(question: str, choices: list[str]) -> dict:
 
 
 def aux_question(kind: str, clip: list[tuple[str, str]], rng: random.Random) -> tuple[str, list[str], str]:
-    """A training-only counting question (config.AUX_TASKS) about `clip`: (question, choices, answer).
+    """A training-only question (config.AUX_TASKS) about `clip` with hard options: (question, choices, answer).
 
     The eval's Counting draws its three distractors from 0..frames, so most are far from the truth and a rough
-    count passes; these put every option within 2 of the truth, so only an exact count earns the loss.
-    "CountClose" asks the eval's question; "CountRange" counts frames i..j (at least two frames), so one clip
-    gives counts of every size up to its length.
+    count passes; "CountClose" (the eval's question) and "CountRange" (frames i..j, at least two: counts of every
+    size from one clip) put every option within 2 of the truth, so only an exact count earns the loss.
+    The eval's WhichFrame draws its wrong frames at random; pocket's misses on long clips are nearly all a frame
+    of the same colour and another shape, so "WhichClose" draws them from frames sharing the colour or the shape.
     """
+    if kind == "WhichClose":
+        k = rng.randrange(len(clip))
+        (c, s), frames = clip[k], range(len(clip))
+        near = [i for i in frames if clip[i] != clip[k] and (clip[i][0] == c or clip[i][1] == s)]
+        wrong = rng.sample(near, min(3, len(near)))
+        far = [i for i in frames if clip[i][0] != c and clip[i][1] != s]
+        wrong += rng.sample(far, min(3 - len(wrong), len(far)))
+        opts = [f"frame {i + 1}" for i in wrong + [k]]
+        rng.shuffle(opts)
+        return f"In which frame is the {c} {s}?", opts, f"frame {k + 1}"
     s = rng.choice(SHAPES)
     if kind == "CountClose":
         lo, hi, q = 0, len(clip), f"How many frames show a {s}?"
