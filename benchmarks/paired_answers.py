@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlmkv.eval.runner import _load_records, settings_diff  # noqa: E402
+from vlmkv.eval.runner import load_records, settings_diff  # noqa: E402
 
 SAME = ("data", "dtype", "max_new_tokens", "linears")  # run.json fields the two runs must share
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if diff:
         raise SystemExit(f"the runs differ in {diff!r}: not one experiment")
     second = args.second_method or args.method
-    res = paired(_load_records(args.first), _load_records(args.second), args.method, second)
+    res = paired(load_records(args.first), load_records(args.second), args.method, second)
     if not res:
         raise SystemExit(f"no clip answered by {args.method!r} in the first run and {second!r} in the second")
     print(f"{args.first} ({args.method}) -> {args.second} ({second})\n")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlmkv.eval import presets  # noqa: E402
-from vlmkv.eval.runner import Row, _load_records, settings_diff  # noqa: E402
+from vlmkv.eval.runner import Row, load_records, settings_diff  # noqa: E402
 
 SAME = ("model", "data", "dtype", "max_new_tokens", "fidelity", "linears")  # run.json keys both runs must share
 
@@ -41,7 +41,7 @@ def _rows(run: Path) -> list[Row]:
 
 def _fp16_answers(run: Path) -> dict:
     """(task, sample_id) -> FP16's answer, from the run's records (the label whose family is fp16)."""
-    return {(t, s): r["answer"] for (t, s, m), r in _load_records(run).items() if presets._family(m) == "fp16"}
+    return {(t, s): r["answer"] for (t, s, m), r in load_records(run).items() if presets._family(m) == "fp16"}
 
 
 def merge(base: Path, other: Path) -> tuple[list[Row], str]:

@@ -436,6 +436,55 @@ def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, mon
     assert json.loads((out / "run.json").read_text())["methods"]["rtn:bits=2"].endswith(")@r1")
 
 
+def test_answer_errors_reads_the_regenerated_clips(tmp_path, capsys):
+    """benchmarks/answer_errors.py: Counting's signed errors and near-option split, what a WhichFrame miss shares
+    with the asked frame, from clips remade with make-data's seed; a wrong seed or foreign records are refused."""
+    import importlib.util
+    import random
+    from collections import Counter
+    from pathlib import Path
+
+    from vlmkv.eval.runner import load_samples
+    from vlmkv.eval.synthetic import make_dataset, sample_clip
+
+    spec = importlib.util.spec_from_file_location("ae", Path(__file__).parents[1] / "benchmarks" / "answer_errors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_dataset(data, tasks=("Counting", "WhichFrame"), samples=6, frames=6, seed=4)
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"data": str(data)}))
+    rng = random.Random("4-WhichFrame")
+    clips = [sample_clip(rng, "WhichFrame", 6)[0] for _ in range(6)]
+    recs = []
+    for task in ("Counting", "WhichFrame"):
+        for i, smp in enumerate(load_samples(data, [task])):
+            wrong = next(c for c in smp.choices if c != smp.answer)
+            ans = smp.answer if i % 2 else wrong  # even clips answered wrong
+            recs.append({"task": task, "sample_id": smp.sample_id, "method": "fp16", "answer": ans, "truth": smp.answer,
+                         "correct": ans == smp.answer})
+    (run / "records.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert mod.main([str(run), "--data", str(data), "--seed", "4"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    count = [r for r in recs if r["task"] == "Counting"]
+    errors = Counter(int(r["answer"]) - int(r["truth"]) for r in count)
+    assert rep["Counting"]["signed_error"] == {str(k): v for k, v in sorted(errors.items())}
+    near = rep["Counting"]["accuracy_with_a_wrong_option_within_2"]["clips"] + rep["Counting"]["accuracy_without"]["clips"]
+    assert near == 6 and rep["WhichFrame"]["misses"] == 3
+    expect = Counter()
+    for r in recs:
+        if r["task"] == "WhichFrame" and not r["correct"]:
+            clip = clips[int(r["sample_id"].split("_")[1])]
+            a, g = clip[int(r["truth"].split()[1]) - 1], clip[int(r["answer"].split()[1]) - 1]
+            expect["colour" if a[0] == g[0] else "shape" if a[1] == g[1] else "neither"] += 1
+    assert rep["WhichFrame"]["the chosen frame shares"] == dict(expect)
+    with pytest.raises(ValueError, match="seed 5 does not remake"):
+        mod.main([str(run), "--data", str(data), "--seed", "5"])
+    (run / "run.json").write_text(json.dumps({"data": str(tmp_path / "other")}))
+    with pytest.raises(SystemExit, match="not --data"):
+        mod.main([str(run), "--data", str(data), "--seed", "4"])
+
+
 def test_paired_answers_compares_the_same_clips(tmp_path):
     """benchmarks/paired_answers.py: only clips both runs answered, lost and gained per task; runs of other data
     or another dtype are refused."""
@@ -452,7 +501,7 @@ def test_paired_answers_compares_the_same_clips(tmp_path):
         (tmp_path / d / "run.json").write_text(json.dumps({"data": "D", "dtype": "bf16", "max_new_tokens": 6}))
         (tmp_path / d / "records.rank0.jsonl").write_text("".join(
             json.dumps({"task": "C", "sample_id": s, "method": label, "correct": ok}) + "\n" for s, ok in answers.items()))
-    res = mod.paired(mod._load_records(tmp_path / "a"), mod._load_records(tmp_path / "b"), "FP16", "fp16")
+    res = mod.paired(mod.load_records(tmp_path / "a"), mod.load_records(tmp_path / "b"), "FP16", "fp16")
     assert res == {"C": {"clips": 3, "first": 2, "second": 2, "lost": 1, "gained": 1}}
     assert mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--second-method", "fp16"]) == 0
     (tmp_path / "b" / "run.json").write_text(json.dumps({"data": "D", "dtype": "fp32", "max_new_tokens": 6}))

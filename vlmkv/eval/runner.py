@@ -74,7 +74,7 @@ def _distributed():
     return state if state.num_processes > 1 else None
 
 
-def _load_records(log_dir) -> dict:
+def load_records(log_dir) -> dict:
     """(task, sample_id, method) -> record, from every `records*.jsonl` under `log_dir` (all processes')."""
     done = {}
     for f in sorted(Path(log_dir).glob("records*.jsonl")):
@@ -248,7 +248,7 @@ def evaluate(model, proc, data_root, tasks: list[str], methods: list, limit: int
                 raise
         if state is not None:
             state.wait_for_everyone()
-        done = _load_records(log_dir) if resume else {}
+        done = load_records(log_dir) if resume else {}
         if state is not None:  # every process has read the same records before any writes a new one
             state.wait_for_everyone()
         path = Path(log_dir) / f"records{rank}.jsonl"
