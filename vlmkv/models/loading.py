@@ -113,7 +113,7 @@ def embedded_path(name: str) -> Path:
 
 # models assembled here from an embedded backbone plus weights trained in this repo
 BUILT_MODELS = {"pocket": "the demo VLM: SmolLM2-135M + a small CLIP ViT trained on synthetic clips (vlmkv/models/pocket)",
-                "pocket-long": "pocket fine-tuned on clips of up to 64 frames (~1,500 tokens; its model card has the "
+                "pocket-long": "pocket fine-tuned on clips of up to 128 frames (~3,000 tokens; its model card has the "
                                "accuracy per length)"}
 
 
