@@ -69,18 +69,27 @@ def curriculum_levels(spec: str, base: int = 8) -> list[tuple[int, int]]:
     return levels
 
 
-def aux_weights(spec: str) -> dict[str, float]:
-    """{aux task: weight} from "AUX=WEIGHT,..." over AUX_TASKS (weights finite and > 0); {} for ""."""
+def _named_weights(spec: str, names) -> dict[str, float] | None:
+    """{name: weight} from "NAME=WEIGHT,..." with names from `names` and finite weights >= 0; None when an item is
+    not of that form (the callers raise, each naming its own option)."""
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, _, w = item.partition("=")
         try:
             weight = float(w)
         except ValueError:
-            weight = -1.0
-        if name.strip() not in AUX_TASKS or not 0 < weight < float("inf"):
-            raise ValueError(f"aux must be AUX=WEIGHT,... over {AUX_TASKS} with finite weights > 0, got {spec!r}")
+            return None
+        if name.strip() not in names or not 0 <= weight < float("inf"):
+            return None
         out[name.strip()] = weight
+    return out
+
+
+def aux_weights(spec: str) -> dict[str, float]:
+    """{aux task: weight} from "AUX=WEIGHT,..." over AUX_TASKS (weights finite and > 0); {} for ""."""
+    out = _named_weights(spec, AUX_TASKS)
+    if out is None or 0.0 in out.values():
+        raise ValueError(f"aux must be AUX=WEIGHT,... over {AUX_TASKS} with finite weights > 0, got {spec!r}")
     return out
 
 
@@ -88,17 +97,10 @@ def task_weights(mix: str, tasks) -> list[float] | None:
     """Weights aligned with `tasks` from "TASK=WEIGHT,..." (unnamed tasks weigh 1); None for "" (uniform draws)."""
     if not mix.strip():
         return None
-    named = {}
-    for item in filter(None, (x.strip() for x in mix.split(","))):
-        name, _, w = item.partition("=")
-        try:
-            weight = float(w)
-        except ValueError:
-            weight = -1.0
-        if name.strip() not in tasks or not weight >= 0 or weight == float("inf"):
-            raise ValueError(f"mix must be TASK=WEIGHT,... over the trained tasks {tuple(tasks)} with finite "
-                             f"weights >= 0, got {mix!r}")
-        named[name.strip()] = weight
+    named = _named_weights(mix, tasks)
+    if named is None:
+        raise ValueError(f"mix must be TASK=WEIGHT,... over the trained tasks {tuple(tasks)} with finite "
+                         f"weights >= 0, got {mix!r}")
     weights = [named.get(t, 1.0) for t in tasks]
     if not any(weights):
         raise ValueError(f"mix must leave some task a positive weight, got {mix!r}")
