@@ -24,15 +24,15 @@ from vlmkv.eval.synthetic import sample_clip  # noqa: E402
 TASKS = ("Counting", "WhichFrame")
 
 
-def clips(data, task: str, seed: int) -> dict[str, list[tuple[str, str]]]:
-    """sample_id -> the clip's (colour, shape) frames, as `make_dataset` drew them; checked against the data file."""
-    samples = load_samples(data, [task])
+def clips(samples: list, task: str, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """sample_id -> the clip's (colour, shape) frames, as `make_dataset` drew them with `seed`; checked against
+    `samples` (the task's samples as `load_samples` read them from the data file)."""
     frames = len(samples[0].images)
     rng, out = random.Random(f"{seed}-{task}"), {}
     for i, s in enumerate(samples):
         clip, q, _, ans = sample_clip(rng, task, frames)
         if s.sample_id != f"{task}_{i}" or not s.context.endswith(q) or s.answer != ans:
-            raise ValueError(f"seed {seed} does not remake {data}/{task} ({s.sample_id}: {s.answer!r} vs {ans!r}); "
+            raise ValueError(f"seed {seed} does not remake the {task} clips ({s.sample_id}: {s.answer!r} vs {ans!r}); "
                              f"pass the --seed given to vlmkv make-data")
         out[s.sample_id] = clip
     return out
@@ -82,16 +82,18 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="fp16", help="method label in the records (default fp16)")
     args = ap.parse_args(argv)
     run_json = Path(args.run) / "run.json"
-    if run_json.exists() and Path(json.loads(run_json.read_text())["data"]).resolve() != Path(args.data).resolve():
-        raise SystemExit(f"{args.run} read {json.loads(run_json.read_text())['data']}, not --data {args.data}")
+    read = json.loads(run_json.read_text())["data"] if run_json.exists() else None
+    if read is not None and Path(read).resolve() != Path(args.data).resolve():
+        raise SystemExit(f"{args.run} read {read}, not --data {args.data}")
     records = load_records(args.run)
     report = {}
     for task in TASKS:
         recs = [r for (t, _, m), r in records.items() if t == task and m == args.method]
         if not recs:
             continue
-        frames = clips(args.data, task, args.seed)
-        samples = {s.sample_id: s for s in load_samples(args.data, [task])}
+        listed = load_samples(args.data, [task])
+        frames = clips(listed, task, args.seed)
+        samples = {s.sample_id: s for s in listed}
         if any(r["sample_id"] not in frames or r["truth"] != samples[r["sample_id"]].answer for r in recs):
             raise SystemExit(f"{args.run}'s {task} records do not match {args.data}")
         if task == "Counting":
