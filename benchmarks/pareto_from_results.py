@@ -3,7 +3,7 @@
     python benchmarks/pareto_from_results.py docs/pocket/table2_long/32 docs/pocket/table2_long/64
 
 For each folder holding an eval's `results.json`, writes beside it `table2.md` (accuracy per task, mean, share of
-FP16, KL, top-1), `pareto.png` (mean accuracy and KL against bits
+FP16, KL, top-1, and answers lost / gained against FP16 clip by clip where the run's records are there), `pareto.png` (mean accuracy and KL against bits
 per element counted from bytes, one line per method family, FP16's line) and `fewest_bits.md` (per family, the
 fewest bits keeping 99% of FP16's accuracy), as `vlmkv eval --pareto` does for its own sweep. Method labels join
 their family's line: "RTN (INT4)" and "rtn-2" are rtn, "auto:bits=3.0" is auto (vlmkv/eval/presets.py: _family).
@@ -44,10 +44,11 @@ def _fp16_answers(run: Path) -> dict:
     return {(t, s): r["answer"] for (t, s, m), r in load_records(run).items() if presets._family(m) == "fp16"}
 
 
-def merge(base: Path, other: Path) -> tuple[list[Row], str]:
+def merge(base: Path, other: Path) -> tuple[list[Row], dict, str]:
     """`base`'s rows with every non-FP16 method of `other` in place of (or beside) the one of the same label.
 
-    Returns (rows, a line saying what was checked). Raises SystemExit when the runs are not the same experiment.
+    Returns (rows, the records those rows come from, a line saying what was checked). Raises SystemExit when the
+    runs are not the same experiment.
     """
     cfg = [json.loads((r / "run.json").read_text()) for r in (base, other)]
     diff = settings_diff(*cfg, SAME)
@@ -66,7 +67,9 @@ def merge(base: Path, other: Path) -> tuple[list[Row], str]:
     labels, old = {r.method for r in new}, _rows(base)
     rows = [r for r in old if r.method not in labels] + new
     kept = sorted(labels & {r.method for r in old})
-    return rows, (f"{len(labels)} methods from {other} ({', '.join(sorted(labels))}; replacing {', '.join(kept) or 'none'}); "
+    records = {k: r for k, r in load_records(base).items() if k[2] not in labels}
+    records.update({k: r for k, r in load_records(other).items() if k[2] in labels})
+    return rows, records, (f"{len(labels)} methods from {other} ({', '.join(sorted(labels))}; replacing {', '.join(kept) or 'none'}); "
                   f"FP16 answers equal on all {len(shared)} shared clips")
 
 
@@ -83,14 +86,15 @@ def main(argv=None) -> int:
     for run in map(Path, args.runs):
         dest = run
         if args.replace_from is None:
-            rows = _rows(run)
+            rows, records = _rows(run), load_records(run)
         else:
-            rows, line = merge(run, Path(args.replace_from))
+            rows, records, line = merge(run, Path(args.replace_from))
             dest = Path(args.out)
             dest.mkdir(parents=True, exist_ok=True)
             (dest / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
             print(line)
-        (dest / "table2.md").write_text(presets.table2_markdown(rows) + "\n")
+        flips = presets.answer_flips(records, rows)  # None (no column) where the records are not the table's clips
+        (dest / "table2.md").write_text(presets.table2_markdown(rows, flips) + "\n")
         table = presets.fewest_bits_markdown(rows, keep=args.keep)
         (dest / "fewest_bits.md").write_text(table + "\n")
         presets.plot_pareto(rows, dest / "pareto.png", title=str(dest))

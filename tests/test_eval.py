@@ -171,6 +171,10 @@ def test_presets_and_sweep_end_to_end(local_llava, tmp_path, capsys):  # noqa: F
     out = capsys.readouterr().out
     assert "+ Adaptive quantization based on PSA" in out and "| Delta |" in out
     assert "| kivi-2 |" in out  # --methods adds to the preset
+    assert main(["eval", "--model", str(d), "--data", str(data), "--preset", "akvq-table2", "--limit", "2",
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "t2")]) == 0
+    t2 = capsys.readouterr().out.split("| Method | Bits (from bytes) |")[1].splitlines()
+    assert t2[0].endswith("| lost / gained vs FP16 |") and t2[2].startswith("| FP16 |") and t2[2].endswith("| 0 / 0 |")
     assert main(["eval", "--model", str(d), "--data", str(data), "--sweep", "pivots=0,5", "--limit", "2",
                  "--max-new-tokens", "2", "--out", str(tmp_path / "sw")]) == 0
     csv_text = (tmp_path / "sw" / "sweep_num_pivots" / "results.csv").read_text().splitlines()
@@ -194,6 +198,24 @@ def test_sweep_parsing_and_table2_layout():
     assert "| 0.500 | - | - | - |" in table2_markdown([Row("x", "OE", 1, 0.5, 3.0, 1.0, nan, nan)])
     with pytest.raises(ValueError, match="sweep"):
         parse_sweep("nope=1,2")
+
+
+def test_table2_lost_and_gained_against_fp16_clip_by_clip():
+    """answer_flips counts, per method, clips FP16 got right and it got wrong (lost) and the reverse (gained); records
+    that are not the table's clips (another --limit, a stopped run) give no column rather than other clips' counts."""
+    from vlmkv.eval.presets import answer_flips, table2_markdown
+    from vlmkv.eval.runner import Row
+
+    right = {("T", "T_0"): (True, False, True), ("T", "T_1"): (False, True, True), ("T", "T_2"): (True, True, False)}
+    records = {(t, s, m): {"correct": ok} for (t, s), oks in right.items() for m, ok in zip(("FP16", "rtn-2", "auto"), oks)}
+    rows = [Row(m, "T", 3, a, b, 1.0, 0.0, 1.0) for m, a, b in (("FP16", 2 / 3, 16.0), ("rtn-2", 2 / 3, 2.5),
+                                                                 ("auto", 2 / 3, 3.0))]
+    flips = answer_flips(records, rows)
+    assert flips == {"FP16": (0, 0), "rtn-2": (1, 1), "auto": (1, 1)}
+    assert table2_markdown(rows, flips).splitlines()[3].endswith("| 1 / 1 |")
+    assert "lost / gained" not in table2_markdown(rows)
+    assert answer_flips(records, [Row("FP16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0)]) is None  # 3 records, 4 clips
+    assert answer_flips({k: v for k, v in records.items() if k[2] != "FP16"}, rows[1:]) is None  # no FP16
 
 
 @pytest.mark.slow

@@ -259,7 +259,7 @@ def _linears(args, model) -> None:
 
 def _eval_and_report(args, model, proc, tasks, state) -> int:
     from .eval import presets
-    from .eval.runner import baselines, evaluate, table, write_outputs
+    from .eval.runner import baselines, evaluate, load_records, table, write_outputs
 
     main_proc = state is None or state.is_main_process
     # records.jsonl in each output directory: one line per (sample, method) as it finishes; --resume reuses them
@@ -296,7 +296,7 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
             print(table(rows))
             print("\n" + baselines(args.data, tasks, args.limit))
             if args.preset == "akvq-table2":
-                print("\n" + presets.table2_markdown(rows))
+                print("\n" + presets.table2_markdown(rows, presets.answer_flips(load_records(args.out), rows)))
             elif args.preset == "akvq-ablation":
                 print("\n" + presets.ablation_markdown(rows))
             files += write_outputs(rows, args.out)

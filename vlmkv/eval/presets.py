@@ -58,9 +58,42 @@ def sweep_methods(spec: str) -> tuple[str, list, list[tuple[str, object]]]:
     return option, values, [(f"akvq-vl {option}={v}", get_policy("akvq-vl", **{option: v})) for v in values]
 
 
-def table2_markdown(rows) -> str:
+def answer_flips(records: dict, rows) -> dict[str, tuple[int, int]] | None:
+    """label -> (answers lost, answers gained) against FP16 on the clips both answered, from a run's records
+    (`runner.load_records`: {(task, sample_id, label): record with "correct"}): lost where FP16 is right and the
+    method wrong, gained the reverse. FP16 is the first label whose family is fp16.
+
+    None when there is no FP16 or when the records are not the clips `rows` count (each label's records must number
+    its rows' samples: records of a longer run, or none, would compare other clips than the table's)."""
+    counts: dict[str, int] = {}
+    for (_, _, m) in records:
+        counts[m] = counts.get(m, 0) + 1
+    if any(counts.get(m) != sum(r.n for r in rows if r.method == m) for m in {r.method for r in rows}):
+        return None
+    ref_label = next((m for (_, _, m) in records if _family(m) == "fp16"), None)
+    if ref_label is None:
+        return None
+    ref = {(t, s): bool(r["correct"]) for (t, s, m), r in records.items() if m == ref_label}
+    out: dict[str, list[int]] = {}
+    for (t, s, m), r in records.items():
+        if (t, s) not in ref:
+            continue
+        f = out.setdefault(m, [0, 0])
+        f[0] += ref[(t, s)] and not r["correct"]
+        f[1] += bool(r["correct"]) and not ref[(t, s)]
+    return {m: (lost, gained) for m, (lost, gained) in out.items()}
+
+
+def _flip_cell(flips: dict | None, label: str) -> str:
+    if flips is None:
+        return ""
+    return " {} / {} |".format(*flips[label]) if label in flips else " - |"
+
+
+def table2_markdown(rows, flips: dict | None = None) -> str:
     """Methods as rows, tasks as columns (accuracy in %), plus bits per element from bytes, and over all tasks
-    (weighted by samples): mean accuracy, its share of FP16's, mean KL and top-1 against FP16 ('-' unmeasured)."""
+    (weighted by samples): mean accuracy, its share of FP16's, mean KL and top-1 against FP16 ('-' unmeasured).
+    `flips` (`answer_flips`) adds a last column: answers lost / gained against FP16, clip by clip."""
     import math
 
     methods = list(dict.fromkeys(r.method for r in rows))
@@ -72,8 +105,9 @@ def table2_markdown(rows) -> str:
     def shown(v, fmt):
         return "-" if math.isnan(v) else format(v, fmt)
 
-    lines = ["| Method | Bits (from bytes) | " + " | ".join(tasks) + " | Mean | % of FP16 | KL | top-1 |",
-             "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"]
+    extra = " lost / gained vs FP16 |" if flips is not None else ""
+    lines = ["| Method | Bits (from bytes) | " + " | ".join(tasks) + " | Mean | % of FP16 | KL | top-1 |" + extra,
+             "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|" + ("---:|" if extra else "")]
     for m in methods:
         rs = [cell[(m, t)] for t in tasks if (m, t) in cell]
         bits, acc, kl = pts[m]
@@ -81,7 +115,8 @@ def table2_markdown(rows) -> str:
         share = f"{100 * acc / ref[1]:.1f}%" if ref and ref[1] > 0 else "-"
         lines.append(f"| {m} | {bits:.2f} | " + " | ".join(f"{100 * cell[(m, t)].accuracy:.1f}" if (m, t) in cell else "-"
                                                            for t in tasks)
-                     + f" | {acc:.3f} | {share} | {shown(kl, '.4f')} | {shown(top1, '.3f')} |")
+                     + f" | {acc:.3f} | {share} | {shown(kl, '.4f')} | {shown(top1, '.3f')} |"
+                     + _flip_cell(flips, m))
     return "\n".join(lines)
 
 
