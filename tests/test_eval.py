@@ -215,6 +215,7 @@ def test_table2_lost_and_gained_against_fp16_clip_by_clip():
     assert table2_markdown(rows, flips).splitlines()[3].endswith("| 1 / 1 |")
     assert "lost / gained" not in table2_markdown(rows)
     assert answer_flips(records, [Row("FP16", "T", 4, 0.5, 16.0, 1.0, 0.0, 1.0)]) is None  # 3 records, 4 clips
+    assert answer_flips(records, [Row("FP16", "T", 3, 1.0, 16.0, 1.0, 0.0, 1.0)]) is None  # rows rescored: 3 right, not 2
     assert answer_flips({k: v for k, v in records.items() if k[2] != "FP16"}, rows[1:]) is None  # no FP16
 
 

@@ -63,13 +63,20 @@ def answer_flips(records: dict, rows) -> dict[str, tuple[int, int]] | None:
     (`runner.load_records`: {(task, sample_id, label): record with "correct"}): lost where FP16 is right and the
     method wrong, gained the reverse. FP16 is the first label whose family is fp16.
 
-    None when there is no FP16 or when the records are not the clips `rows` count (each label's records must number
-    its rows' samples: records of a longer run, or none, would compare other clips than the table's)."""
-    counts: dict[str, int] = {}
-    for (_, _, m) in records:
-        counts[m] = counts.get(m, 0) + 1
-    if any(counts.get(m) != sum(r.n for r in rows if r.method == m) for m in {r.method for r in rows}):
+    None when there is no FP16 or when the records are not what `rows` count: each label's records must number its
+    rows' samples and hold as many right answers (records of a longer run, or scored by an older scorer than the rows'
+    rescoring, would count other answers than the table's)."""
+    if any("correct" not in r for r in records.values()):  # not an eval's records
         return None
+    counts: dict[str, list[int]] = {}
+    for (_, _, m), r in records.items():
+        c = counts.setdefault(m, [0, 0])
+        c[0] += 1
+        c[1] += bool(r["correct"])
+    for m in {r.method for r in rows}:
+        n, right = sum(r.n for r in rows if r.method == m), sum(r.accuracy * r.n for r in rows if r.method == m)
+        if counts.get(m, [0, 0])[0] != n or abs(counts[m][1] - right) > 1e-6 * max(1, n):
+            return None
     ref_label = next((m for (_, _, m) in records if _family(m) == "fp16"), None)
     if ref_label is None:
         return None
