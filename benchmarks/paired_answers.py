@@ -15,26 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlmkv.eval.runner import load_records, settings_diff  # noqa: E402
+from vlmkv.eval.runner import load_records, paired, settings_diff  # noqa: E402,F401 (paired: tests, notebooks)
 
 SAME = ("data", "dtype", "max_new_tokens", "linears")  # run.json fields the two runs must share
-
-
-def paired(first: dict, second: dict, method: str, second_method: str) -> dict[str, dict]:
-    """task -> {clips, first, second, lost, gained} over the clips `first` answered with `method` and `second` with
-    `second_method` (a preset's label, "FP16", against a --methods run's, "fp16")."""
-    out: dict[str, dict] = {}
-    for (task, sid, m), r in first.items():
-        other = second.get((task, sid, second_method))
-        if m != method or other is None:
-            continue
-        t = out.setdefault(task, {"clips": 0, "first": 0, "second": 0, "lost": 0, "gained": 0})
-        t["clips"] += 1
-        t["first"] += bool(r["correct"])
-        t["second"] += bool(other["correct"])
-        t["lost"] += bool(r["correct"]) and not other["correct"]
-        t["gained"] += bool(other["correct"]) and not r["correct"]
-    return out
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..policies import get_policy
+from .runner import paired
 
 TABLE2 = [("FP16", "fp16"), ("RTN (INT4)", "rtn-4"), ("RTN (INT2)", "rtn-2"), ("SmoothQuant", "smoothquant-2"),
           ("KIVI", "kivi-2"), ("SKVQ", "skvq"), ("AKVQ-VL", "akvq-vl")]
@@ -80,15 +81,12 @@ def answer_flips(records: dict, rows) -> dict[str, tuple[int, int]] | None:
     ref_label = next((m for (_, _, m) in records if _family(m) == "fp16"), None)
     if ref_label is None:
         return None
-    ref = {(t, s): bool(r["correct"]) for (t, s, m), r in records.items() if m == ref_label}
-    out: dict[str, list[int]] = {}
-    for (t, s, m), r in records.items():
-        if (t, s) not in ref:
-            continue
-        f = out.setdefault(m, [0, 0])
-        f[0] += ref[(t, s)] and not r["correct"]
-        f[1] += bool(r["correct"]) and not ref[(t, s)]
-    return {m: (lost, gained) for m, (lost, gained) in out.items()}
+    out = {}
+    for m in dict.fromkeys(m for (_, _, m) in records):
+        tasks = paired(records, records, ref_label, m).values()
+        if tasks:
+            out[m] = (sum(t["lost"] for t in tasks), sum(t["gained"] for t in tasks))
+    return out
 
 
 def _flip_cell(flips: dict | None, label: str) -> str:

@@ -87,6 +87,23 @@ def load_records(log_dir) -> dict:
     return done
 
 
+def paired(first: dict, second: dict, method: str, second_method: str) -> dict[str, dict]:
+    """task -> {clips, first, second, lost, gained} over the clips `first` (`load_records`) answered with `method` and
+    `second` with `second_method`: right answers in each, and answers the second lost and gained against the first."""
+    out: dict[str, dict] = {}
+    for (task, sid, m), r in first.items():
+        other = second.get((task, sid, second_method))
+        if m != method or other is None:
+            continue
+        t = out.setdefault(task, {"clips": 0, "first": 0, "second": 0, "lost": 0, "gained": 0})
+        t["clips"] += 1
+        t["first"] += bool(r["correct"])
+        t["second"] += bool(other["correct"])
+        t["lost"] += bool(r["correct"]) and not other["correct"]
+        t["gained"] += bool(other["correct"]) and not r["correct"]
+    return out
+
+
 def load_samples(data_root, tasks: list[str], limit: int | None = None) -> list[Sample]:
     """Every sample of `tasks`, validated (a clear error naming the file and the sample, before any model runs)."""
     if limit is not None and (not isinstance(limit, int) or limit <= 0):
