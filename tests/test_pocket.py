@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlmkv.models.pocket.lora import LoRALinear, add_lora, lora_state, merge_lora, strip_lora
+from vlmkv.models.pocket.lora import LoRALinear, add_lora, load_lora, lora_state, merge_lora, strip_lora
 
 
 def test_lora_forward_equals_merged_weights():
@@ -42,6 +42,33 @@ def test_lora_rejects_bad_input():
         LoRALinear(nn.Linear(2, 2), r=0, alpha=1)
     with pytest.raises(ValueError, match="linear"):
         merge_lora(nn.Sequential(nn.ReLU()), {"0.lora_A": torch.zeros(1, 1), "0.lora_B": torch.zeros(1, 1)})
+
+
+def test_load_lora_widens_a_smaller_adapter_without_changing_the_layer():
+    """`train-demo --init W --lora-r R` with R above W's rank: the model starts computing exactly what W did."""
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    big = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    big.load_state_dict(small.state_dict())
+    add_lora(small, ("0", "2"), r=2, alpha=4)
+    add_lora(big, ("0", "2"), r=6, alpha=12)
+    with torch.no_grad():
+        for m in (small[0], small[2]):
+            m.lora_B.normal_()
+    x = torch.randn(4, 12)
+    assert load_lora(big, lora_state(small)) == 2
+    torch.testing.assert_close(big(x), small(x), rtol=1e-5, atol=1e-6)
+    assert big[0].lora_A[2:].abs().sum() > 0  # the new ranks start random in A, zero in B: they can learn
+    assert big[0].lora_B[:, 2:].abs().sum() == 0
+    same = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+    same.load_state_dict({k.replace("base.", ""): v for k, v in small.state_dict().items() if "lora" not in k})
+    add_lora(same, ("0", "2"), r=2, alpha=4)
+    load_lora(same, lora_state(small))
+    torch.testing.assert_close(same(x), small(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank at most 2"):
+        load_lora(same, lora_state(big))
+    with pytest.raises(ValueError, match="every adapted layer"):
+        load_lora(same, {k: v for k, v in lora_state(small).items() if not k.startswith("2.")})
 
 
 @pytest.fixture(scope="module")

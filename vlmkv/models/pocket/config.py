@@ -26,7 +26,8 @@ class TrainConfig:
     lora_r: int = 16
     eval_clips: int = 32
     seed: int = 0
-    init: str = ""  # start from this pocket.safetensors (e.g. an earlier run's) instead of fresh adapters
+    init: str = ""  # start from this pocket.safetensors (e.g. an earlier run's) instead of fresh adapters; its adapters
+    # may have a smaller rank than lora_r (they fill the first ranks, the model starts unchanged: lora.load_lora)
     # bf16 autocast for the backbone's forward and backward; None picks it where the CPU computes bf16 natively
     # and float32 elsewhere (emulated bf16 GEMMs made a 64-frame step 420 s against 25 s in float32 on an AVX2 CPU)
     bf16: bool | None = None

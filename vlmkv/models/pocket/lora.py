@@ -70,3 +70,32 @@ def merge_lora(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
         a, b = state[f"{n}.lora_A"].float(), state[f"{n}.lora_B"].float()
         lin.weight += (b @ a).to(lin.weight.dtype)
     return len(names)
+
+
+@torch.no_grad()
+def load_lora(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Set the adapters of every `LoRALinear` under `module` from `state` (as written by `lora_state`); returns
+    how many were set.
+
+    A stored adapter of rank r0 may go into a layer of rank r >= r0 (training on from a smaller adapter): it fills
+    A's first r0 rows and B's first r0 columns, B's other columns are zero and A's other rows keep their random
+    start, so the layer computes exactly what the stored adapter did (B' @ A' = B @ A) and the new ranks can learn.
+    A layer missing from `state`, or a stored rank above the layer's, is rejected.
+    """
+    count = 0
+    for n, m in module.named_modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        if f"{n}.lora_A" not in state or f"{n}.lora_B" not in state:
+            raise ValueError(f"state must hold lora_A and lora_B of every adapted layer, got none for {n!r}")
+        a, b = state[f"{n}.lora_A"], state[f"{n}.lora_B"]
+        r0, r = a.shape[0], m.lora_A.shape[0]
+        if r0 > r or a.shape[1] != m.lora_A.shape[1] or b.shape != (m.lora_B.shape[0], r0):
+            raise ValueError(f"state's adapter for {n!r} must have rank at most {r} and the layer's shape "
+                             f"{tuple(m.lora_B.shape[:1])} x {tuple(m.lora_A.shape[1:])}, got A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}")
+        m.lora_A[:r0].copy_(a)
+        m.lora_B.zero_()
+        m.lora_B[:, :r0].copy_(b / m.scale)  # stored multiplied by its own alpha / r; this layer multiplies by m.scale
+        count += 1
+    return count

@@ -234,19 +234,15 @@ def _align_targets(model, proc, clip_frames):
 
 
 def _init_from(model, path: str) -> None:
-    """Load a `trained_state` file into a model whose backbone carries (unmerged) LoRA adapters."""
+    """Load a `trained_state` file into a model whose backbone carries (unmerged) LoRA adapters of the same or a
+    larger rank (`lora.load_lora`)."""
     from safetensors.torch import load_file
 
-    from .lora import LoRALinear
+    from .lora import load_lora
 
     state = load_file(path)
     load_vision(model, state)
-    lora = part(state, "language_model.")
-    with torch.no_grad():
-        for n, m in model.model.language_model.named_modules():
-            if isinstance(m, LoRALinear):
-                m.lora_A.copy_(lora[f"{n}.lora_A"])
-                m.lora_B.copy_(lora[f"{n}.lora_B"] / m.scale)  # stored already scaled
+    load_lora(model.model.language_model, part(state, "language_model."))  # a larger --lora-r widens the adapters
 
 
 def _trainable(model) -> dict:
