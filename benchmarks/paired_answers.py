@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlmkv.eval.runner import load_records, paired, settings_diff  # noqa: E402,F401 (paired: tests, notebooks)
+from vlmkv.eval.runner import load_records, paired, settings_diff  # noqa: E402
 
 SAME = ("data", "dtype", "max_new_tokens", "linears")  # run.json fields the two runs must share
 
