@@ -107,7 +107,7 @@ def _dataset(tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["truncated", "no_data", "no_response", "no_instance", "absolute_image",
-                                   "escaping_image", "missing_image", "extra_image", "empty"])
+                                   "escaping_image", "missing_image", "extra_image", "empty", "duplicate_id"])
 def test_bad_data_files_give_one_line_naming_file_and_sample(tmp_path, fault, capsys):
     root, path, raw = _dataset(tmp_path)
     item = raw["data"][1]
@@ -130,17 +130,75 @@ def test_bad_data_files_give_one_line_naming_file_and_sample(tmp_path, fault, ca
             item["task_instance"]["images_path"].append(item["task_instance"]["images_path"][0])
         elif fault == "empty":
             raw["data"] = []
+        elif fault == "duplicate_id":  # records are keyed by id: --resume would match answers to the wrong clip
+            item["sample_id"] = raw["data"][0]["sample_id"]
         path.write_text(json.dumps(raw))
     with pytest.raises(DatasetError) as e:
         load_task(root, "FrameColour")
     msg = str(e.value)
     assert str(path) in msg and "\n" not in msg
-    if fault not in ("truncated", "no_data", "empty"):
+    if fault == "duplicate_id":
+        assert "samples 0 and 1" in msg and repr(item["sample_id"]) in msg
+    elif fault not in ("truncated", "no_data", "empty"):
         assert "sample 1" in msg
     # the CLI says it in one line, before any model loads (this model does not exist)
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(root), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0]
+
+
+@pytest.mark.parametrize("methods,name", [("fp16,kivy-2", "kivy"), ("rtn-4:group_size=zz", "group_size"),
+                                          ("fp16,akvq-vl:nope=1", "nope")])
+def test_a_bad_method_is_refused_before_the_model_loads_or_the_output_changes(tmp_path, capsys, methods, name):
+    root, _, _ = _dataset(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    for f, text in (("run.json", '{"model": "m"}'), ("records.jsonl", '{"sample_id": "x"}\n')):
+        (out / f).write_text(text)
+    # the model does not exist either: the method is what is named, so it was checked first
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(root), "--methods", methods,
+                 "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0], err
+    assert (out / "run.json").read_text() == '{"model": "m"}'
+    assert (out / "records.jsonl").read_text() == '{"sample_id": "x"}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "run.json"]
+
+
+def _pickle_file(path: Path) -> Path:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    return path
+
+
+@pytest.mark.parametrize("case", ["init_pickle", "init_garbage", "pocket_weights_pickle", "folder_with_only_bin",
+                                  "empty_prompt"])
+def test_user_errors_are_one_line_saying_what_is_accepted(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("VLMKV_CACHE", str(tmp_path / "cache"))
+    if case == "init_pickle":
+        argv, want = ["train-demo", "--init", str(_pickle_file(tmp_path / "x.pkl")), "--out", str(tmp_path / "t")], \
+            ".safetensors file"
+    elif case == "init_garbage":
+        (tmp_path / "x.safetensors").write_bytes(b"\xff" * 100)
+        argv, want = ["train-demo", "--init", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "t")], \
+            "not a safetensors file"
+    elif case == "pocket_weights_pickle":
+        monkeypatch.setenv("VLMKV_POCKET_WEIGHTS", str(_pickle_file(tmp_path / "w.pkl")))
+        argv, want = ["generate", "--model", "pocket", "--prompt", "hi"], "pickle"
+    elif case == "folder_with_only_bin":
+        folder = tmp_path / "m"
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        _pickle_file(folder / "pytorch_model.bin")
+        argv, want = ["generate", "--model", str(folder), "--prompt", "hi"], "pytorch_model.bin"
+    else:
+        argv, want = ["generate", "--no-chat", "--prompt", ""], "--prompt must be text"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0], err
+    assert not (tmp_path / "t").exists()  # train-demo wrote nothing
+    assert not list(tmp_path.rglob("PWNED"))
 
 
 def test_scoring_reads_whole_options_and_words():

@@ -31,7 +31,7 @@ import torch
 from . import kernels
 from .kernels.reference import masked, partial_softmax, pv_from_codes, qk_from_codes  # noqa: F401  (re-exported)
 from .models.hooks import text_config
-from .quant import QTensor, fwht, fwht_inverse
+from .quant import QTensor, fwht, fwht_inverse, saturate
 
 _REGISTERED = False
 NAMES = {"sdpa": "vlmkv_sdpa", "eager": "vlmkv_eager"}
@@ -57,11 +57,13 @@ def _allowed(mask: torch.Tensor | None, B: int, L: int, device) -> torch.Tensor:
     return out
 
 
-def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch.Tensor:
+def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode attention over a `LayerStore`, segment by segment, without materializing the cache.
 
-    query: `[B, Hq, 1, D]` (already rotated if the keys are). Returns `[B, 1, Hq, D]` (as
-    transformers' sdpa_attention_forward), equal to softmax(q K^T * scaling + mask) V over all cached
+    query: `[B, Hq, 1, D]` (already rotated if the keys are). Returns `[B, 1, Hq, D]` in `out_dtype` (default: the
+    query's; saturating, see `quant.saturate`: scores and weighted values are accumulated in float32, and a
+    convex combination of stored values may exceed float16's range only by rounding), as transformers'
+    sdpa_attention_forward, equal to softmax(q K^T * scaling + mask) V over all cached
     tokens in slot order, up to float summation order. Each quantized segment goes to `kernels.decode_partial`
     (the backend `kernels.decode_backend` picks, or the reference), float segments to a plain partial softmax.
     """
@@ -124,7 +126,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
     for seg in store.segments.values():
         n = seg.split  # tokens [n, seg.n) hold deferred (full-precision) values: read as floats below
         if n < seg.n:
-            k, v = store.read(seg, n, seg.n)
+            k, v = store.read(seg, n, seg.n, torch.float32)
             piece(k, v, ok_for(seg, n, seg.n))
         if n == 0:
             continue
@@ -157,18 +159,19 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float) -> torch
                 kq, vq = (sk, sv) if whole else (sk.slice_tokens(s0, s1), sv.slice_tokens(s0, s1))
                 (piece_codes if on_codes else piece_codes_permuted)(kq, vq, ok, backend)
                 continue
-            k, v = store.read(seg, s0, s1)
+            k, v = store.read(seg, s0, s1, torch.float32)
             piece(k, v, ok)
     r = store.residual_len
     if r:
         piece(store.res_k, store.res_v, None if allowed is None else allowed[:, L - r:L])
+    out_dtype = out_dtype or query.dtype
     if len(parts) == 1:  # one segment, no residual: its partial softmax is the whole softmax
         m, den, num = parts[0]
-        return (num / den).view(B, Hq, 1, D).to(query.dtype).transpose(1, 2).contiguous()
+        return saturate((num / den).view(B, Hq, 1, D), out_dtype).transpose(1, 2).contiguous()
     m = torch.stack([p[0] for p in parts]).amax(0)
     den = sum(p[1] * torch.exp(p[0] - m) for p in parts)
     num = sum(p[2] * torch.exp(p[0] - m) for p in parts)
-    out = (num / den).view(B, Hq, 1, D).to(query.dtype)
+    out = saturate((num / den).view(B, Hq, 1, D), out_dtype)
     return out.transpose(1, 2).contiguous()
 
 
@@ -214,15 +217,18 @@ def _make_attention(impl: str):
         plain = not any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
         if plain and query.shape[2] == 1 and kwargs.get("dropout", 0.0) == 0.0:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            if rotated:
-                query = fwht(query)  # keys are stored rotated: q H . k H = q . k
-            out = segment_attention(query, store, attention_mask, scaling)
+            if not rotated:
+                out = segment_attention(query, store, attention_mask, scaling)
+            else:  # keys are stored rotated: q H . k H = q . k; the output is rotated back in float32
+                out = segment_attention(fwht(query.float()), store, attention_mask, scaling, torch.float32)
+                out = saturate(fwht_inverse(out), query.dtype)  # values are stored rotated: o H H^T = o
             store.settle()  # flushes a decode rule defers until the step has attended (KIVI's reference)
-            return (fwht_inverse(out) if rotated else out), None  # values are stored rotated: o H H^T = o
-        key, value = store.materialize()  # anything unusual: the plain path over the full cache
+            return out, None
+        # anything unusual: the plain path over the full cache (rotated values rotated back in float32)
+        key, value = store.materialize(torch.float32 if rotated else None)
         store.settle()
         if rotated:
-            key, value = fwht_inverse(key), fwht_inverse(value)
+            key, value = saturate(fwht_inverse(key), query.dtype), saturate(fwht_inverse(value), query.dtype)
         return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
     attention.__name__ = NAMES[impl]
     from .cache import eager

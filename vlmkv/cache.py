@@ -33,7 +33,7 @@ from .models import hooks
 from .models.hooks import text_config
 from .policies import PrefillContext, get_policy
 from .policies.base import PAD, TEXT, Policy
-from .quant import fwht, fwht_inverse
+from .quant import fwht, fwht_inverse, saturate
 from .storage import LayerStore
 
 
@@ -227,7 +227,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.store
-        k, v = (fwht(key_states), fwht(value_states)) if self.rotate else (key_states, value_states)
+        # rotated in float32: a float16 token's rotation may exceed 65504 (the store then keeps it in float32)
+        k, v = (fwht(key_states.float()), fwht(value_states.float())) if self.rotate else (key_states, value_states)
         if store.length == 0 and self.offset == 0:
             if self.record:
                 from .models.hooks import current_frame
@@ -245,11 +246,13 @@ class QuantizedKVLayer(CacheLayerMixin):
             # out of the window are dropped at the next update (the attention still reads this store)
             attention.handoff(self.layer_idx, store, self.rotate)
             self._pending = self._excess()
-            return store.res_k.to(self.dtype), store.res_v.to(self.dtype)
-        kk, vv = store.materialize()
+            return saturate(store.res_k, self.dtype), saturate(store.res_v, self.dtype)
+        kk, vv = store.materialize(torch.float32 if self.rotate else None)
         store.settle()  # the floats returned are the step's view; what a rule defers until after attention is done
         self._drop(self._excess())
-        return (fwht_inverse(kk), fwht_inverse(vv)) if self.rotate else (kk, vv)
+        if self.rotate:
+            return saturate(fwht_inverse(kk), self.dtype), saturate(fwht_inverse(vv), self.dtype)
+        return kk, vv
 
     def _prefill(self, k, v) -> None:
         t0 = time.perf_counter()

@@ -90,6 +90,9 @@ def cmd_generate(args) -> int:
     from .cache import cache_kwargs
 
     policy = _policy_from_args(args)
+    if args.no_chat and not args.image and not args.prompt:
+        raise ValueError(f"--prompt must be text to continue with --no-chat (no chat template adds tokens), got "
+                         f"{args.prompt!r}")
     t0 = time.perf_counter()
     model, proc = load_model(args.model, device=args.device)
     t_load = time.perf_counter() - t0
@@ -98,6 +101,8 @@ def cmd_generate(args) -> int:
         inputs = {k: (v.to(args.device) if hasattr(v, "to") else v) for k, v in build_inputs(proc, args.prompt, args.image).items()}
     else:
         inputs = chat_inputs(tok, [args.prompt], not args.no_chat).to(args.device)
+    if inputs["input_ids"].shape[-1] == 0:
+        raise ValueError(f"--prompt must give at least one token, got {args.prompt!r} (no tokens)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
@@ -224,6 +229,7 @@ def cmd_eval(args) -> int:
     from .eval.milebench import list_tasks
     from .eval.runner import _distributed, load_samples
 
+    runs = _eval_runs(args)  # every method spelled right before anything is written or loaded
     if args.data is None:  # the demo VLM's own held-out clips, written once in MileBench's format
         from .eval.synthetic import TASKS, make_dataset
 
@@ -238,7 +244,7 @@ def cmd_eval(args) -> int:
     _linears(args, model)
     state = _distributed()  # under `accelerate launch`: every process evaluates its share, the main one reports
     try:
-        return _eval_and_report(args, model, proc, tasks, state)
+        return _eval_and_report(args, model, proc, tasks, state, runs)
     finally:
         if state is not None:  # tear the process group down: a rank that exits with gloo's threads alive aborts
             import torch.distributed as dist
@@ -257,7 +263,30 @@ def _linears(args, model) -> None:
         print(line, flush=True)
 
 
-def _eval_and_report(args, model, proc, tasks, state) -> int:
+def _eval_runs(args) -> list[tuple[str, list, tuple]]:
+    """What `vlmkv eval` runs, every method resolved to a policy (a misspelt name or option raises ValueError here,
+    before the model loads or the output folder is touched): [(kind, methods, extra)] with kind "pareto" (one run),
+    "sweep" (one run per --sweep, extra = (option, values)) or "methods" (one run)."""
+    from .eval import presets
+    from .policies import get_policy
+
+    if args.pareto is not None:
+        fams = [f for f in args.pareto.split(",") if f] or None
+        return [("pareto", presets.pareto_methods(fams), ())]
+    if args.sweep:
+        out = []
+        for spec in args.sweep:
+            option, values, methods = presets.sweep_methods(spec)
+            out.append(("sweep", methods, (option, values)))
+        return out
+    listed = [_method_entry(m) for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
+    for m in listed:
+        if isinstance(m, str):
+            get_policy(m)  # resolves the name (and bits shorthand) or raises naming it
+    return [("methods", (presets.preset_methods(args.preset) if args.preset else []) + listed, ())]
+
+
+def _eval_and_report(args, model, proc, tasks, state, runs) -> int:
     from .eval import presets
     from .eval.runner import baselines, evaluate, load_records, table, write_outputs
 
@@ -268,9 +297,9 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
                                             log_dir=log_dir, resume=args.resume or args.report_only,
                                             share_prefill=args.share_prefill, answer_missing=not args.report_only)
     files = []
-    if args.pareto is not None:
-        fams = [f for f in args.pareto.split(",") if f] or None
-        rows = run(_feasible(model, presets.pareto_methods(fams)), args.out)
+    kind = runs[0][0]
+    if kind == "pareto":
+        rows = run(_feasible(model, runs[0][1]), args.out)
         if main_proc:
             print(table(rows))
             print("\n" + presets.fewest_bits_markdown(rows))
@@ -278,9 +307,8 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
             Path(args.out, "fewest_bits.md").write_text(presets.fewest_bits_markdown(rows) + "\n")
             presets.plot_pareto(rows, f"{args.out}/pareto.png", title=str(args.data))
             files += [f"{args.out}/fewest_bits.md", f"{args.out}/pareto.png"]
-    elif args.sweep:
-        for spec in args.sweep:
-            option, values, methods = presets.sweep_methods(spec)
+    elif kind == "sweep":
+        for _, methods, (option, values) in runs:
             out = f"{args.out}/sweep_{option}"
             rows = run(methods, out)
             if main_proc:
@@ -289,9 +317,7 @@ def _eval_and_report(args, model, proc, tasks, state) -> int:
                 presets.plot_sweep(rows, option, values, f"{out}/sweep_{option}.png")
                 files.append(f"{out}/sweep_{option}.png")
     else:
-        listed = [_method_entry(m) for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
-        methods = (presets.preset_methods(args.preset) if args.preset else []) + listed
-        rows = run(methods, args.out)
+        rows = run(runs[0][1], args.out)
         if main_proc:
             print(table(rows))
             print("\n" + baselines(args.data, tasks, args.limit))

@@ -17,9 +17,13 @@ Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
 * deferred values (KIVI's reference rule): a segment's last tokens may have quantized keys but values still in
   full precision (`Segment.vpend`), until they leave the value window and are quantized one token at a time.
 
-"16 bits" (16-bit segments and the residual buffer) is stored in `full_dtype`: the model's dtype when
-that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
-policy keeps the model's dtype whatever it is, so that it stays bit-identical to `DynamicCache`.
+"16 bits" (16-bit segments, the residual buffer and deferred values) is stored in `full_dtype`: the model's
+dtype when that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
+policy keeps the model's dtype whatever it is, so that it stays bit-identical to `DynamicCache`. A finite value
+that `full_dtype` cannot hold (a float32 model's 7e4 in float16, or a rotated float16 token whose Hadamard
+rotation exceeds 65504) is never turned into inf: the first write that holds one switches that layer's
+full-precision storage to float32 for good (what it held is converted, exactly), and `nbytes()` counts the
+4 bytes an element from then on. NaN and inf are stored as they are.
 
 Segments grow by writing packed codes into spare capacity (grown by a small margin when full); nothing
 already quantized is ever dequantized and quantized again, and a decode step never copies a segment.
@@ -188,6 +192,13 @@ class Segment:
         total = _nbytes(self.index) + _nbytes(self.vpend)
         return total + self.kb.nbytes() + self.vb.nbytes()
 
+    def astype(self, dtype: torch.dtype) -> None:
+        """Hold full-precision parts (16-bit tokens, deferred values) in `dtype` from now on (widening: exact)."""
+        if isinstance(self.kb, Plain):
+            self.kb, self.vb = Plain(self.kb.codes.to(dtype)), Plain(self.vb.codes.to(dtype))
+        if self.vpend is not None:
+            self.vpend = self.vpend.to(dtype)
+
     def slot_index(self, batch: int, device) -> torch.Tensor:
         """The index map, materialized if the segment is contiguous."""
         if self.index is not None:
@@ -352,6 +363,10 @@ class Residual:
     def __len__(self) -> int:
         return self.r1 - self.r0
 
+    def astype(self, dtype: torch.dtype) -> None:
+        """Hold the tokens in `dtype` from now on (a widening conversion: exact)."""
+        self.kb, self.vb = self.kb.to(dtype), self.vb.to(dtype)
+
     @property
     def k(self) -> torch.Tensor:
         return self.kb[:, :, self.r0:self.r1]
@@ -494,6 +509,26 @@ class LayerStore:
         return hist
 
     # ------------------------------------------------------------------ writing
+    def _full(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`xs` in the full-precision storage dtype, contiguous. Where a finite value would overflow `full_dtype`
+        (see the module docstring), the layer's full-precision storage first moves to float32 for good."""
+        if self.full_dtype != torch.float32:
+            big = torch.finfo(self.full_dtype).max
+            for x in xs:
+                if torch.finfo(x.dtype).max > big and bool((x.abs() > big).any()) and \
+                        bool(((x.abs() > big) & torch.isfinite(x)).any()):
+                    self._widen(torch.float32)
+                    break
+        return tuple(x.to(self.full_dtype).contiguous() for x in xs)
+
+    def _widen(self, dtype: torch.dtype) -> None:
+        """Store full-precision tokens in `dtype` from now on, converting what is held (exact: a wider dtype)."""
+        self.full_dtype = dtype
+        for seg in self.segments.values():
+            seg.astype(dtype)
+        if self.residual is not None:
+            self.residual.astype(dtype)
+
     def _spec(self, bits: int, kind: str, d: int) -> QuantSpec:
         """spec_fn's answer, asked once per (bits, kind, d): decode steps ask it every token."""
         key = (bits, kind, d)
@@ -532,8 +567,8 @@ class LayerStore:
                 continue
             kk, vv, index = picked
             if b == 16:
-                seg = Segment(16, Plain(kk.to(self.full_dtype).contiguous()), Plain(vv.to(self.full_dtype).contiguous()),
-                              index, start)
+                fk, fv = self._full(kk, vv)
+                seg = Segment(16, Plain(fk), Plain(fv), index, start)
             else:
                 seg = self._store(b, *self._to_quantized_layout(kk, vv), index, start, specs)
                 if seg is None:
@@ -556,7 +591,7 @@ class LayerStore:
         k, v, index = self._select(k, v, None, sk.group_size if sk.axis == "channel" else 1, start)
         coded = n - defer
         self._add(Segment(b, kernels.quantize(k, sk), kernels.quantize(v[:, :, :coded], sv), index, start, k.shape[-2],
-                          vpend=v[:, :, coded:].to(self.full_dtype).contiguous()))
+                          vpend=self._full(v[:, :, coded:])[0]))
 
     def _add(self, seg: Segment) -> None:
         """Append `seg` to the segment of its width, or make it that segment."""
@@ -594,7 +629,8 @@ class LayerStore:
         heads with permuted channels (SKVQ); `read` undoes both."""
         if self.channel_scales is not None:
             sk, sv = self.channel_scales
-            k, v = k / sk.to(k.dtype), v / sv.to(v.dtype)
+            # in float32: a divisor below 1 would overflow a float16 key near 65504
+            k, v = k.float() / sk.float(), v.float() / sv.float()
         if self.channel_perm is not None:
             k, v = _flatten(k, self.channel_perm[0]), _flatten(v, self.channel_perm[1])
         return k, v
@@ -632,7 +668,7 @@ class LayerStore:
         """bits: int16 `[B, n]` (prefill: the first write) or one int for every token (decode)."""
         if k.shape[-2] == 0 and self.residual is not None:
             return
-        k, v = k.to(self.full_dtype), v.to(self.full_dtype)
+        k, v = self._full(k, v)
         if self.residual is None:
             self.residual = Residual(k, v, bits)
         else:
@@ -698,20 +734,22 @@ class LayerStore:
             seg.quantize_values(min(max(m, 0), seg.vpend.shape[-2]))
 
     # ------------------------------------------------------------------ reading
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All cached keys and values `[B, H, L, D]` in slot order, dequantized to the model dtype."""
+    def materialize(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All cached keys and values `[B, H, L, D]` in slot order, dequantized to `dtype` (default: the model's;
+        float32 where they are still to be rotated back, whose intermediate values may exceed float16's range)."""
+        dtype = dtype or self.dtype
         if not self.segments:
-            return self.res_k.to(self.dtype), self.res_v.to(self.dtype)
+            return self.res_k.to(dtype), self.res_v.to(dtype)
         L = self.length
         seg0 = next(iter(self.segments.values()))
         ref = seg0.kb.codes
         B, H = ref.shape[0], self.num_heads
         D = seg0.kb.d * ref.shape[1] // H
         dev = ref.device
-        kbuf = torch.empty(B, H, L + 1, D, dtype=self.dtype, device=dev)  # column L takes filler
+        kbuf = torch.empty(B, H, L + 1, D, dtype=dtype, device=dev)  # column L takes filler
         vbuf = torch.empty_like(kbuf)
         for seg in self.segments.values():
-            dk, dv = self.read(seg)
+            dk, dv = self.read(seg, dtype=dtype)
             if seg.index is None:
                 kbuf[:, :, seg.start:seg.start + seg.n] = dk
                 vbuf[:, :, seg.start:seg.start + seg.n] = dv
@@ -722,22 +760,25 @@ class LayerStore:
                 vbuf.scatter_(2, idx, dv)
         r = self.residual_len
         if r:
-            kbuf[:, :, L - r:L] = self.res_k
-            vbuf[:, :, L - r:L] = self.res_v
+            kbuf[:, :, L - r:L] = self.res_k.to(dtype)
+            vbuf[:, :, L - r:L] = self.res_v.to(dtype)
         return kbuf[:, :, :L], vbuf[:, :, :L]
 
-    def read(self, seg: Segment, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [start, stop) of a segment as float `[B, H, n, D]` in the model dtype, every transform undone."""
+    def read(self, seg: Segment, start: int = 0, stop: int | None = None,
+             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [start, stop) of a segment as float `[B, H, n, D]` in `dtype` (default: the model's), every
+        transform undone."""
         stop = seg.n if stop is None else stop
+        dtype = dtype or self.dtype
         if isinstance(seg.kb, Plain):
-            return seg.kb.codes[:, :, start:stop].to(self.dtype), seg.vb.codes[:, :, start:stop].to(self.dtype)
-        dk = dequantize(seg.k.slice_tokens(start, stop), self.dtype)
+            return seg.kb.codes[:, :, start:stop].to(dtype), seg.vb.codes[:, :, start:stop].to(dtype)
+        dk = dequantize(seg.k.slice_tokens(start, stop), dtype)
         coded = seg.coded
         if stop <= coded:
-            dv = dequantize(seg.v.slice_tokens(start, stop), self.dtype)
+            dv = dequantize(seg.v.slice_tokens(start, stop), dtype)
         else:  # deferred values (only where no permutation or scales apply: see commit's defer)
-            tail = seg.vpend[:, :, max(start, coded) - coded:stop - coded].to(self.dtype)
-            dv = tail if start >= coded else torch.cat([dequantize(seg.v.slice_tokens(start, coded), self.dtype), tail], -2)
+            tail = seg.vpend[:, :, max(start, coded) - coded:stop - coded].to(dtype)
+            dv = tail if start >= coded else torch.cat([dequantize(seg.v.slice_tokens(start, coded), dtype), tail], -2)
             return dk, dv
         if self.channel_perm is not None:
             if self._inverse_perm is None:  # derived, not stored: computed once per layer
@@ -745,7 +786,7 @@ class LayerStore:
             h, (ik, iv) = self.num_heads, self._inverse_perm
             dk, dv = _unflatten(dk, self.channel_perm[0], h, ik), _unflatten(dv, self.channel_perm[1], h, iv)
         if self.channel_scales is not None:
-            dk, dv = dk * self.channel_scales[0].to(self.dtype), dv * self.channel_scales[1].to(self.dtype)
+            dk, dv = dk * self.channel_scales[0].to(dtype), dv * self.channel_scales[1].to(dtype)
         return dk, dv
 
     # ------------------------------------------------------------------ editing

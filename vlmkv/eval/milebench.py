@@ -97,6 +97,14 @@ def load_task(root, task: str, limit: int | None = None) -> list[Sample]:
     meta = raw.get("meta_data") or {}
     instr = meta.get("task_instruction", [""]) if isinstance(meta, dict) else [""]
     hint = {"answer_hint": meta["answer_hint"]} if isinstance(meta, dict) and "answer_hint" in meta else {}
+    seen: dict[str, int] = {}
+    for k, item in enumerate(raw["data"]):  # records are keyed by sample id (--resume): one id, one sample
+        if isinstance(item, dict) and "sample_id" in item:
+            sid = str(item["sample_id"])
+            if sid in seen:
+                raise DatasetError(f"{path}: samples {seen[sid]} and {k} share sample_id {sid!r}; each sample needs "
+                                   f"its own id")
+            seen[sid] = k
     out = []
     for k, item in enumerate(raw["data"][:limit]):
         where = f"{path}, sample {k}" + (f" ({item.get('sample_id')!r})" if isinstance(item, dict) else "")

@@ -70,6 +70,45 @@ def verified(folder: Path) -> bool:
     return ok
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def load_safetensors(path, what: str) -> dict:
+    """The tensors of a safetensors file; ValueError in one line naming `what` and the file when it is missing or
+    not safetensors (a pickle or a `torch.save` archive is named as such and never unpickled: it can run code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    accepted = f"{what} must be a .safetensors file"
+    if not p.is_file():
+        raise ValueError(f"{accepted}, got {str(path)!r} (no such file)")
+    with open(p, "rb") as f:
+        head = f.read(9)
+    size = p.stat().st_size
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise ValueError(f"{accepted}, got {str(path)!r}: a pickle or torch.save archive, which vlmkv never loads (it "
+                         f"can run code); save it with safetensors.torch.save_file instead")
+    if not 0 < n <= size - 8 or head[8:9] != b"{":
+        raise ValueError(f"{accepted}, got {str(path)!r}: not a safetensors file (no header)")
+    try:
+        return load_file(p)
+    except SafetensorError as e:
+        raise ValueError(f"{accepted}, got {str(path)!r}: unreadable ({e})") from None
+
+
+def _check_weights_folder(p: Path) -> None:
+    """Raise ValueError unless a local model folder holds safetensors weights: pickled ones are never loaded."""
+    if any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(q.name for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"name_or_path must be a model folder with .safetensors weights, got {str(p)!r} holding only "
+                         f"pickled weights ({', '.join(pickled)}), which vlmkv never loads (they can run code): "
+                         f"convert them with safetensors first")
+
+
 def _package_dir(package: str, pip: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate without importing (the package imports `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -146,6 +185,7 @@ def resolve(name_or_path: str) -> tuple[str, dict]:
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"name_or_path must be a model folder with a config.json, got {name_or_path!r}")
+        _check_weights_folder(p)
         return str(p), {}
     looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or p.exists()
     if looks_like_path:

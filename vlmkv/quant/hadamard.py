@@ -111,9 +111,14 @@ def _matrix(d: int, dtype: torch.dtype, device, transpose: bool = False) -> torc
 
 
 def _butterflies(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x @ blockdiag(H_block, ...) by log2(block) butterfly passes, in x's dtype."""
+    """x @ blockdiag(H_block, ...) by log2(block) butterfly passes: in float32 for float16 / bfloat16 inputs (the
+    unnormalized sums grow by up to sqrt(block) over the result: 65504 + 65504 would overflow float16), cast back
+    once at the end."""
     d = x.shape[-1]
     lead = x.shape[:-1]
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     y = x.reshape(-1, d // block, block)
     h = 1
     while h < block:
@@ -121,7 +126,7 @@ def _butterflies(x: torch.Tensor, block: int) -> torch.Tensor:
         a, b = y[..., 0, :], y[..., 1, :]
         y = torch.stack((a + b, a - b), dim=-2).view(y.shape[0], y.shape[1], block)
         h *= 2
-    return (y * (1.0 / math.sqrt(block))).reshape(*lead, d)
+    return (y * (1.0 / math.sqrt(block))).reshape(*lead, d).to(dtype)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

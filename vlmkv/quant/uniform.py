@@ -344,6 +344,16 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.to(dtype)
 
 
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` cast to `dtype`, finite values beyond its range clamped to its largest finite value instead of
+    becoming inf (NaN and +-inf stay as they are). For results that cannot exceed the range of the values they
+    came from but may by float rounding: an attention output is a convex combination of stored values."""
+    if x.dtype == dtype or not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
+        return x.to(dtype)
+    big = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(dtype)
+
+
 def quantization_step(qt: QTensor) -> torch.Tensor:
     """The step (stored scale) broadcast to `[..., n, d]`, for error-bound checks."""
     g = qt.spec.group_size
@@ -355,4 +365,4 @@ def quantization_step(qt: QTensor) -> torch.Tensor:
     return s.repeat_interleave(g, dim=-2)
 
 
-__all__ = ["QuantSpec", "QTensor", "quantize", "dequantize", "quantization_step", "packed_length", "SUPPORTED_BITS"]
+__all__ = ["QuantSpec", "QTensor", "quantize", "dequantize", "quantization_step", "saturate", "packed_length", "SUPPORTED_BITS"]

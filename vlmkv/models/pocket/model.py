@@ -119,18 +119,18 @@ def weights_digest(path: Path = WEIGHTS) -> str:
 
 def pocket_path(weights: Path | str | None = None) -> Path:
     """A local model directory for pocket, assembled once per weights file (backbone + committed weights)."""
-    from safetensors.torch import load_file
-
-    from ..loading import cache_dir, verified, write_manifest
+    from ..loading import cache_dir, load_safetensors, verified, write_manifest
 
     w = Path(weights) if weights else WEIGHTS
-    if not w.exists():
-        raise ValueError(f"weights must be a pocket.safetensors file, got {str(w)!r}")
+    what = "pocket's weights" + (" ($VLMKV_POCKET_WEIGHTS)" if weights else "")
+    if not w.is_file():
+        raise ValueError(f"{what} must be a pocket.safetensors file from vlmkv train-demo, got {str(w)!r}")
     out = cache_dir() / f"pocket-{weights_digest(w)}"
     if verified(out):  # checksums written when it was assembled: a corrupt copy is removed and rebuilt
         return out
+    state = load_safetensors(w, what)  # a pickle or a broken file: one line, before the backbone is built
     model, proc = build_untrained()
-    load_trained(model, load_file(w))
+    load_trained(model, state)
     # a per-process scratch name: processes of `accelerate launch` may assemble at the same time
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     if tmp.exists():

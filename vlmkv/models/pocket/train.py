@@ -233,14 +233,11 @@ def _align_targets(model, proc, clip_frames):
     return torch.stack([emb[frame_words(proc.tokenizer, c, s)] for c, s in clip_frames]).detach()
 
 
-def _init_from(model, path: str) -> None:
-    """Load a `trained_state` file into a model whose backbone carries (unmerged) LoRA adapters of the same or a
-    larger rank (`lora.load_lora`)."""
-    from safetensors.torch import load_file
-
+def _init_from(model, state: dict) -> None:
+    """Load a `trained_state` (the tensors of a file `train` wrote) into a model whose backbone carries (unmerged)
+    LoRA adapters of the same or a larger rank (`lora.load_lora`)."""
     from .lora import load_lora
 
-    state = load_file(path)
     load_vision(model, state)
     load_lora(model.model.language_model, part(state, "language_model."))  # a larger --lora-r widens the adapters
 
@@ -282,13 +279,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
         from ..cpu_bf16 import bf16_gemm_is_native
 
         cfg = replace(cfg, bf16=bf16_gemm_is_native())
+    init = None
+    if cfg.init:  # a wrong file is named before anything is built or written
+        from ..loading import load_safetensors
+
+        init = load_safetensors(cfg.init, "--init")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, proc = build_untrained(cfg.seed)
     add_lora(model.model.language_model, LORA_TARGETS, r=cfg.lora_r, alpha=2.0 * cfg.lora_r)
-    if cfg.init:
-        _init_from(model, cfg.init)
+    if init is not None:
+        _init_from(model, init)
     for p in model.parameters():
         p.requires_grad_(False)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
