@@ -115,13 +115,13 @@ def test_extreme_float16_values_stay_finite_through_each_kernel_backend(name, ba
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_policies())
 def test_finite_values_through_a_model_on_the_triton_kernels(models, name, monkeypatch):
-    """The whole model on the Triton backend (in its interpreter: slow): the float16 edge cases."""
+    """The whole model on the Triton backend (in its interpreter: slow): the float16 model's hardest case, a
+    decode-time key and value at 65504."""
     pytest.importorskip("triton")
     monkeypatch.setenv("VLMKV_KERNELS", "triton")
     model = models[torch.float16]
-    for value, where, phase in CASES:
-        if value not in VALUES[torch.float16] or not _dynamic_finite(model, torch.float16, value, where, phase):
-            continue
+    for value, where, phase in ((65504.0, "one-one", "decode"),):
+        assert _dynamic_finite(model, torch.float16, value, where, phase)
         with QuantizedKVCache(model, name, **OPTIONS.get(name, {})) as cache:
             assert torch.isfinite(_logits(model, cache, value, where, phase)).all(), (value, where, phase)
 

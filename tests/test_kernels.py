@@ -78,11 +78,14 @@ def test_kernels_reject_unsupported_layouts():
     x = torch.randn(1, 1, 32, 32, device=DEV)
     with pytest.raises(ValueError, match="spec"):
         quantize_pack(x, QuantSpec(2, group_size=32, axis="channel"))
-    with pytest.raises(ValueError, match="group_size"):
-        quantize_pack(torch.randn(1, 1, 4, 48, device=DEV), QuantSpec(2, group_size=48))
+    with pytest.raises(ValueError, match="spec"):
+        quantize_pack(x, QuantSpec(2, group_size=32, meta_dtype=torch.bfloat16))
     kq = quantize(x, QuantSpec(2, group_size=32, axis="channel"))
-    with pytest.raises(ValueError, match="kq"):
+    with pytest.raises(ValueError, match="vq"):  # per-channel groups are for keys only
         decode_partial(torch.randn(1, 1, 1, 32, device=DEV), kq, kq, torch.ones(1, 32, dtype=torch.bool), 1.0)
+    vq = quantize(torch.randn(1, 1, 32, 48), QuantSpec(2, group_size=16))
+    with pytest.raises(ValueError, match="power"):
+        decode_partial(torch.randn(1, 1, 1, 48, device=DEV), vq, vq, torch.ones(1, 32, dtype=torch.bool), 1.0)
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
         for h in range(Hkv):
             full[:, h, :, h] = q[:, h]
         qp = full.view(B, 1, Hkv * r, Hkv * D).index_select(-1, pk)
-        if backend == "cpu":  # the C++ kernel over the flattened rows: Hkv * r query "heads" of Hkv * D channels
+        if backend != "torch":  # a kernel over the flattened rows: Hkv * r query "heads" of Hkv * D channels
             m, den, o = kernels.decode_partial(qp, kq, vq, ok, scaling, backend)
             m, den = m.view(B, Hkv, r, 1), den.view(B, Hkv, r, 1)
         else:  # the reference, with each head's scores masked apart
@@ -148,7 +148,11 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
         if on_codes:
             backend = kernels.decode_backend(query, sk, sv, D)
         elif on_codes_perm:
-            backend = kernels.decode_backend(query, sk, sv, store.num_heads * D, allow=("cpu",))
+            backend = kernels.decode_backend(query, sk, sv, store.num_heads * D)
+        if quantized:
+            fmt = None if backend != "torch" or kernels.mode() == "torch" else \
+                kernels.describe_format(sk, sv, why=_why_reference(query, on_codes, on_codes_perm))
+            store.count_read(n * per_token * 2, backend, fmt)
         if backend != "torch":
             step = max(1, n)  # the kernel chunks and parallelizes the segment itself
         for s0 in range(0, n, step):
@@ -173,6 +177,13 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
     num = sum(p[2] * torch.exp(p[0] - m) for p in parts)
     out = saturate((num / den).view(B, Hq, 1, D), out_dtype)
     return out.transpose(1, 2).contiguous()
+
+
+def _why_reference(query, on_codes: bool, on_codes_perm: bool) -> str:
+    """Why a quantized segment is read by the reference (for the one-time warning)."""
+    if not (on_codes or on_codes_perm):
+        return "no fused path for this layout"
+    return "no backend reads this format on " + query.device.type
 
 
 _local = threading.local()
@@ -225,6 +236,8 @@ def _make_attention(impl: str):
             store.settle()  # flushes a decode rule defers until the step has attended (KIVI's reference)
             return out, None
         # anything unusual: the plain path over the full cache (rotated values rotated back in float32)
+        store.count_materialized("a decode step that segment attention does not take (softcap, sinks, dropout or "
+                                 "a multi-token query)")
         key, value = store.materialize(torch.float32 if rotated else None)
         store.settle()
         if rotated:

@@ -577,6 +577,14 @@ class QuantizedKVCache(Cache):
                 hist[b] = hist.get(b, 0) + n
         return dict(sorted(hist.items()))
 
+    def decode_reads(self) -> dict:
+        """Quantized key + value elements that decode steps read so far, by path: {"fused": elements a kernel read
+        from the codes, "reference": elements the PyTorch reference read, "fused_share": fused / both (1.0 when
+        nothing quantized was read)}. Full-precision tokens (residual window, 16-bit segments) are not counted."""
+        fused = sum(s.reads["fused"] for s in self._stores())
+        ref = sum(s.reads["reference"] for s in self._stores())
+        return {"fused": fused, "reference": ref, "fused_share": round(fused / (fused + ref), 4) if fused + ref else 1.0}
+
     def memory_report(self) -> dict:
         return {
             "policy": self.policy.describe(),
@@ -585,4 +593,5 @@ class QuantizedKVCache(Cache):
             "fp16_bytes": self.fp16_nbytes(),
             "bits_per_element": round(self.bits_per_element(), 4),
             "compression_vs_fp16": round(self.fp16_nbytes() / max(1, self.nbytes()), 3),
+            "decode_reads": self.decode_reads(),
         }

@@ -458,6 +458,9 @@ class LayerStore:
         #: the last decode write's rule (bits, keep_recent, flush_every, value_window), for `settle`
         self.rule: tuple | None = None
         self.spec_fields: tuple | None = None  # (k, v) QuantSpec fields of this layer (uneven groups, clips)
+        #: quantized key + value elements decode attention read, by path: "fused" (a kernel read the codes) or
+        #: "reference" (the pure PyTorch path); see `count_read`
+        self.reads = {"fused": 0, "reference": 0}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -507,6 +510,20 @@ class LayerStore:
         if self.res_k is not None:
             hist[16] = hist.get(16, 0) + self.res_k.shape[0] * self.residual_len
         return hist
+
+    def count_read(self, elements: int, backend: str, fmt: str | None = None) -> None:
+        """Record that decode attention read `elements` quantized key + value elements on `backend` ("cpu" /
+        "triton": fused, "torch": the reference); a reference read warns once per process and format `fmt`."""
+        self.reads["reference" if backend == "torch" else "fused"] += elements
+        if backend == "torch" and fmt is not None:
+            kernels.warn_reference_once(fmt)
+
+    def count_materialized(self, why: str) -> None:
+        """Record a decode step that read every quantized segment dequantized (the reference path)."""
+        n = sum(seg.n * seg.kb.codes.shape[1] * seg.kb.d * 2 for seg in self.segments.values()
+                if not isinstance(seg.kb, Plain))
+        if n:
+            self.count_read(n, "torch", None if kernels.mode() == "torch" else why)
 
     # ------------------------------------------------------------------ writing
     def _full(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -52,37 +52,65 @@ def _pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
 
 
-def _fits_groups(spec, d: int) -> bool:
-    """Per-token 2/4/8-bit groups of a power of two dividing d, whole bytes each, fp16 scales."""
+def _fits_token_groups(spec, d: int) -> bool:
+    """Per-token groups of 2/4/8-bit or ternary codes with fp16 scales covering d channels: even groups dividing
+    d, or uneven ones (`bounds`); any zero point (int16, int8, none) and clips."""
     import torch
 
-    return (spec.axis == "token" and spec.bits in (2, 4, 8) and _pow2(spec.group_size) and d % spec.group_size == 0
-            and spec.group_size % (8 // spec.bits) == 0 and spec.meta_dtype == torch.float16)
+    if spec.axis != "token" or spec.bits not in (2, 4, 8) or spec.meta_dtype != torch.float16 or d <= 0:
+        return False
+    return int(spec.bounds[-1]) == d if spec.bounds is not None else d % spec.group_size == 0
 
 
 def fits_quantize(spec, d: int) -> bool:
-    """Whether `quantize_pack` takes this spec: plain (`QuantSpec.plain`) per-token groups as `_fits_groups`."""
-    return spec.plain and _fits_groups(spec, d)
+    """Whether the Triton `quantize_pack` takes this spec: every per-token format (`_fits_token_groups`)."""
+    return _fits_token_groups(spec, d)
 
 
-def fits_decode(qt, d: int) -> bool:
-    """Whether `decode_partial` reads this QTensor: even groups (`QuantSpec.even`: per-group clips only matter when
-    quantizing) as `_fits_groups`, and a power-of-two head dim."""
-    return qt.spec.even and _fits_groups(qt.spec, d) and _pow2(d) and qt.d == d
+def fits_decode(qt, d: int, key: bool = True) -> bool:
+    """Whether the Triton `decode_partial` reads this QTensor: a power-of-two head dim and every per-token format, or
+    per-channel groups of tokens (KIVI) for keys (with fp16 scales, int16 zero points)."""
+    import torch
 
-
-def check_quantize(spec, d: int) -> None:
-    """Raise ValueError unless both backends' `quantize_pack` take `spec` for rows of d channels."""
-    if not fits_quantize(spec, d):
-        raise ValueError(f"spec must be per-token 2/4/8-bit with fp16 scales and power-of-two groups dividing {d}, "
-                         f"got {spec!r}")
+    if not _pow2(d) or qt.d != d or qt.codes.dim() != 4:
+        return False
+    if qt.spec.axis == "channel":
+        return key and qt.spec.bits in (2, 4, 8) and qt.spec.meta_dtype == torch.float16
+    return _fits_token_groups(qt.spec, d)
 
 
 def check_rows(qt, name: str) -> None:
-    """Raise ValueError unless a QTensor's rows are contiguous with scale and zero strided alike (both backends'
-    `decode_partial` walk codes, scales and zero points with one set of strides)."""
-    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or qt.zero.stride() != qt.scale.stride():
+    """Raise ValueError unless a QTensor's rows are contiguous with scale and zero (where stored) strided alike (both
+    backends' `decode_partial` walk codes, scales and zero points with one set of strides)."""
+    if qt.codes.stride(-1) != 1 or qt.scale.stride(-1) != 1 or (qt.zero is not None and qt.zero.stride() != qt.scale.stride()):
         raise ValueError(f"{name} must have contiguous rows and matching scale/zero strides")
+
+
+def describe_format(kq, vq=None, why: str = "") -> str:
+    """A stored format in words, for warnings and reports: bits, group layout and zero point of keys (and values)."""
+    def one(qt) -> str:
+        sp = qt.spec
+        groups = (f"uneven groups {list(sp.bounds)}" if sp.bounds is not None
+                  else f"{sp.axis} groups of {sp.group_size}")
+        extra = (", ternary" if sp.levels == 3 else "") + (", per-group clips" if sp.clips is not None else "")
+        return f"{sp.bits}-bit {groups}, zero point {sp.zero_point}, {str(sp.meta_dtype).split('.')[-1]} scales" \
+               f"{extra}, head dim {qt.d}"
+    text = f"keys {one(kq)}" + (f"; values {one(vq)}" if vq is not None else "")
+    return text + (f" ({why})" if why else "")
+
+
+_WARNED: set = set()
+
+
+def warn_reference_once(fmt: str) -> None:
+    """Warn once per process and format that decode attention read it through the slow reference path."""
+    if fmt in _WARNED:
+        return
+    _WARNED.add(fmt)
+    import warnings
+
+    warnings.warn(f"vlmkv: decode attention reads a quantized segment through the PyTorch reference (slow): {fmt}",
+                  RuntimeWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------- the dispatcher
@@ -90,11 +118,11 @@ def quantize_backend(x, spec) -> str:
     """"triton", "cpu" or "torch": which backend `quantize(x, spec)` runs."""
     from . import cpu
 
-    if not fits_quantize(spec, x.shape[-1]) or x.numel() == 0:  # nothing to compute: the reference's shapes
+    if x.numel() == 0:  # nothing to compute: the reference's shapes
         return "torch"
-    if available(x):
+    if available(x) and fits_quantize(spec, x.shape[-1]):
         return "triton"
-    return "cpu" if cpu.available(x) else "torch"
+    return "cpu" if cpu.fits_quantize(spec, x.shape[-1]) and cpu.available(x) else "torch"
 
 
 def quantize(x, spec):
@@ -130,7 +158,7 @@ def decode_backend(q, kq, vq, d: int, allow=("triton", "cpu")) -> str:
     """"triton", "cpu" or "torch": which backend `decode_partial` runs for these operands (rows of d channels)."""
     from . import cpu
 
-    if "triton" in allow and available(q) and fits_decode(kq, d) and fits_decode(vq, d):
+    if "triton" in allow and available(q) and fits_decode(kq, d, key=True) and fits_decode(vq, d, key=False):
         return "triton"
     if "cpu" in allow and cpu.available(q) and cpu.fits_decode(kq, d, key=True) and cpu.fits_decode(vq, d, key=False):
         return "cpu"
@@ -158,5 +186,6 @@ def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
     return decode_partial_ref(q, kq, vq, ok, scaling)
 
 
-__all__ = ["MODES", "available", "check_quantize", "check_rows", "decode_backend", "decode_partial", "fits_decode",
+__all__ = ["MODES", "available", "check_rows", "decode_backend", "decode_partial", "describe_format",
+           "fits_decode", "warn_reference_once",
            "fits_quantize", "mode", "quantize", "quantize_backend", "quantize_into", "triton_installed"]

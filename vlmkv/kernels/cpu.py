@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..quant.packing import TRITS_PER_BYTE, packed_length
 from ..quant.uniform import QTensor, QuantSpec
 
 SOURCE = Path(__file__).with_name("cpu_kv.cpp")
@@ -176,53 +177,94 @@ def available(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and mode() in ("auto", "cpu") and load()
 
 
+def code_format(spec: QuantSpec) -> int:
+    """The kernels' code format of a spec: its bits (2, 4, 8), or 3 for ternary codes (`levels=3`)."""
+    return 3 if spec.levels == 3 else spec.bits
+
+
+_BOUNDS: dict = {}
+
+
+def _tables(spec: QuantSpec, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 group bounds `[ng + 1]`, float32 clip ratios `[ng]`) of a spec's per-token groups over d channels,
+    made once per (spec, d): the kernels' description of the groups (even or uneven alike)."""
+    key = (spec, d)
+    if key not in _BOUNDS:
+        if spec.axis == "channel":
+            bounds = [0, d]
+        elif spec.bounds is not None:
+            bounds = [int(b) for b in spec.bounds]
+        else:
+            bounds = list(range(0, d + 1, spec.group_size))
+        ng = len(bounds) - 1
+        clips = [float(c) for c in spec.clips] if spec.clips is not None else [float(spec.clip_ratio)] * ng
+        _BOUNDS[key] = (torch.tensor(bounds, dtype=torch.int32), torch.tensor(clips, dtype=torch.float32))
+    return _BOUNDS[key]
+
+
+def fits_quantize(spec: QuantSpec, d: int) -> bool:
+    """Whether `quantize_pack` takes this spec: per-token groups (even ones dividing d, or uneven `bounds`) of
+    2/4/8-bit or ternary codes, any zero point (int16, int8, none) and clips, fp16 scales."""
+    if spec.axis != "token" or spec.meta_dtype != torch.float16 or spec.bits not in (2, 4, 8) or d <= 0:
+        return False
+    if spec.bounds is not None:
+        return int(spec.bounds[-1]) == d
+    return d % spec.group_size == 0
+
+
 def quantize_into(x: torch.Tensor, out: QTensor) -> None:
     """Quantize x `[B, H, n, D]` with `out.spec` and write codes, scales and zero points into `out`'s tensors (of
-    shapes `[B, H, n, D*bits/8]` and `[B, H, n, D/G]`, views into larger buffers allowed). Same values as
+    shapes `[B, H, n, bytes]` and `[B, H, n, groups]`, views into larger buffers allowed). Same values as
     `quantize(x, out.spec)`."""
     spec = out.spec
-    torch.ops.vlmkv_cpu.quantize_pack_(x.float().contiguous(), out.codes, out.scale, out.zero, spec.bits,
-                                       spec.group_size, float(spec.clip_ratio))
+    bounds, clips = _tables(spec, x.shape[-1])
+    torch.ops.vlmkv_cpu.quantize_pack_(x.float().contiguous(), out.codes, out.scale, out.zero, code_format(spec),
+                                       bounds, clips)
+
+
+_ZERO_DTYPES = {"int16": torch.int16, "int8": torch.int8}
 
 
 def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """Kernel twin of `vlmkv.quant.quantize` for per-token 2/4/8-bit groups (see `kernels.fits_quantize`).
+    """Kernel twin of `vlmkv.quant.quantize` for every per-token format (see `fits_quantize`).
 
     x: float `[..., n, D]` on the CPU. Returns the same QTensor as `quantize(x, spec)`, bit for bit.
     """
-    from . import check_quantize
-
     *lead, n, D = x.shape
-    check_quantize(spec, D)
+    if not fits_quantize(spec, D):
+        raise ValueError(f"spec must be per-token 2/4/8-bit or ternary groups covering {D} channels with fp16 scales, "
+                         f"got {spec!r}")
     rows = x.reshape(-1, 1, n, D)
     N = rows.shape[0]
-    out = QTensor(torch.empty(N, 1, n, D * spec.bits // 8, dtype=torch.uint8),
-                  torch.empty(N, 1, n, D // spec.group_size, dtype=torch.float16),
-                  torch.empty(N, 1, n, D // spec.group_size, dtype=torch.int16), spec, D, x.dtype)
+    ng = len(_tables(spec, D)[1])
+    nbytes = packed_length(D, spec.bits) if spec.levels != 3 else -(-D // TRITS_PER_BYTE)
+    zdt = _ZERO_DTYPES.get(spec.zero_point)
+    out = QTensor(torch.empty(N, 1, n, nbytes, dtype=torch.uint8), torch.empty(N, 1, n, ng, dtype=torch.float16),
+                  None if zdt is None else torch.empty(N, 1, n, ng, dtype=zdt), spec, D, x.dtype)
     if N * n:
         quantize_into(rows, out)
-    return QTensor(*(t.view(*lead, n, -1) for t in (out.codes, out.scale, out.zero)), spec, D, x.dtype)
+    zero = None if out.zero is None else out.zero.view(*lead, n, -1)
+    return QTensor(out.codes.view(*lead, n, -1), out.scale.view(*lead, n, -1), zero, spec, D, x.dtype)
 
 
 def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
-    """Whether `decode_partial` reads this QTensor: 2/4/8-bit codes `[B, H, n, bytes]` with fp16 scales, rows of
-    d <= 512 channels, in per-token groups of whole bytes dividing d (any size: SKVQ's 96-channel groups too) or,
-    for keys, in per-channel groups of tokens (KIVI)."""
+    """Whether `decode_partial` reads this QTensor: 2/4/8-bit or ternary codes `[B, H, n, bytes]` with fp16 scales,
+    rows of d <= 512 channels, in per-token groups (even ones dividing d, or uneven `bounds`) with int16, int8 or no
+    zero points or, for keys, in per-channel groups of tokens (KIVI)."""
     spec = qt.spec
-    if (not spec.even or qt.codes.dim() != 4 or qt.d != d or d > 512 or spec.bits not in (2, 4, 8)
-            or spec.meta_dtype != torch.float16):
+    if qt.codes.dim() != 4 or qt.d != d or d > 512 or spec.bits not in (2, 4, 8) or spec.meta_dtype != torch.float16:
         return False
     if spec.axis == "channel":
         return key
-    return d % spec.group_size == 0 and spec.group_size % (8 // spec.bits) == 0
+    return fits_quantize(spec, d)
 
 
 def _check(qt: QTensor, name: str) -> None:
     from . import check_rows
 
     if not fits_decode(qt, qt.d, key=name == "kq"):
-        raise ValueError(f"{name} must hold 2/4/8-bit codes `[B, H, n, bytes]` with fp16 scales in per-token groups "
-                         f"(keys: or per-channel groups), got {qt.spec!r}")
+        raise ValueError(f"{name} must hold 2/4/8-bit or ternary codes `[B, H, n, bytes]` with fp16 scales in per-token "
+                         f"groups (keys: or per-channel groups), got {qt.spec!r}")
     check_rows(qt, name)
 
 
@@ -240,9 +282,12 @@ def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor |
     if q.dim() != 4 or q.shape[-1] != kq.d or kq.d != vq.d:
         raise ValueError(f"q must be [B, Hkv, R, D] with D = the codes' head dim {kq.d}, got shape {tuple(q.shape)!r}")
     okb = None if ok is None else ok.to(torch.int8).contiguous()
+    ks, vs = kq.spec, vq.spec
     return torch.ops.vlmkv_cpu.decode_partial(
         q.float().contiguous(), kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, okb, float(scaling),
-        kq.spec.bits, kq.spec.group_size, kq.spec.axis == "channel", vq.spec.bits, vq.spec.group_size)
+        code_format(ks), _tables(ks, kq.d)[0], ks.group_size, ks.axis == "channel", code_format(vs),
+        _tables(vs, vq.d)[0])
 
 
-__all__ = ["available", "build_dir", "decode_partial", "error", "fits_decode", "load", "quantize_into", "quantize_pack"]
+__all__ = ["available", "build_dir", "code_format", "decode_partial", "error", "fits_decode", "fits_quantize", "load",
+           "quantize_into", "quantize_pack"]

@@ -1,10 +1,16 @@
 // CPU kernels over vlmkv's packed KV layout, registered as torch ops `vlmkv_cpu::*` (built and loaded by
-// vlmkv/kernels/cpu.py; their torch twins are vlmkv.quant.quantize and vlmkv.attention.qk/pv_from_codes).
+// vlmkv/kernels/cpu.py; their torch twins are vlmkv.quant.quantize and vlmkv.kernels.reference).
 //
-// Layout (per-token groups, as vlmkv.quant.quantize writes it): codes uint8 [B, H, n, D * bits / 8], code j of
-// a byte at bits [j*bits, (j+1)*bits); scale fp16 and zero int16 [B, H, n, D / G]; value = scale * (code - zero).
-// Strides are followed on the token, head and batch dimensions (views into a segment's spare-capacity buffers);
-// the last dimension must be contiguous.
+// One kernel for every stored format: a format is a table entry, not a new kernel. What varies, and how:
+// * the code: FMT = 2, 4 or 8 bits (code j of a byte at bits [j*bits, (j+1)*bits)) or 3 = ternary (five 3-level
+//   codes a byte, byte = sum_j c_j 3^j); a template parameter (the unpacking table);
+// * the groups: per-token groups given by their channel bounds (even groups of any size dividing D, or SKVQ's
+//   uneven ones), or per-channel groups of G tokens (KIVI keys); runtime data;
+// * the zero point: int16, int8 or none (symmetric groups: the implied zero is 2^(bits-1) and the scale carries
+//   the sign); runtime data.
+// codes uint8 [B, H, n, bytes]; scale fp16 and zero [B, H, n, groups] (per-channel: [B, H, n / G, D]);
+// value = scale * (code - zero). Strides are followed on the token, head and batch dimensions (views into a
+// segment's spare-capacity buffers); the last dimension must be contiguous.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,35 +45,107 @@ const Lut<BITS>& lut() {
   return table;
 }
 
-// D codes of one token as floats
-template <int BITS>
+// ternary codes: five base-3 digits a byte (byte = sum_j c_j 3^j), padded to 8 floats for a fixed-size copy
+struct TritLut {
+  alignas(32) float v[256][8];
+  TritLut() {
+    for (int b = 0; b < 256; ++b) {
+      int x = b;
+      for (int j = 0; j < 8; ++j) {
+        v[b][j] = j < 5 ? float(x % 3) : 0.f;
+        if (j < 5) x /= 3;
+      }
+    }
+  }
+};
+
+const TritLut& trit_lut() {
+  static const TritLut table;
+  return table;
+}
+
+// codes a byte holds and the bytes D codes take, per format (FMT 3: ternary)
+template <int FMT>
+constexpr int per_byte() { return FMT == 3 ? 5 : 8 / FMT; }
+
+inline int64_t code_bytes(int fmt, int64_t D) {
+  const int per = fmt == 3 ? 5 : 8 / fmt;
+  return (D + per - 1) / per;
+}
+
+// D codes of one token as floats (dst has room for D rounded up to a whole byte's codes, plus 8)
+template <int FMT>
 inline void unpack(const uint8_t* src, int D, float* dst) {
-  if constexpr (BITS == 8) {
+  if constexpr (FMT == 8) {
     for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
+  } else if constexpr (FMT == 3) {
+    const TritLut& L = trit_lut();
+    for (int j = 0; j < (D + 4) / 5; ++j) std::memcpy(dst + j * 5, L.v[src[j]], sizeof(float) * 8);
   } else {
-    constexpr int PER = 8 / BITS;
-    const Lut<BITS>& L = lut<BITS>();
-    for (int j = 0; j < D / PER; ++j) std::memcpy(dst + j * PER, L.v[src[j]], sizeof(float) * PER);
+    constexpr int PER = 8 / FMT;
+    const Lut<FMT>& L = lut<FMT>();
+    for (int j = 0; j < (D + PER - 1) / PER; ++j) std::memcpy(dst + j * PER, L.v[src[j]], sizeof(float) * PER);
   }
 }
+
+enum ZeroKind { Z_INT16 = 0, Z_INT8 = 1, Z_NONE = 2 };
 
 struct Packed {  // one QTensor, pointers at (b, h) = (0, 0)
   const uint8_t* c;
   const at::Half* s;
-  const int16_t* z;
+  const void* z;  // int16 or int8 zero points (zk), or null: symmetric groups, zero = zconst
+  int zk;
+  float zconst;
   int64_t cb, ch, ct;  // codes strides (batch, head, token)
   int64_t sb, sh, st;  // scale / zero strides
-  int G;
+  int G;  // per-channel groups: tokens a group
   bool channel;  // per-channel groups of G tokens (KIVI keys): scale / zero [B, H, n / G, D]
+  std::vector<int> gb;  // per-token groups: channel bounds, 0 = gb[0] < ... < gb[ng] = D
+  int ng;
+  bool bytes_aligned;  // every group bound falls on a byte (the score tables apply)
 };
 
-Packed packed(const Tensor& c, const Tensor& s, const Tensor& z, int64_t G, bool channel = false) {
+// zero point at element offset `off` of the scale / zero tensors
+inline float zero_at(const Packed& P, int64_t off) {
+  switch (P.zk) {
+    case Z_INT16: return float(static_cast<const int16_t*>(P.z)[off]);
+    case Z_INT8: return float(static_cast<const int8_t*>(P.z)[off]);
+    default: return P.zconst;
+  }
+}
+
+int zero_kind(const std::optional<Tensor>& z) {
+  if (!z.has_value()) return Z_NONE;
+  TORCH_CHECK(z->scalar_type() == at::kShort || z->scalar_type() == at::kChar, "zero points: int16 or int8");
+  return z->scalar_type() == at::kShort ? Z_INT16 : Z_INT8;
+}
+
+// bits: the code's width (2/4/8; ternary codes are 2-bit wide); bounds: int32 [ng + 1] for per-token groups
+Packed packed(const Tensor& c, const Tensor& s, const std::optional<Tensor>& z, int fmt, int bits,
+              const Tensor& bounds, int64_t D, int64_t G = 0, bool channel = false) {
   TORCH_CHECK(c.dim() == 4 && c.scalar_type() == at::kByte && c.stride(3) == 1, "codes: uint8 [B, H, n, bytes], rows contiguous");
-  TORCH_CHECK(s.scalar_type() == at::kHalf && z.scalar_type() == at::kShort, "scale fp16, zero int16");
-  TORCH_CHECK(s.dim() == 4 && s.stride(3) == 1 && s.strides() == z.strides() && s.sizes() == z.sizes(),
-              "scale/zero: [B, H, n, groups] with equal strides, rows contiguous");
-  return {c.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), z.data_ptr<int16_t>(),
-          c.stride(0), c.stride(1), c.stride(2), s.stride(0), s.stride(1), s.stride(2), int(G), channel};
+  TORCH_CHECK(s.scalar_type() == at::kHalf && s.dim() == 4 && s.stride(3) == 1, "scale: fp16 [B, H, n, groups], rows contiguous");
+  TORCH_CHECK(!z.has_value() || (z->strides() == s.strides() && z->sizes() == s.sizes()),
+              "zero points: shaped and strided as the scales");
+  TORCH_CHECK(!z.has_value() || !channel || z->scalar_type() == at::kShort, "per-channel groups keep int16 zero points");
+  Packed P{c.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), z.has_value() ? z->data_ptr() : nullptr, zero_kind(z),
+           float(1 << (bits - 1)), c.stride(0), c.stride(1), c.stride(2), s.stride(0), s.stride(1), s.stride(2),
+           int(G), channel, {}, 0, true};
+  if (!channel) {
+    TORCH_CHECK(bounds.scalar_type() == at::kInt && bounds.dim() == 1 && bounds.is_contiguous() && bounds.numel() >= 2,
+                "bounds: int32 [groups + 1]");
+    const int* b = bounds.data_ptr<int>();
+    P.gb.assign(b, b + bounds.numel());
+    P.ng = int(bounds.numel()) - 1;
+    TORCH_CHECK(P.gb[0] == 0 && P.gb[P.ng] == D && s.size(3) == P.ng, "bounds must run from 0 to D, one per scale");
+    const int per = fmt == 3 ? 5 : 8 / fmt;
+    for (int g = 0; g < P.ng; ++g) {
+      TORCH_CHECK(P.gb[g + 1] > P.gb[g], "bounds must increase");
+      P.bytes_aligned &= P.gb[g] % per == 0;
+    }
+  }
+  TORCH_CHECK(c.size(3) == code_bytes(fmt, D), "codes must hold D channels a token");
+  return P;
 }
 
 // 8 floats in GCC's portable vector extension: the compiler maps it to AVX/AVX-512/SSE as the CPU has
@@ -121,6 +199,7 @@ inline v8 exp_neg8(v8 x) {
 }
 
 constexpr int MAX_D = 512;
+constexpr int SCRATCH = MAX_D + 16;  // unpacked codes: D rounded up to whole bytes' codes, plus a copy's overhang
 
 // Score tables for 2- and 4-bit keys (a table-lookup GEMV): tab[(r * NB + j) * 256 + byte] = the dot product of
 // q[r] with the codes that `byte` holds at byte position j (channels j * PER ... j * PER + PER - 1). Then
@@ -162,17 +241,19 @@ inline float lookup(const float* tr, const uint8_t* bytes, int j0, int j1) {
 
 // Partial attention of R query heads over tokens [t0, t1) of one (batch row, kv head):
 // m = max scaled score (>= -1e30), l = sum exp(s - m), o = sum exp(s - m) v.
-// q: [R, D]; qsum: [R, D / KG] the query summed over each key group (for the zero-point term; per-token key groups).
+// q: [R, D]; qsum: [R, K.ng] the query summed over each key group (for the zero-point term; per-token key groups).
 // tab: the score tables of q (see build_tables) or null (unpack the codes instead); sc: scratch [R, round_up(T, 8)].
-template <int KB, int VB>
+template <int KF, int VF>
 void partial(const float* __restrict q, const float* __restrict qsum, const Packed& K, const Packed& V, int64_t b,
              int64_t h, const int8_t* ok, int64_t t0, int64_t t1, int R, int D, float scaling, const float* tab,
              float* __restrict sc, float* __restrict m, float* __restrict l, float* __restrict o) {
-  const int T = int(t1 - t0), TP = (T + 7) / 8 * 8, KG = K.G, VG = V.G, nkg = D / KG, nvg = D / VG;
-  alignas(64) float c[MAX_D];
+  const int T = int(t1 - t0), TP = (T + 7) / 8 * 8, KG = K.G, nkg = K.ng, nvg = V.ng;
+  const int* kgb = K.gb.data();
+  const int* vgb = V.gb.data();
+  alignas(64) float c[SCRATCH];
   const uint8_t* kc = K.c + b * K.cb + h * K.ch;
-  const at::Half* ks = K.s + b * K.sb + h * K.sh;
-  const int16_t* kz = K.z + b * K.sb + h * K.sh;
+  const int64_t kso = b * K.sb + h * K.sh;  // scale / zero offset of this (row, head)
+  const at::Half* ks = K.s + kso;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // per-channel key groups: k_td = s_gd (c_td - z_gd) over each group g of KG tokens, so
   // q . k_t = (q * s_g) . c_t - sum_d q_d s_gd z_gd, with q * s_g and the sum taken once per group
@@ -181,13 +262,12 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
   for (int64_t t = t0; t < t1; ++t) {
     const int i = int(t - t0);
     if (K.channel && (t == t0 || t % KG == 0)) {
-      const at::Half* s = ks + (t / KG) * K.st;
-      const int16_t* z = kz + (t / KG) * K.st;
+      const int64_t go = (t / KG) * K.st;
       for (int r = 0; r < R; ++r) {
         float bias = 0.f;
         for (int d = 0; d < D; ++d) {
-          qs[size_t(r) * D + d] = q[size_t(r) * D + d] * float(s[d]);
-          bias += qs[size_t(r) * D + d] * float(z[d]);
+          qs[size_t(r) * D + d] = q[size_t(r) * D + d] * float(ks[go + d]);
+          bias += qs[size_t(r) * D + d] * zero_at(K, kso + go + d);
         }
         kbias[r] = bias;
       }
@@ -197,31 +277,33 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       continue;
     }
     if (K.channel) {
-      unpack<KB>(kc + t * K.ct, D, c);
+      unpack<KF>(kc + t * K.ct, D, c);
       for (int r = 0; r < R; ++r) sc[size_t(r) * TP + i] = (dot(qs.data() + size_t(r) * D, c, D) - kbias[r]) * scaling;
       continue;
     }
     const at::Half* s = ks + t * K.st;
-    const int16_t* z = kz + t * K.st;
+    const int64_t zo = kso + t * K.st;
     if (tab) {
-      constexpr int PER = 8 / KB;
-      const int NB = D / PER, BG = KG / PER;  // bytes a token, bytes a group
+      constexpr int PER = per_byte<KF>();
+      const int NB = (D + PER - 1) / PER;
       const uint8_t* bytes = kc + t * K.ct;
       for (int r = 0; r < R; ++r) {
         const float* tr = tab + size_t(r) * NB * 256;
         float acc = 0.f;
         for (int g = 0; g < nkg; ++g)
-          acc += float(s[g]) * (lookup(tr, bytes, g * BG, (g + 1) * BG) - float(z[g]) * qsum[size_t(r) * nkg + g]);
+          acc += float(s[g]) * (lookup(tr, bytes, kgb[g] / PER, kgb[g + 1] / PER) -
+                                zero_at(K, zo + g) * qsum[size_t(r) * nkg + g]);
         sc[size_t(r) * TP + i] = acc * scaling;
       }
       continue;
     }
-    unpack<KB>(kc + t * K.ct, D, c);
+    unpack<KF>(kc + t * K.ct, D, c);
     for (int r = 0; r < R; ++r) {
       const float* qr = q + size_t(r) * D;
       float acc = 0.f;
       for (int g = 0; g < nkg; ++g)
-        acc += float(s[g]) * (dot(qr + g * KG, c + g * KG, KG) - float(z[g]) * qsum[size_t(r) * nkg + g]);
+        acc += float(s[g]) * (dot(qr + kgb[g], c + kgb[g], kgb[g + 1] - kgb[g]) -
+                              zero_at(K, zo + g) * qsum[size_t(r) * nkg + g]);
       sc[size_t(r) * TP + i] = acc * scaling;
     }
   }
@@ -242,70 +324,77 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
   }
   // pass 2: o = sum_t w_t s_g (c_t - z_g) per value group; the zero-point terms summed apart
   const uint8_t* vc = V.c + b * V.cb + h * V.ch;
-  const at::Half* vs = V.s + b * V.sb + h * V.sh;
-  const int16_t* vz = V.z + b * V.sb + h * V.sh;
+  const int64_t vso = b * V.sb + h * V.sh;
+  const at::Half* vs = V.s + vso;
   std::fill(o, o + size_t(R) * D, 0.f);
   std::vector<float> bs(size_t(R) * nvg, 0.f);
   for (int64_t t = t0; t < t1; ++t) {
     const int i = int(t - t0);
     if (ok && !ok[t]) continue;
-    unpack<VB>(vc + t * V.ct, D, c);
+    unpack<VF>(vc + t * V.ct, D, c);
     const at::Half* s = vs + t * V.st;
-    const int16_t* z = vz + t * V.st;
+    const int64_t zo = vso + t * V.st;
     for (int g = 0; g < nvg; ++g) {
-      const float sg = float(s[g]), bg = -float(z[g]) * sg;
+      const float sg = float(s[g]), bg = -zero_at(V, zo + g) * sg;
+      const int a = vgb[g], len = vgb[g + 1] - a;
       for (int r = 0; r < R; ++r) {
         const float w = sc[size_t(r) * TP + i];
-        axpy(o + size_t(r) * D + g * VG, w * sg, c + g * VG, VG);
+        axpy(o + size_t(r) * D + a, w * sg, c + a, len);
         bs[size_t(r) * nvg + g] += w * bg;
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < nvg; ++g)
-      for (int d = g * VG; d < (g + 1) * VG; ++d) o[size_t(r) * D + d] += bs[size_t(r) * nvg + g];
+      for (int d = vgb[g]; d < vgb[g + 1]; ++d) o[size_t(r) * D + d] += bs[size_t(r) * nvg + g];
 }
 
 using PartialFn = void (*)(const float*, const float*, const Packed&, const Packed&, int64_t, int64_t,
                            const int8_t*, int64_t, int64_t, int, int, float, const float*, float*, float*, float*,
                            float*);
 
-template <int KB>
-PartialFn pick_v(int64_t vb) {
-  switch (vb) {
-    case 2: return partial<KB, 2>;
-    case 4: return partial<KB, 4>;
-    case 8: return partial<KB, 8>;
+// the format table: every (key code, value code) pair, FMT 3 = ternary
+template <int KF>
+PartialFn pick_v(int64_t vf) {
+  switch (vf) {
+    case 2: return partial<KF, 2>;
+    case 3: return partial<KF, 3>;
+    case 4: return partial<KF, 4>;
+    case 8: return partial<KF, 8>;
   }
-  TORCH_CHECK(false, "value bits must be 2, 4 or 8, got ", vb);
+  TORCH_CHECK(false, "value format must be 2, 3 (ternary), 4 or 8, got ", vf);
 }
 
-PartialFn pick(int64_t kb, int64_t vb) {
-  switch (kb) {
-    case 2: return pick_v<2>(vb);
-    case 4: return pick_v<4>(vb);
-    case 8: return pick_v<8>(vb);
+PartialFn pick(int64_t kf, int64_t vf) {
+  switch (kf) {
+    case 2: return pick_v<2>(vf);
+    case 3: return pick_v<3>(vf);
+    case 4: return pick_v<4>(vf);
+    case 8: return pick_v<8>(vf);
   }
-  TORCH_CHECK(false, "key bits must be 2, 4 or 8, got ", kb);
+  TORCH_CHECK(false, "key format must be 2, 3 (ternary), 4 or 8, got ", kf);
 }
+
+inline int code_bits(int64_t fmt) { return fmt == 3 ? 2 : int(fmt); }
 
 // Flash-decoding over one packed segment: the tokens of each (row, kv head) are split into chunks worked on in
 // parallel, and the chunks' (m, l, o) are merged by log-sum-exp. Returns m, l [B, H, R, 1] and o [B, H, R, D].
+// kfmt / vfmt: 2, 4, 8 or 3 (ternary); kbounds / vbounds: int32 per-token group bounds (kbounds unused for
+// per-channel keys, whose groups are kgroup tokens); kz / vz: int16 / int8 zero points or None (symmetric).
 std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor& kc, const Tensor& ks,
-                                                  const Tensor& kz, const Tensor& vc, const Tensor& vs,
-                                                  const Tensor& vz, const std::optional<Tensor>& ok, double scaling,
-                                                  int64_t kbits, int64_t kgroup, bool kchannel, int64_t vbits,
-                                                  int64_t vgroup) {
+                                                  const std::optional<Tensor>& kz, const Tensor& vc, const Tensor& vs,
+                                                  const std::optional<Tensor>& vz, const std::optional<Tensor>& ok,
+                                                  double scaling, int64_t kfmt, const Tensor& kbounds, int64_t kgroup,
+                                                  bool kchannel, int64_t vfmt, const Tensor& vbounds) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, R, D]");
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), n = kc.size(2);
-  TORCH_CHECK((kchannel || D % kgroup == 0) && D % vgroup == 0 && D <= MAX_D,
-              "per-token groups must divide the head dim (at most 512)");
-  TORCH_CHECK(!kchannel || (ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
-  TORCH_CHECK(kchannel || (ks.size(2) == n && ks.size(3) == D / kgroup), "per-token key scales: [B, H, n, D / G]");
-  TORCH_CHECK(vs.size(2) == n && vs.size(3) == D / vgroup, "value scales: [B, H, n, D / G]");
-  TORCH_CHECK(kc.size(3) * (8 / kbits) == D && vc.size(3) * (8 / vbits) == D, "codes must hold D channels a token");
+  TORCH_CHECK(D <= MAX_D, "head dim at most 512");
+  TORCH_CHECK(!kchannel || (kgroup > 0 && ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
+  TORCH_CHECK(kchannel || ks.size(2) == n, "per-token key scales: [B, H, n, groups]");
+  TORCH_CHECK(vs.size(2) == n, "value scales: [B, H, n, groups]");
   TORCH_CHECK(kc.size(0) == B && kc.size(1) == H && vc.size(2) == n, "K, V and q must agree on B, H, n");
-  const Packed K = packed(kc, ks, kz, kgroup, kchannel), V = packed(vc, vs, vz, vgroup);
+  const Packed K = packed(kc, ks, kz, int(kfmt), code_bits(kfmt), kbounds, D, kgroup, kchannel);
+  const Packed V = packed(vc, vs, vz, int(vfmt), code_bits(vfmt), vbounds, D);
   const int8_t* okp = nullptr;
   int64_t ok_b = 0;
   if (ok.has_value()) {
@@ -317,28 +406,30 @@ std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor&
   auto f32 = q.options();
   Tensor m = at::empty({B, H, R, 1}, f32), l = at::empty({B, H, R, 1}, f32), o = at::empty({B, H, R, D}, f32);
   // q summed over each key group, for the zero-point term
-  const int64_t nkg = kchannel ? 1 : D / kgroup;
+  const int64_t nkg = kchannel ? 1 : K.ng;
   std::vector<float> qsum(size_t(B * H * R * nkg), 0.f);
   const float* qp = q.data_ptr<float>();
-  for (int64_t i = 0; i < B * H * R; ++i)
-    for (int64_t g = 0; g < nkg; ++g)
-      for (int64_t d = g * (D / nkg); d < (g + 1) * (D / nkg); ++d) qsum[i * nkg + g] += qp[i * D + d];
+  if (!kchannel)
+    for (int64_t i = 0; i < B * H * R; ++i)
+      for (int64_t g = 0; g < nkg; ++g)
+        for (int64_t d = K.gb[g]; d < K.gb[g + 1]; ++d) qsum[i * nkg + g] += qp[i * D + d];
   const int64_t threads = std::max(1, at::get_num_threads());
   // enough chunks for 4 tasks a thread, and a multiple of the threads where that keeps chunks of 64+ tokens
   int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * threads + B * H - 1) / (B * H), (n + 63) / 64));
   while ((B * H * chunks) % threads && (n + chunks) / (chunks + 1) >= 64) ++chunks;
   const int64_t per = (n + chunks - 1) / chunks;
   std::vector<float> pm(size_t(B * H * chunks * R)), pl(pm.size()), po(pm.size() * D);
-  const PartialFn fn = pick(kbits, vbits);
-  // score tables (2/4-bit keys, long enough segments: a table costs about as much as 256 tokens' products)
+  const PartialFn fn = pick(kfmt, vfmt);
+  // score tables (2/4-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
+  // tokens' products)
   const int64_t nbytes = kc.size(3);
-  const bool use_tab = kbits < 8 && n >= 256 && !kchannel;
+  const bool use_tab = (kfmt == 2 || kfmt == 4) && n >= 256 && !kchannel && K.bytes_aligned && D % (8 / kfmt) == 0;
   std::vector<float> tabs(use_tab ? size_t(B * H * R * nbytes * 256) : 0);
   if (use_tab)
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         float* t = tabs.data() + bh * R * nbytes * 256;
-        if (kbits == 2) build_tables<2>(qp + bh * R * D, int(R), int(D), t);
+        if (kfmt == 2) build_tables<2>(qp + bh * R * D, int(R), int(D), t);
         else build_tables<4>(qp + bh * R * D, int(R), int(D), t);
       }
     });
@@ -398,59 +489,89 @@ inline at::Half round_up_half(float x) {
 }
 
 // Quantize and pack tokens x: float32 [B, H, n, D] (contiguous) into codes / scale / zero, which may be strided
-// views (a segment's buffers at its write position). Equal to vlmkv.quant.quantize: the same float32 operations
-// in the same order (IEEE division, round half to even), so codes, scales and zero points are bit for bit the same.
-void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, const Tensor& zero, int64_t bits,
-                    int64_t group, double clip) {
+// views (a segment's buffers at its write position), per-token groups given by `bounds` (int32 [ng + 1]), one clip
+// ratio a group (`clips`, float32 [ng]), zero points int16 / int8 or none (symmetric groups). Equal to
+// vlmkv.quant.quantize: the same float32 operations in the same order (IEEE division, round half to even), so
+// codes, scales and zero points are bit for bit the same.
+void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, const std::optional<Tensor>& zero,
+                    int64_t fmt, const Tensor& bounds, const Tensor& clips) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [B, H, n, D]");
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
-  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3), per = 8 / bits;
-  TORCH_CHECK(D % group == 0 && group % per == 0, "group must divide D and hold whole bytes");
-  TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(2) == n && codes.size(3) == D / per,
-              "codes: [B, H, n, D * bits / 8]");
-  TORCH_CHECK(scale.size(2) == n && scale.size(3) == D / group, "scale: [B, H, n, D / group]");
-  const Packed P = packed(codes, scale, zero, group);
+  TORCH_CHECK(fmt == 2 || fmt == 3 || fmt == 4 || fmt == 8, "format must be 2, 3 (ternary), 4 or 8");
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3);
+  const int bits = code_bits(fmt);
+  const Packed P = packed(codes, scale, zero, int(fmt), bits, bounds, D);
+  TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(2) == n, "codes: [B, H, n, bytes]");
+  TORCH_CHECK(scale.size(2) == n, "scale: [B, H, n, groups]");
+  TORCH_CHECK(clips.scalar_type() == at::kFloat && clips.numel() == P.ng && clips.is_contiguous(), "clips: float32 [groups]");
+  TORCH_CHECK(P.zk != Z_NONE || fmt != 3, "symmetric groups need 2^bits levels");
   const float* xp = x.data_ptr<float>();
-  const float clipf = float(clip), qmax = float((1 << bits) - 1);
+  const float* cl = clips.data_ptr<float>();
+  const float qmax = fmt == 3 ? 2.f : float((1 << bits) - 1), half = float(1 << (bits - 1));
+  const float zlim = P.zk == Z_INT8 ? 127.f : 32767.f;
   uint8_t* cp = codes.data_ptr<uint8_t>();
   at::Half* sp = scale.data_ptr<at::Half>();
-  int16_t* zp = zero.data_ptr<int16_t>();
-  const int64_t rows = B * H * n;
+  void* zp = zero.has_value() ? zero->data_ptr() : nullptr;
+  const int64_t rows = B * H * n, nb = codes.size(3);
   at::parallel_for(0, rows, rows < 4096 ? rows : 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> qv(group);
+    std::vector<int> qv(size_t(nb) * 8, 0);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (H * n), h = (row / n) % H, t = row % n;
       const float* xr = xp + row * D;
       uint8_t* cr = cp + b * P.cb + h * P.ch + t * P.ct;
       const int64_t so = b * P.sb + h * P.sh + t * P.st;
-      for (int64_t g = 0; g < D / group; ++g) {
-        const float* xg = xr + g * group;
-        float mx = xg[0], mn = xg[0];
-        bool nan = std::isnan(xg[0]);
-        for (int64_t i = 1; i < group; ++i) {
-          mx = std::max(mx, xg[i]);
-          mn = std::min(mn, xg[i]);
-          nan |= std::isnan(xg[i]);
+      for (int g = 0; g < P.ng; ++g) {
+        const int a = P.gb[g], e = P.gb[g + 1];
+        float mx = xr[a], mn = xr[a];
+        bool nan = std::isnan(xr[a]);
+        for (int i = a + 1; i < e; ++i) {
+          mx = std::max(mx, xr[i]);
+          mn = std::min(mn, xr[i]);
+          nan |= std::isnan(xr[i]);
         }
-        mx *= clipf;
-        mn *= clipf;
-        float s = (mx - mn) / qmax;
-        if (s <= 0.f) s = std::max(std::fabs(mn), 1e-8f) / qmax;  // min == max: reconstruct the constant
-        s = std::max(s, std::fabs(mn) / 32767.f);  // the zero point fits int16
-        const bool bad = nan || !std::isfinite(s);  // NaN or inf in the group: it reads back NaN (as the reference)
-        if (bad) s = std::numeric_limits<float>::quiet_NaN();
-        const at::Half sh = round_up_half(s);
-        s = float(sh);
-        const float z = bad ? 0.f : std::min(std::max(-std::nearbyint(mn / s), -32768.f), 32767.f);
-        for (int64_t i = 0; i < group; ++i)
-          qv[i] = bad ? 0.f : std::min(std::max(std::nearbyint(xg[i] / s) + z, 0.f), qmax);
-        for (int64_t j = 0; j < group / per; ++j) {
-          int byte = 0;
-          for (int64_t k = 0; k < per; ++k) byte |= int(qv[j * per + k]) << (bits * k);
-          cr[g * (group / per) + j] = uint8_t(byte);
+        mx *= cl[g];
+        mn *= cl[g];
+        float s, z;
+        at::Half sh;
+        bool bad;
+        if (P.zk == Z_NONE) {  // symmetric: the value of largest magnitude maps to code 0
+          // a NaN in the group makes it NaN, as the reference's (the max / min above skip NaN)
+          const float mm = nan ? std::numeric_limits<float>::quiet_NaN() : std::fabs(mx) > std::fabs(mn) ? mx : mn;
+          const float mag = std::max(std::fabs(mm) / half, 1e-8f);
+          bad = nan || !std::isfinite(mag);
+          const at::Half ms = round_up_half(bad ? std::numeric_limits<float>::quiet_NaN() : mag);
+          sh = mm > 0.f ? at::Half(uint16_t(ms.x ^ 0x8000), at::Half::from_bits()) : ms;
+          s = float(sh);
+          z = half;
+        } else {
+          s = (mx - mn) / qmax;
+          if (s <= 0.f) s = std::max(std::fabs(mn), 1e-8f) / qmax;  // min == max: reconstruct the constant
+          s = std::max(s, std::fabs(mn) / zlim);  // the zero point fits its storage
+          bad = nan || !std::isfinite(s);  // NaN or inf in the group: it reads back NaN (as the reference)
+          if (bad) s = std::numeric_limits<float>::quiet_NaN();
+          sh = round_up_half(s);
+          s = float(sh);
+          z = bad ? 0.f : std::min(std::max(-std::nearbyint(mn / s), -zlim - 1.f), zlim);
         }
+        for (int i = a; i < e; ++i)
+          qv[i] = bad ? 0 : int(std::min(std::max(std::nearbyint(xr[i] / s) + z, 0.f), qmax));
         sp[so + g] = sh;
-        zp[so + g] = int16_t(z);
+        if (P.zk == Z_INT16) static_cast<int16_t*>(zp)[so + g] = int16_t(z);
+        else if (P.zk == Z_INT8) static_cast<int8_t*>(zp)[so + g] = int8_t(z);
+      }
+      if (fmt == 3) {
+        for (int64_t j = 0; j < nb; ++j) {
+          int byte = 0;
+          for (int k = 4; k >= 0; --k) byte = byte * 3 + (j * 5 + k < D ? qv[j * 5 + k] : 0);
+          cr[j] = uint8_t(byte);
+        }
+      } else {
+        const int per = 8 / bits;
+        for (int64_t j = 0; j < nb; ++j) {
+          int byte = 0;
+          for (int k = 0; k < per; ++k)
+            if (j * per + k < D) byte |= qv[j * per + k] << (bits * k);
+          cr[j] = uint8_t(byte);
+        }
       }
     }
   });
@@ -459,10 +580,11 @@ void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, c
 }  // namespace
 
 TORCH_LIBRARY(vlmkv_cpu, m) {
-  m.def("decode_partial(Tensor q, Tensor kc, Tensor ks, Tensor kz, Tensor vc, Tensor vs, Tensor vz, Tensor? ok, "
-        "float scaling, int kbits, int kgroup, bool kchannel, int vbits, int vgroup) -> (Tensor, Tensor, Tensor)");
-  m.def("quantize_pack_(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int bits, int group, "
-        "float clip) -> ()");
+  m.def("decode_partial(Tensor q, Tensor kc, Tensor ks, Tensor? kz, Tensor vc, Tensor vs, Tensor? vz, Tensor? ok, "
+        "float scaling, int kfmt, Tensor kbounds, int kgroup, bool kchannel, int vfmt, Tensor vbounds) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("quantize_pack_(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int fmt, Tensor bounds, "
+        "Tensor clips) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vlmkv_cpu, CPU, m) {
