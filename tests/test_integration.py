@@ -293,14 +293,31 @@ def test_bench_reports_time_and_bytes_beside_dynamic_cache(local_llava, capsys, 
 
     d, _ = local_llava
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(d), "--methods", "dynamic,fp16,rtn-2,akvq-vl", "--context", "96",
-                 "--steps", "2", "--batch", "1,2", "--out", str(out)]) == 0
+    assert main(["bench", "--model", str(d), "--methods", "dynamic,fp16,rtn-2,akvq-vl,rtn-4:group_size=16:zero_point=none",
+                 "--context", "96", "--steps", "2", "--batch", "1,2", "--out", str(out)]) == 0
     rows = {(r["method"], r["batch"]): r for r in json.loads(out.read_text())}
-    assert len(rows) == 8 and "| dynamic |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert len(rows) == 12 and "| dynamic (first) |" in printed and "| dynamic (last) |" in printed
+    assert "last run" in printed  # the baseline's spread over the run
     for b in (1, 2):
-        assert rows["dynamic", b]["bytes_vs_dynamic"] == 1.0 and rows["fp16", b]["kv_bytes"] <= rows["dynamic", b]["kv_bytes"]
+        first, last = rows["dynamic (first)", b], rows["dynamic (last)", b]
+        assert first["bytes_vs_dynamic"] == 1.0 and rows["fp16", b]["kv_bytes"] <= first["kv_bytes"]
+        assert first["fused_share"] is None and first["dynamic_spread"] == round(last["decode_ms"] / first["decode_ms"] - 1, 3)
         assert rows["rtn-2", b]["bytes_vs_dynamic"] < 0.2 and rows["rtn-2", b]["decode_ms"] > 0
+        assert rows["rtn-2", b]["fused_share"] == 1.0 and rows["rtn-4:group_size=16:zero_point=none", b]["fused_share"] == 1.0
+        assert rows["rtn-2", b]["prefill_vs_dynamic"] > 0
     assert rows["rtn-2", 2]["kv_bytes"] > rows["rtn-2", 1]["kv_bytes"]
+
+
+def test_bench_checks_every_method_before_loading_the_model(capsys):
+    from vlmkv.cli import main
+
+    # the model does not exist: the misspelt method is what is named, so it was checked first
+    assert main(["bench", "--model", "/no/such/model", "--methods", "dynamic,rtn-2,auto:bitz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bitz" in err[0]
+    assert main(["bench", "--model", "/no/such/model", "--methods", "dynamic,kivy-2"]) == 2
+    assert "kivy" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("head_dim", [80, 96])

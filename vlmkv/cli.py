@@ -355,9 +355,9 @@ def cmd_bench(args) -> int:
     from . import load_model
     from .bench import bench, markdown
 
+    methods = _bench_methods(args.methods)  # every spelling checked before the model loads
     model, proc = load_model(args.model, device=args.device)
     tok = getattr(proc, "tokenizer", proc)
-    methods = [m for m in args.methods.split(",") if m]
     rows = bench(model, tok, methods, context=args.context, batches=args.batch, steps=args.steps)
     print(markdown(rows))
     import torch
@@ -369,6 +369,25 @@ def cmd_bench(args) -> int:
         Path(args.out).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.out}")
     return 0
+
+
+def _bench_methods(text: str) -> list:
+    """`--methods` of `vlmkv bench`: "dynamic", or an entry as `vlmkv eval` takes it (a name, or a name with
+    options after colons), each resolved to a policy now (ValueError naming a misspelt one)."""
+    from .policies import get_policy
+
+    out = []
+    for m in (x for x in text.split(",") if x):
+        if m == "dynamic":
+            out.append(m)
+            continue
+        entry = _method_entry(m)
+        if isinstance(entry, str):
+            get_policy(entry)
+        out.append(entry)
+    if not out:
+        raise ValueError(f"--methods must name at least one method, got {text!r}")
+    return out
 
 
 def _int_list(text: str) -> list[int]:
@@ -551,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prefill a text prompt with each method's cache, time single-token decode steps "
                                    "and count the cache's bytes, beside transformers' DynamicCache (vlmkv/bench.py).")
     b.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face id or local path (LLM or VLM)")
-    b.add_argument("--methods", default="dynamic,fp16,rtn-4,rtn-2,kivi-2,akvq-vl",
-                   help="comma-separated; 'dynamic' is transformers' DynamicCache")
+    b.add_argument("--methods", default="dynamic,fp16,rtn-4,rtn-2,kivi-2,akvq-vl,auto",
+                   help="comma-separated, spelled as for `vlmkv eval` (auto:bits=3.0, rtn-4:group_size=32:zero_point=none); "
+                        "'dynamic' is transformers' DynamicCache, run first and last (default: %(default)s)")
     b.add_argument("--context", type=POSITIVE, default=1024, help="prompt tokens (default 1024)")
     b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     b.add_argument("--steps", type=POSITIVE, default=16, help="timed decode steps (default 16)")
