@@ -69,8 +69,9 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
     """
     B, Hq, _, D = query.shape
     L = store.length
-    # no mask (batch 1, no padding: sdpa's causal skip) and no index maps: nothing to mask, skip the passes
-    allowed = None if mask is None and all(seg.index is None for seg in store.segments.values()) \
+    # no mask (batch 1, no padding: sdpa's causal skip) and no filler in the index maps: nothing to mask, skip the
+    # passes (slot maps alone reorder tokens, which attention does not see)
+    allowed = None if mask is None and not any(seg.has_filler() for seg in store.segments.values()) \
         else _allowed(mask, B, L, query.device)
     parts = []
     cs = store.channel_scales
@@ -116,7 +117,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
         parts.append((m, den, o))
 
     def ok_for(seg, s0, s1):
-        if allowed is None:
+        if allowed is None or (mask is None and not seg.has_filler()):
             return None
         if seg.index is None:
             return allowed[:, seg.start + s0:seg.start + s1]

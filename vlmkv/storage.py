@@ -192,6 +192,20 @@ class Segment:
         total = _nbytes(self.index) + _nbytes(self.vpend)
         return total + self.kb.nbytes() + self.vb.nbytes()
 
+    def __setattr__(self, name, value):
+        if name == "index":  # a new slot map: whether it holds filler is worked out again when asked
+            object.__setattr__(self, "_filler", None)
+        object.__setattr__(self, name, value)
+
+    def has_filler(self) -> bool:
+        """Whether any stored slot is filler (index -1), which attention must mask; worked out once per index map
+        (every change assigns `index` anew)."""
+        if self.index is None:
+            return False
+        if self._filler is None:
+            self._filler = bool((self.index < 0).any())
+        return self._filler
+
     def astype(self, dtype: torch.dtype) -> None:
         """Hold full-precision parts (16-bit tokens, deferred values) in `dtype` from now on (widening: exact)."""
         if isinstance(self.kb, Plain):

@@ -154,15 +154,27 @@ def quantize_into(x, out) -> bool:
     return True
 
 
+_DECISIONS: dict = {}
+
+
 def decode_backend(q, kq, vq, d: int, allow=("triton", "cpu")) -> str:
-    """"triton", "cpu" or "torch": which backend `decode_partial` runs for these operands (rows of d channels)."""
+    """"triton", "cpu" or "torch": which backend `decode_partial` runs for these operands (rows of d channels).
+    Decided once per (formats, layout, device, VLMKV_KERNELS): a decode step asks it for every segment of every
+    layer."""
     from . import cpu
 
+    key = (kq.spec, vq.spec, kq.d, vq.d, d, kq.codes.dim(), vq.codes.dim(), q.device.type, allow,
+           os.environ.get("VLMKV_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+    hit = _DECISIONS.get(key)
+    if hit is not None:
+        return hit
+    be = "torch"
     if "triton" in allow and available(q) and fits_decode(kq, d, key=True) and fits_decode(vq, d, key=False):
-        return "triton"
-    if "cpu" in allow and cpu.available(q) and cpu.fits_decode(kq, d, key=True) and cpu.fits_decode(vq, d, key=False):
-        return "cpu"
-    return "torch"
+        be = "triton"
+    elif "cpu" in allow and cpu.available(q) and cpu.fits_decode(kq, d, key=True) and cpu.fits_decode(vq, d, key=False):
+        be = "cpu"
+    _DECISIONS[key] = be
+    return be
 
 
 def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
@@ -172,7 +184,7 @@ def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
     if be == "cpu":
         from . import cpu
 
-        return cpu.decode_partial(q, kq, vq, ok, scaling)
+        return cpu.decode_partial(q, kq, vq, ok, scaling, checked=backend is not None)
     if be == "triton":
         import torch
 

@@ -268,17 +268,20 @@ def _check(qt: QTensor, name: str) -> None:
     check_rows(qt, name)
 
 
-def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor | None, scaling: float):
+def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor | None, scaling: float,
+                   checked: bool = False):
     """Partial attention of one-token queries over a packed segment, the CPU twin of the Triton kernel.
 
     q: float32 `[B, Hkv, R, D]` (R query heads per kv head, GQA); kq, vq: QTensors `[B, Hkv, n, .]` (see
     `fits_decode`; views into a segment's buffers are fine); ok: bool `[B, n]` (False: masked) or None (nothing masked).
     Returns (m, l, o): `[B, Hkv, R, 1]`, `[B, Hkv, R, 1]`, `[B, Hkv, R, D]`, m the max scaled score (at least
     -1e30), l = sum exp(s - m), o = sum exp(s - m) v; o / l equals softmax(q k^T * scaling) v over the allowed
-    tokens, up to float summation order.
+    tokens, up to float summation order. checked: the formats were already found to fit (`kernels.decode_backend`);
+    the op still checks every shape and stride.
     """
-    _check(kq, "kq")
-    _check(vq, "vq")
+    if not checked:
+        _check(kq, "kq")
+        _check(vq, "vq")
     if q.dim() != 4 or q.shape[-1] != kq.d or kq.d != vq.d:
         raise ValueError(f"q must be [B, Hkv, R, D] with D = the codes' head dim {kq.d}, got shape {tuple(q.shape)!r}")
     okb = None if ok is None else ok.to(torch.int8).contiguous()

@@ -322,25 +322,54 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
     m[r] = mr;
     l[r] = hsum(lr);
   }
-  // pass 2: o = sum_t w_t s_g (c_t - z_g) per value group; the zero-point terms summed apart
+  // pass 2: o = sum_t w_t s_g (c_t - z_g) per value group; the zero-point terms summed apart. Tokens go in tiles of
+  // TT: their codes are unpacked once into a tile, then each query head's output runs over the tile 8 channels at a
+  // time with its accumulator in a register (one load and one multiply-add per token, no store per token).
+  constexpr int TT = 16;
   const uint8_t* vc = V.c + b * V.cb + h * V.ch;
   const int64_t vso = b * V.sb + h * V.sh;
   const at::Half* vs = V.s + vso;
   std::fill(o, o + size_t(R) * D, 0.f);
   std::vector<float> bs(size_t(R) * nvg, 0.f);
-  for (int64_t t = t0; t < t1; ++t) {
-    const int i = int(t - t0);
-    if (ok && !ok[t]) continue;
-    unpack<VF>(vc + t * V.ct, D, c);
-    const at::Half* s = vs + t * V.st;
-    const int64_t zo = vso + t * V.st;
-    for (int g = 0; g < nvg; ++g) {
-      const float sg = float(s[g]), bg = -zero_at(V, zo + g) * sg;
-      const int a = vgb[g], len = vgb[g + 1] - a;
-      for (int r = 0; r < R; ++r) {
-        const float w = sc[size_t(r) * TP + i];
-        axpy(o + size_t(r) * D + a, w * sg, c + a, len);
-        bs[size_t(r) * nvg + g] += w * bg;
+  const int DP = (D + 15) / 8 * 8 + 8;  // a tile row: D codes and an unpacking overhang
+  std::vector<float> tile(size_t(TT) * DP), ts(size_t(TT) * nvg), tb(size_t(TT) * nvg), coef(TT);
+  int64_t live[TT];
+  for (int64_t tt = t0; tt < t1; tt += TT) {
+    int nt = 0;
+    for (int64_t t = tt; t < std::min(t1, tt + TT); ++t) {
+      if (ok && !ok[t]) continue;
+      unpack<VF>(vc + t * V.ct, D, tile.data() + size_t(nt) * DP);
+      const at::Half* s = vs + t * V.st;
+      const int64_t zo = vso + t * V.st;
+      for (int g = 0; g < nvg; ++g) {
+        ts[size_t(nt) * nvg + g] = float(s[g]);
+        tb[size_t(nt) * nvg + g] = -zero_at(V, zo + g) * float(s[g]);
+      }
+      live[nt++] = t - t0;
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* wr = sc + size_t(r) * TP;
+      float* orow = o + size_t(r) * D;
+      for (int g = 0; g < nvg; ++g) {
+        float bias = 0.f;
+        for (int k = 0; k < nt; ++k) {
+          const float w = wr[live[k]];
+          coef[k] = w * ts[size_t(k) * nvg + g];
+          bias += w * tb[size_t(k) * nvg + g];
+        }
+        bs[size_t(r) * nvg + g] += bias;
+        const int a = vgb[g], e = vgb[g + 1];
+        int d = a;
+        for (; d + 8 <= e; d += 8) {
+          v8 acc = load8(orow + d);
+          for (int k = 0; k < nt; ++k) acc += coef[k] * load8(tile.data() + size_t(k) * DP + d);
+          store8(orow + d, acc);
+        }
+        for (; d < e; ++d) {
+          float acc = orow[d];
+          for (int k = 0; k < nt; ++k) acc += coef[k] * tile[size_t(k) * DP + d];
+          orow[d] = acc;
+        }
       }
     }
   }
@@ -423,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor&
   // score tables (2/4-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
   // tokens' products)
   const int64_t nbytes = kc.size(3);
-  const bool use_tab = (kfmt == 2 || kfmt == 4) && n >= 256 && !kchannel && K.bytes_aligned && D % (8 / kfmt) == 0;
+  const bool use_tab = kfmt == 2 && n >= 256 && !kchannel && K.bytes_aligned && D % (8 / kfmt) == 0;
   std::vector<float> tabs(use_tab ? size_t(B * H * R * nbytes * 256) : 0);
   if (use_tab)
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {

@@ -27,8 +27,8 @@ while decoding (it drifts down toward that width's cost over long generations).
 
 The plan aims 0.5% below the budget and sets aside the decode segment's first growth (`storage.GROW_MIN` tokens);
 its 1/64 growth on long prompts can go about 1.5% over, briefly. `bits_per_element()` of a cache is the
-measurement; tests hold it within 2% of `bits`. The symmetric format runs on the PyTorch reference kernels (the
-fused C++ / Triton kernels take asymmetric int16 zero points only), so decoding is slower than akvq-vl's.
+measurement; tests hold it within 2% of `bits`. The fused C++ and Triton kernels read and write this format
+(symmetric groups, any group size) like every other.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def _fill(order: list[int], sizes: torch.Tensor, spare: float, cost: dict,
 class AutoPolicy(Policy):
     name = "auto"
     needs_modality = True
-    revision = 2  # 2: the question rises first (session 13); records of revision 1 are not resumed into it
+    revision = 2  # 2: the question rises first; records of revision 1 are not resumed into it
     bits: float = 3.0
 
     def __post_init__(self):

@@ -14,7 +14,7 @@ Groups run along one axis of a `[..., n, d]` tensor (n tokens, d head channels):
 
 Per-token groups may also be uneven (`bounds`, SKVQ's clustered channels) and carry a clip ratio each (`clips`,
 SKVQ's calibrated clipping); `levels=3` stores 3 levels per code (SKVQ's "1.5-bit" values), packed five to a
-byte (1.6 bits). These specs run on the reference only (the fused kernels take plain groups).
+byte (1.6 bits). The fused C++ and Triton kernels (vlmkv/kernels/) read and write every one of these formats.
 
 Storage: codes are bit-packed along d into uint8; the scale is kept in `meta_dtype` (float16 by
 default), rounded *up* to it so that the clipped range always fits in 2^n - 1 steps; the zero point
