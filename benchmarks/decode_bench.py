@@ -61,12 +61,34 @@ def cache_bytes(cache) -> int:
 
 
 def make_cache(method: str, model):
-    if method == "dynamic":
+    if method.startswith("dynamic"):
         return DynamicCache(config=model.config)
     if method.startswith("hf-"):  # hf-quanto-2, hf-hqq-4
         _, backend, bits = method.split("-")
         return QuantizedCache(backend=backend, config=model.config, nbits=int(bits), q_group_size=64, residual_length=128)
-    return vlmkv.QuantizedKVCache(model, method)
+    from vlmkv.cli import _method_entry
+
+    entry = _method_entry(method)  # `vlmkv eval`'s spelling: auto:bits=3.0, rtn-4:group_size=32:zero_point=none
+    return vlmkv.QuantizedKVCache(model, entry if isinstance(entry, str) else entry[1])
+
+
+def bandwidth_gbs(mib: int = 1024, reps: int = 5) -> float:
+    """This machine's memory bandwidth (GB/s of bytes read plus written) from copying a buffer far larger than any
+    cache, on the threads torch uses: the best of `reps` copies."""
+    src = torch.ones(mib * 2**18)  # float32
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def step_bytes(method: str, kv_bytes: int, weight_bytes: int) -> int:
+    """Bytes a decode step must move at least: the model's weights once, the cache read once; DynamicCache also
+    writes its whole cache again (each step's torch.cat copies it)."""
+    return weight_bytes + kv_bytes * (3 if method.startswith("dynamic") else 1)
 
 
 @torch.no_grad()
@@ -75,6 +97,10 @@ def run(args):
     model, tok = vlmkv.load_model(args.model)
     base = tok(TEXT, add_special_tokens=False)["input_ids"]
     methods = args.methods.split(",")
+    if "dynamic" in methods and len(methods) > 1:  # the baseline first and again last: the spread shows drift
+        methods = ["dynamic"] + [m for m in methods if m != "dynamic"] + ["dynamic (last)"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gbs = bandwidth_gbs() if args.bandwidth else None
     batches = [int(b) for b in str(args.batch).split(",")]
     rows = []
     for ctx in [int(c) for c in args.contexts.split(",")]:
@@ -115,7 +141,11 @@ def run(args):
                     row["kv_bytes"] = cache_bytes(cache)
                     row["fp16_bytes"] = int(n_el) * 2
                     row["bits_per_element"] = round(8 * row["kv_bytes"] / n_el, 3)
+                    if gbs:
+                        row["bound_ms"] = round(1000 * step_bytes(method, row["kv_bytes"], weight_bytes) / (gbs * 1e9), 2)
+                        row["bandwidth_gbs"] = round(gbs, 2)
                     if isinstance(cache, vlmkv.QuantizedKVCache):
+                        row["fused_share"] = cache.decode_reads()["fused_share"]
                         cache.close()
                     del cache
                 except Exception as e:  # an alternative that does not run here is recorded, not fatal
@@ -141,8 +171,8 @@ def plot(rows, path) -> None:
         for i, m in enumerate(methods):
             pts = sorted((r["context"], r["decode_ms"]) for r in ok if r["batch"] == b and r["method"] == m)
             # the alternatives solid (DynamicCache black and thick), vlmkv's policies dashed
-            style = dict(color="black", lw=2.5) if m == "dynamic" else dict(color=colors[i % 20], lw=1.5)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if m == "dynamic" or m.startswith("hf-") else "--",
+            style = dict(color="black", lw=2.5) if m.startswith("dynamic") else dict(color=colors[i % 20], lw=1.5)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if m.startswith("dynamic") or m.startswith("hf-") else "--",
                     marker="o", label=m, **style)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode ms/step", title=f"batch {b}")
         ax.grid(True, which="both", alpha=0.3)
@@ -152,14 +182,22 @@ def plot(rows, path) -> None:
 
 
 def to_markdown(rows) -> str:
-    lines = ["| context | batch | method | decode ms/step | tokens/s | KV MiB | FP16 MiB | bits/element |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    """One line per row; `vs dynamic` is the ratio to the mean of DynamicCache's first and last runs at that context
+    and batch; `bound` the least time the step's bytes take at the measured bandwidth (where measured)."""
+    lines = ["| context | batch | method | decode ms/step | vs dynamic | bound ms | tokens/s | KV MiB | FP16 MiB | "
+             "bits/element | fused |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | error: {r['error']} | | | | | | | |")
             continue
-        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['decode_ms']:.1f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['kv_bytes'] / 2**20:.2f} | {r['fp16_bytes'] / 2**20:.2f} | {r['bits_per_element']:.2f} |")
+        ref = [x["decode_ms"] for x in rows if x["method"].startswith("dynamic") and "error" not in x
+               and (x["context"], x["batch"]) == (r["context"], r["batch"])]
+        ratio = f"{r['decode_ms'] / statistics.mean(ref):.2f}x" if ref else "-"
+        bound = f"{r['bound_ms']:.1f}" if "bound_ms" in r else "-"
+        fused = f"{r['fused_share']:.2f}" if r.get("fused_share") is not None else "-"
+        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['decode_ms']:.1f} | {ratio} | {bound} | "
+                     f"{r['tokens_per_s']:.1f} | {r['kv_bytes'] / 2**20:.2f} | {r['fp16_bytes'] / 2**20:.2f} | "
+                     f"{r['bits_per_element']:.2f} | {fused} |")
     return "\n".join(lines)
 
 
@@ -170,6 +208,7 @@ def main():
     p.add_argument("--methods", default="dynamic,hf-quanto-2,hf-quanto-4,hf-hqq-2,hf-hqq-4,rtn-2,rtn-4,kivi-2,kivi-4")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,8)")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth and give each row its bound")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of ms/step against context here")
     p.add_argument("--from-json", default=None, help="re-print and re-plot the rows of an earlier --out file")
