@@ -125,9 +125,11 @@ def test_cache_decode_through_the_cpu_kernels_equals_the_torch_path(tiny_llama, 
     from vlmkv import QuantizedKVCache
 
     calls = {"decode": 0, "quantize": 0}
-    real_d, real_q = cpu.decode_partial, cpu.quantize_into
+    real_d, real_l, real_q = cpu.decode_partial, cpu.decode_layer, cpu.quantize_into
     monkeypatch.setattr(cpu, "decode_partial", lambda *a, **k: calls.__setitem__("decode", calls["decode"] + 1)
                         or real_d(*a, **k))
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a, **k: calls.__setitem__("decode", calls["decode"] + 1)
+                        or real_l(*a, **k))
     monkeypatch.setattr(cpu, "quantize_into", lambda *a, **k: calls.__setitem__("quantize", calls["quantize"] + 1)
                         or real_q(*a, **k))
     ids = torch.randint(3, 256, (2, 300), generator=torch.Generator().manual_seed(0))
@@ -150,3 +152,39 @@ def test_cache_decode_through_the_cpu_kernels_equals_the_torch_path(tiny_llama, 
             calls.update(decode=0, quantize=0)
     assert calls == {"decode": 0, "quantize": 0}
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_layer_merges_every_segment_as_the_reference_does(float_dtype):
+    """One call over a layer's segments (packed formats of every kind, a 16-bit segment, the recent window; masks
+    and GQA) equals the reference's partial softmaxes merged by log-sum-exp, within its own float error."""
+    from vlmkv.kernels.reference import decode_partial_ref, masked, partial_softmax
+
+    g = torch.Generator().manual_seed(7)
+    B, H, R, D = 2, 2, 3, 64
+    q = torch.randn(B, H, R, D, generator=g)
+    specs = [(QuantSpec(2, 32, 0.9, zero_point="none"), QuantSpec(2, 32, zero_point="none")),
+             (QuantSpec(4, 32, axis="channel"), QuantSpec(4, 16, zero_point="int8")),
+             (QuantSpec(8, 64), QuantSpec(2, 32, levels=3)),
+             (QuantSpec(2, 32, bounds=(0, 8, 40, 64), clips=(1.0, 0.9, 0.8)), QuantSpec(4, 32, bounds=(0, 24, 64)))]
+    parts, ref = [], []
+    for i, (ks, vs) in enumerate(specs):
+        n = 64 * (i + 1) + (0 if ks.axis == "channel" else 7)
+        kq = quantize(torch.randn(B, H, n, D, generator=g) * 2, ks)
+        vq = quantize(torch.randn(B, H, n, D, generator=g), vs)
+        ok = torch.rand(B, n, generator=g) > 0.3
+        parts.append((kq, vq, ok))
+        ref.append(decode_partial_ref(q, kq, vq, ok, 0.125))
+    for n in (5, 300):  # a 16-bit segment and a recent window, stored as floats
+        k = torch.randn(B, H, n, D, generator=g).to(float_dtype)
+        v = torch.randn(B, H, n, D, generator=g).to(float_dtype)
+        ok = None if n == 5 else torch.rand(B, n, generator=g) > 0.1
+        parts.append((k, v, ok))
+        s = torch.einsum("bhrd,bhnd->bhrn", q, k.float()) * 0.125
+        m, den, e = partial_softmax(masked(s, ok))
+        ref.append((m, den, torch.einsum("bhrn,bhnd->bhrd", e, v.float())))
+    m = torch.stack([p[0] for p in ref]).amax(0)
+    want = sum(p[2] * torch.exp(p[0] - m) for p in ref) / sum(p[1] * torch.exp(p[0] - m) for p in ref)
+    m2, den2, o2 = cpu.decode_layer(q, parts, 0.125)
+    torch.testing.assert_close(m2, m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o2 / den2, want, rtol=1e-4, atol=1e-5)

@@ -124,6 +124,11 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
         idx = seg.index[:, s0:s1].long()
         return allowed.gather(1, torch.where(idx >= 0, idx, L))
 
+    one = _one_call_parts(query, store, ok_for, allowed)
+    if one is not None:  # every segment and the recent window in one call of the CPU kernel, merged there
+        Hkv = store.num_heads
+        m, den, num = kernels.decode_layer(query.float().view(B, Hkv, Hq // Hkv, D), one, scaling)
+        return saturate((num / den).view(B, Hq, 1, D), out_dtype or query.dtype).transpose(1, 2).contiguous()
     for seg in store.segments.values():
         n = seg.split  # tokens [n, seg.n) hold deferred (full-precision) values: read as floats below
         if n < seg.n:
@@ -178,6 +183,39 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
     num = sum(p[2] * torch.exp(p[0] - m) for p in parts)
     out = saturate((num / den).view(B, Hq, 1, D), out_dtype)
     return out.transpose(1, 2).contiguous()
+
+
+def _one_call_parts(query, store, ok_for, allowed) -> list | None:
+    """[(keys, values, ok)] for `kernels.decode_layer`: every segment of `store` (packed as QTensors, 16-bit ones and
+    deferred values as float tensors) and the recent window, where the CPU kernel reads them all in one call; None
+    where it does not (another device or backend, SKVQ's permuted or SmoothQuant's scaled channels, a format no
+    kernel reads), and the segments then go one by one. Counts the quantized reads as fused."""
+    if query.device.type != "cpu" or store.channel_perm is not None or store.channel_scales is not None:
+        return None
+    D = query.shape[-1]
+    parts, reads = [], 0
+    for seg in store.segments.values():
+        n = seg.split
+        if n < seg.n:  # deferred values: keys and values of these tokens as floats
+            k, v = store.read(seg, n, seg.n, torch.float32)
+            parts.append((k, v, ok_for(seg, n, seg.n)))
+        if n == 0:
+            continue
+        sk, sv = (seg.k, seg.v) if n == seg.n else (seg.kb.slice_tokens(0, n), seg.vb.slice_tokens(0, n))
+        if isinstance(sk, QTensor):
+            if sv.spec.axis != "token" or kernels.decode_backend(query, sk, sv, D) != "cpu":
+                return None
+            reads += n * sk.codes.shape[1] * sk.d * 2
+            parts.append((sk, sv, ok_for(seg, 0, n)))
+        else:
+            parts.append((sk.codes, sv.codes, ok_for(seg, 0, n)))
+    r = store.residual_len
+    if r:
+        L = store.length
+        parts.append((store.res_k, store.res_v, None if allowed is None else allowed[:, L - r:L]))
+    if reads:
+        store.count_read(reads, "cpu")
+    return parts
 
 
 def _why_reference(query, on_codes: bool, on_codes_perm: bool) -> str:

@@ -543,14 +543,16 @@ class LayerStore:
     def _full(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`xs` in the full-precision storage dtype, contiguous. Where a finite value would overflow `full_dtype`
         (see the module docstring), the layer's full-precision storage first moves to float32 for good."""
+        out = tuple(x.to(self.full_dtype).contiguous() for x in xs)
         if self.full_dtype != torch.float32:
             big = torch.finfo(self.full_dtype).max
-            for x in xs:
-                if torch.finfo(x.dtype).max > big and bool((x.abs() > big).any()) and \
-                        bool(((x.abs() > big) & torch.isfinite(x)).any()):
+            for x, y in zip(xs, out):
+                # inf after the cast, where the value was finite: it did not fit (checked only when an inf appears)
+                if torch.finfo(x.dtype).max > big and bool(torch.isinf(y).any()) and \
+                        bool((torch.isinf(y) & torch.isfinite(x)).any()):
                     self._widen(torch.float32)
-                    break
-        return tuple(x.to(self.full_dtype).contiguous() for x in xs)
+                    return tuple(x.to(torch.float32).contiguous() for x in xs)
+        return out
 
     def _widen(self, dtype: torch.dtype) -> None:
         """Store full-precision tokens in `dtype` from now on, converting what is held (exact: a wider dtype)."""

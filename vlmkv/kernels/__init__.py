@@ -198,6 +198,16 @@ def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
     return decode_partial_ref(q, kq, vq, ok, scaling)
 
 
-__all__ = ["MODES", "available", "check_rows", "decode_backend", "decode_partial", "describe_format",
+def decode_layer(q, parts: list, scaling: float):
+    """Attention of one-token queries over every segment of a layer in one call of the CPU kernel, merged: (m, l, o)
+    as `decode_partial`'s over all of them. q float32 `[B, Hkv, R, D]`; parts: (keys, values, ok) with keys and
+    values QTensors (formats `cpu.fits_decode` takes) or float tensors `[B, Hkv, n, D]` (fp16, bf16 or float32, the
+    same dtype for both), ok bool `[B, n]` or None. Equal to merging `decode_partial_ref` over the parts."""
+    from . import cpu
+
+    return cpu.decode_layer(q, parts, scaling)
+
+
+__all__ = ["MODES", "available", "check_rows", "decode_backend", "decode_layer", "decode_partial", "describe_format",
            "fits_decode", "warn_reference_once",
            "fits_quantize", "mode", "quantize", "quantize_backend", "quantize_into", "triton_installed"]

@@ -292,5 +292,35 @@ def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor |
         _tables(vs, vq.d)[0])
 
 
-__all__ = ["available", "build_dir", "code_format", "decode_partial", "error", "fits_decode", "fits_quantize", "load",
+_FLOAT_FORMATS = {torch.float16: 16, torch.bfloat16: 17, torch.float32: 32}
+_NO_BOUNDS = torch.zeros(2, dtype=torch.int32)
+
+
+def decode_layer(q: torch.Tensor, parts: list, scaling: float):
+    """Every segment of a layer in one call (`kernels.decode_layer`): parts are (keys, values, ok), keys and values
+    QTensors or float tensors `[B, Hkv, n, D]`; returns the merged (m, l, o) as `decode_partial`'s."""
+    kv, scales, zeros, oks, fmts, bounds, kgroups = [], [], [], [], [], [], []
+    for k, v, ok in parts:
+        for x in (k, v):
+            if isinstance(x, QTensor):
+                kv.append(x.codes)
+                scales.append(x.scale)
+                zeros.append(x.zero)
+                fmts.append(code_format(x.spec))
+                bounds.append(_tables(x.spec, x.d)[0])
+            else:
+                if x.dtype not in _FLOAT_FORMATS:
+                    raise ValueError(f"a float segment must be fp16, bf16 or float32, got {x.dtype!r}")
+                kv.append(x)
+                scales.append(x)  # not read: a float segment has no scales
+                zeros.append(None)
+                fmts.append(_FLOAT_FORMATS[x.dtype])
+                bounds.append(_NO_BOUNDS)
+        kgroups.append(k.spec.group_size if isinstance(k, QTensor) and k.spec.axis == "channel" else 0)
+        oks.append(None if ok is None else ok.to(torch.int8).contiguous())
+    return torch.ops.vlmkv_cpu.decode_layer(q.float().contiguous(), kv, scales, zeros, oks, fmts, bounds, kgroups,
+                                            float(scaling))
+
+
+__all__ = ["available", "build_dir", "code_format", "decode_layer", "decode_partial", "error", "fits_decode", "fits_quantize", "load",
            "quantize_into", "quantize_pack"]

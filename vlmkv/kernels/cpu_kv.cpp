@@ -3,7 +3,8 @@
 //
 // One kernel for every stored format: a format is a table entry, not a new kernel. What varies, and how:
 // * the code: FMT = 2, 4 or 8 bits (code j of a byte at bits [j*bits, (j+1)*bits)) or 3 = ternary (five 3-level
-//   codes a byte, byte = sum_j c_j 3^j); a template parameter (the unpacking table);
+//   codes a byte, byte = sum_j c_j 3^j); or the values themselves, FMT 16 (fp16), 17 (bf16) or 32 (float32), for
+//   full-precision segments and the residual window (one group, scale 1, zero 0); a template parameter;
 // * the groups: per-token groups given by their channel bounds (even groups of any size dividing D, or SKVQ's
 //   uneven ones), or per-channel groups of G tokens (KIVI keys); runtime data;
 // * the zero point: int16, int8 or none (symmetric groups: the implied zero is 2^(bits-1) and the scale carries
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -64,9 +66,11 @@ const TritLut& trit_lut() {
   return table;
 }
 
-// codes a byte holds and the bytes D codes take, per format (FMT 3: ternary)
+// codes a byte holds and the bytes D codes take, per format (FMT 3: ternary; 16, 17, 32: the values themselves)
 template <int FMT>
-constexpr int per_byte() { return FMT == 3 ? 5 : 8 / FMT; }
+constexpr int per_byte() { return FMT == 3 ? 5 : FMT >= 16 ? 1 : 8 / FMT; }
+
+constexpr bool is_float_fmt(int fmt) { return fmt >= 16; }
 
 inline int64_t code_bytes(int fmt, int64_t D) {
   const int per = fmt == 3 ? 5 : 8 / fmt;
@@ -76,7 +80,15 @@ inline int64_t code_bytes(int fmt, int64_t D) {
 // D codes of one token as floats (dst has room for D rounded up to a whole byte's codes, plus 8)
 template <int FMT>
 inline void unpack(const uint8_t* src, int D, float* dst) {
-  if constexpr (FMT == 8) {
+  if constexpr (FMT == 32) {
+    std::memcpy(dst, src, sizeof(float) * D);
+  } else if constexpr (FMT == 16) {
+    const at::Half* h = reinterpret_cast<const at::Half*>(src);
+    for (int d = 0; d < D; ++d) dst[d] = float(h[d]);
+  } else if constexpr (FMT == 17) {
+    const at::BFloat16* h = reinterpret_cast<const at::BFloat16*>(src);
+    for (int d = 0; d < D; ++d) dst[d] = float(h[d]);
+  } else if constexpr (FMT == 8) {
     for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
   } else if constexpr (FMT == 3) {
     const TritLut& L = trit_lut();
@@ -90,13 +102,13 @@ inline void unpack(const uint8_t* src, int D, float* dst) {
 
 enum ZeroKind { Z_INT16 = 0, Z_INT8 = 1, Z_NONE = 2 };
 
-struct Packed {  // one QTensor, pointers at (b, h) = (0, 0)
+struct Packed {  // one QTensor (or a float segment), pointers at (b, h) = (0, 0)
   const uint8_t* c;
-  const at::Half* s;
+  const at::Half* s;  // null: a float segment (scale 1)
   const void* z;  // int16 or int8 zero points (zk), or null: symmetric groups, zero = zconst
   int zk;
   float zconst;
-  int64_t cb, ch, ct;  // codes strides (batch, head, token)
+  int64_t cb, ch, ct;  // codes strides in bytes (batch, head, token)
   int64_t sb, sh, st;  // scale / zero strides
   int G;  // per-channel groups: tokens a group
   bool channel;  // per-channel groups of G tokens (KIVI keys): scale / zero [B, H, n / G, D]
@@ -104,6 +116,8 @@ struct Packed {  // one QTensor, pointers at (b, h) = (0, 0)
   int ng;
   bool bytes_aligned;  // every group bound falls on a byte (the score tables apply)
 };
+
+inline float scale_at(const Packed& P, int64_t off) { return P.s ? float(P.s[off]) : 1.f; }
 
 // zero point at element offset `off` of the scale / zero tensors
 inline float zero_at(const Packed& P, int64_t off) {
@@ -146,6 +160,16 @@ Packed packed(const Tensor& c, const Tensor& s, const std::optional<Tensor>& z, 
   }
   TORCH_CHECK(c.size(3) == code_bytes(fmt, D), "codes must hold D channels a token");
   return P;
+}
+
+// a full-precision segment [B, H, n, D] (fp16, bf16 or float32) as a format of its own: one group, scale 1, zero 0
+Packed packed_float(const Tensor& x, int fmt, int64_t D) {
+  const auto want = fmt == 16 ? at::kHalf : fmt == 17 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == want && x.stride(3) == 1 && x.size(3) == D,
+              "float segment: [B, H, n, D] of its format's dtype, rows contiguous");
+  const int64_t e = x.element_size();
+  return Packed{static_cast<const uint8_t*>(x.data_ptr()), nullptr, nullptr, Z_NONE, 0.f, x.stride(0) * e,
+                x.stride(1) * e, x.stride(2) * e, 0, 0, 0, 0, false, {0, int(D)}, 1, false};
 }
 
 // 8 floats in GCC's portable vector extension: the compiler maps it to AVX/AVX-512/SSE as the CPU has
@@ -253,7 +277,6 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
   alignas(64) float c[SCRATCH];
   const uint8_t* kc = K.c + b * K.cb + h * K.ch;
   const int64_t kso = b * K.sb + h * K.sh;  // scale / zero offset of this (row, head)
-  const at::Half* ks = K.s + kso;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // per-channel key groups: k_td = s_gd (c_td - z_gd) over each group g of KG tokens, so
   // q . k_t = (q * s_g) . c_t - sum_d q_d s_gd z_gd, with q * s_g and the sum taken once per group
@@ -266,7 +289,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       for (int r = 0; r < R; ++r) {
         float bias = 0.f;
         for (int d = 0; d < D; ++d) {
-          qs[size_t(r) * D + d] = q[size_t(r) * D + d] * float(ks[go + d]);
+          qs[size_t(r) * D + d] = q[size_t(r) * D + d] * scale_at(K, kso + go + d);
           bias += qs[size_t(r) * D + d] * zero_at(K, kso + go + d);
         }
         kbias[r] = bias;
@@ -281,8 +304,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       for (int r = 0; r < R; ++r) sc[size_t(r) * TP + i] = (dot(qs.data() + size_t(r) * D, c, D) - kbias[r]) * scaling;
       continue;
     }
-    const at::Half* s = ks + t * K.st;
-    const int64_t zo = kso + t * K.st;
+    const int64_t zo = kso + t * K.st;  // this token's scales and zero points
     if (tab) {
       constexpr int PER = per_byte<KF>();
       const int NB = (D + PER - 1) / PER;
@@ -291,7 +313,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
         const float* tr = tab + size_t(r) * NB * 256;
         float acc = 0.f;
         for (int g = 0; g < nkg; ++g)
-          acc += float(s[g]) * (lookup(tr, bytes, kgb[g] / PER, kgb[g + 1] / PER) -
+          acc += scale_at(K, zo + g) * (lookup(tr, bytes, kgb[g] / PER, kgb[g + 1] / PER) -
                                 zero_at(K, zo + g) * qsum[size_t(r) * nkg + g]);
         sc[size_t(r) * TP + i] = acc * scaling;
       }
@@ -302,7 +324,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       const float* qr = q + size_t(r) * D;
       float acc = 0.f;
       for (int g = 0; g < nkg; ++g)
-        acc += float(s[g]) * (dot(qr + kgb[g], c + kgb[g], kgb[g + 1] - kgb[g]) -
+        acc += scale_at(K, zo + g) * (dot(qr + kgb[g], c + kgb[g], kgb[g + 1] - kgb[g]) -
                               zero_at(K, zo + g) * qsum[size_t(r) * nkg + g]);
       sc[size_t(r) * TP + i] = acc * scaling;
     }
@@ -328,7 +350,6 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
   constexpr int TT = 16;
   const uint8_t* vc = V.c + b * V.cb + h * V.ch;
   const int64_t vso = b * V.sb + h * V.sh;
-  const at::Half* vs = V.s + vso;
   std::fill(o, o + size_t(R) * D, 0.f);
   std::vector<float> bs(size_t(R) * nvg, 0.f);
   const int DP = (D + 15) / 8 * 8 + 8;  // a tile row: D codes and an unpacking overhang
@@ -339,11 +360,11 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
     for (int64_t t = tt; t < std::min(t1, tt + TT); ++t) {
       if (ok && !ok[t]) continue;
       unpack<VF>(vc + t * V.ct, D, tile.data() + size_t(nt) * DP);
-      const at::Half* s = vs + t * V.st;
       const int64_t zo = vso + t * V.st;
       for (int g = 0; g < nvg; ++g) {
-        ts[size_t(nt) * nvg + g] = float(s[g]);
-        tb[size_t(nt) * nvg + g] = -zero_at(V, zo + g) * float(s[g]);
+        const float sg = scale_at(V, zo + g);
+        ts[size_t(nt) * nvg + g] = sg;
+        tb[size_t(nt) * nvg + g] = -zero_at(V, zo + g) * sg;
       }
       live[nt++] = t - t0;
     }
@@ -395,6 +416,15 @@ PartialFn pick_v(int64_t vf) {
 }
 
 PartialFn pick(int64_t kf, int64_t vf) {
+  if (is_float_fmt(int(kf)) || is_float_fmt(int(vf))) {  // full-precision segments: keys and values alike
+    TORCH_CHECK(kf == vf, "a float segment keeps keys and values in one dtype, got formats ", kf, " and ", vf);
+    switch (kf) {
+      case 16: return partial<16, 16>;
+      case 17: return partial<17, 17>;
+      case 32: return partial<32, 32>;
+    }
+    TORCH_CHECK(false, "float format must be 16 (fp16), 17 (bf16) or 32 (float32), got ", kf);
+  }
   switch (kf) {
     case 2: return pick_v<2>(vf);
     case 3: return pick_v<3>(vf);
@@ -406,106 +436,178 @@ PartialFn pick(int64_t kf, int64_t vf) {
 
 inline int code_bits(int64_t fmt) { return fmt == 3 ? 2 : int(fmt); }
 
-// Flash-decoding over one packed segment: the tokens of each (row, kv head) are split into chunks worked on in
-// parallel, and the chunks' (m, l, o) are merged by log-sum-exp. Returns m, l [B, H, R, 1] and o [B, H, R, D].
-// kfmt / vfmt: 2, 4, 8 or 3 (ternary); kbounds / vbounds: int32 per-token group bounds (kbounds unused for
-// per-channel keys, whose groups are kgroup tokens); kz / vz: int16 / int8 zero points or None (symmetric).
+// One segment of a decode step: its keys and values (packed or float), the tokens it holds and its mask.
+struct Seg {
+  Packed K, V;
+  int kf, vf;
+  int64_t n;
+  const int8_t* ok;  // int8 [B, n] (0: masked) or null
+  int64_t ok_b;
+};
+
+// Flash-decoding over the segments of one layer: the tokens of each (segment, row, kv head) are split into chunks
+// worked on in parallel, and every chunk's (m, l, o) is merged by log-sum-exp. Returns m, l [B, H, R, 1] and
+// o [B, H, R, D]: o / l = softmax(q K^T * scaling) V over every allowed token of every segment.
+std::tuple<Tensor, Tensor, Tensor> decode_core(const Tensor& q, const std::vector<Seg>& segs, double scaling) {
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
+  const float* qp = q.data_ptr<float>();
+  const int64_t threads = std::max(1, at::get_num_threads());
+  struct Task {
+    int seg;
+    int64_t bh, t0, t1;
+  };
+  std::vector<Task> tasks;
+  std::vector<std::vector<float>> qsums(segs.size()), tabs(segs.size());
+  std::vector<int> tab_of(segs.size(), 0);
+  for (size_t si = 0; si < segs.size(); ++si) {
+    const Seg& S = segs[si];
+    const int64_t n = S.n;
+    // enough chunks for 4 tasks a thread, and a multiple of the threads where that keeps chunks of 64+ tokens
+    int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * threads + B * H - 1) / (B * H), (n + 63) / 64));
+    while ((B * H * chunks) % threads && (n + chunks) / (chunks + 1) >= 64) ++chunks;
+    const int64_t per = (n + chunks - 1) / chunks;
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t ch = 0; ch < chunks; ++ch)
+        if (ch * per < n) tasks.push_back({int(si), bh, ch * per, std::min(n, (ch + 1) * per)});
+    // q summed over each key group, for the zero-point term
+    const int64_t nkg = S.K.channel ? 1 : S.K.ng;
+    std::vector<float>& qsum = qsums[si];
+    qsum.assign(size_t(B * H * R * nkg), 0.f);
+    if (!S.K.channel)
+      for (int64_t i = 0; i < B * H * R; ++i)
+        for (int64_t g = 0; g < nkg; ++g)
+          for (int64_t d = S.K.gb[g]; d < S.K.gb[g + 1]; ++d) qsum[i * nkg + g] += qp[i * D + d];
+    // score tables (2-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
+    // tokens' products; 4-bit keys read faster unpacked)
+    if (S.kf == 2 && n >= 256 && !S.K.channel && S.K.bytes_aligned && D % 4 == 0) {
+      tab_of[si] = 1;
+      tabs[si].resize(size_t(B * H * R * (D / 4) * 256));
+    }
+  }
+  for (size_t si = 0; si < segs.size(); ++si)
+    if (tab_of[si])
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh)
+          build_tables<2>(qp + bh * R * D, int(R), int(D), tabs[si].data() + bh * R * (D / 4) * 256);
+      });
+  const int64_t T = int64_t(tasks.size());
+  std::vector<float> pm(size_t(T * R)), pl(pm.size()), po(pm.size() * D);
+  const float sc = float(scaling);
+  int64_t work = 0;
+  for (const Seg& S : segs) work += S.n;
+  // small steps run inline: waking the thread pool costs more than they do
+  const int64_t grain = work * B * H < 4096 ? std::max<int64_t>(T, 1) : 1;
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Task& tk = tasks[ti];
+      const Seg& S = segs[tk.seg];
+      const int64_t b = tk.bh / H, h = tk.bh % H, nkg = S.K.channel ? 1 : S.K.ng;
+      scratch.resize(size_t(R * ((tk.t1 - tk.t0 + 7) / 8 * 8)));
+      const PartialFn fn = pick(S.kf, S.vf);
+      fn(qp + tk.bh * R * D, qsums[tk.seg].data() + tk.bh * R * nkg, S.K, S.V, b, h,
+         S.ok ? S.ok + b * S.ok_b : nullptr, tk.t0, tk.t1, int(R), int(D), sc,
+         tab_of[tk.seg] ? tabs[tk.seg].data() + tk.bh * R * (D / 4) * 256 : nullptr, scratch.data(),
+         pm.data() + ti * R, pl.data() + ti * R, po.data() + ti * R * D);
+    }
+  });
+  // merge every chunk of every segment (log-sum-exp), per (row, kv head)
+  auto f32 = q.options();
+  Tensor m = at::empty({B, H, R, 1}, f32), l = at::empty({B, H, R, 1}, f32), o = at::empty({B, H, R, D}, f32);
+  float* mo = m.data_ptr<float>();
+  float* lo = l.data_ptr<float>();
+  float* oo = o.data_ptr<float>();
+  std::fill(oo, oo + B * H * R * D, 0.f);
+  std::fill(mo, mo + B * H * R, -1e30f);
+  std::fill(lo, lo + B * H * R, 0.f);
+  for (int64_t ti = 0; ti < T; ++ti)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = tasks[ti].bh * R + r;
+      mo[i] = std::max(mo[i], pm[ti * R + r]);
+    }
+  for (int64_t ti = 0; ti < T; ++ti)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = tasks[ti].bh * R + r;
+      const float a = std::exp(pm[ti * R + r] - mo[i]);
+      lo[i] += pl[ti * R + r] * a;
+      const float* src = po.data() + (ti * R + r) * D;
+      float* orow = oo + i * D;
+      for (int64_t d = 0; d < D; ++d) orow[d] += src[d] * a;
+    }
+  return {m, l, o};
+}
+
+const int8_t* ok_ptr(const std::optional<Tensor>& ok, int64_t B, int64_t n, int64_t* stride) {
+  if (!ok.has_value()) return nullptr;
+  TORCH_CHECK(ok->scalar_type() == at::kChar && ok->dim() == 2 && ok->size(0) == B && ok->size(1) == n &&
+              ok->stride(1) == 1, "ok: int8 [B, n]");
+  *stride = ok->stride(0);
+  return ok->data_ptr<int8_t>();
+}
+
+// One packed segment's keys and values as a Seg (kfmt / vfmt: 2, 4, 8 or 3; kbounds / vbounds: int32 per-token
+// group bounds, kbounds unused for per-channel keys, whose groups are kgroup tokens; kz / vz: int16 / int8 zero
+// points or None for symmetric groups), or a float segment (formats 16, 17, 32: kc / vc hold the values).
+Seg make_seg(const Tensor& q, const Tensor& kc, const Tensor& ks, const std::optional<Tensor>& kz, const Tensor& vc,
+             const Tensor& vs, const std::optional<Tensor>& vz, const std::optional<Tensor>& ok, int64_t kfmt,
+             const Tensor& kbounds, int64_t kgroup, bool kchannel, int64_t vfmt, const Tensor& vbounds) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), n = kc.size(2);
+  TORCH_CHECK(kc.dim() == 4 && kc.size(0) == B && kc.size(1) == H && vc.dim() == 4 && vc.size(0) == B &&
+              vc.size(1) == H && vc.size(2) == n, "K, V and q must agree on B, H, n");
+  Seg S;
+  if (is_float_fmt(int(kfmt))) {
+    S.K = packed_float(kc, int(kfmt), D);
+    S.V = packed_float(vc, int(vfmt), D);
+  } else {
+    TORCH_CHECK(!kchannel || (kgroup > 0 && ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
+    TORCH_CHECK(kchannel || ks.size(2) == n, "per-token key scales: [B, H, n, groups]");
+    TORCH_CHECK(vs.size(2) == n, "value scales: [B, H, n, groups]");
+    S.K = packed(kc, ks, kz, int(kfmt), code_bits(kfmt), kbounds, D, kgroup, kchannel);
+    S.V = packed(vc, vs, vz, int(vfmt), code_bits(vfmt), vbounds, D);
+  }
+  S.kf = int(kfmt);
+  S.vf = int(vfmt);
+  S.n = n;
+  S.ok_b = 0;
+  S.ok = ok_ptr(ok, B, n, &S.ok_b);
+  return S;
+}
+
+void check_q(const Tensor& q) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, R, D]");
+  TORCH_CHECK(q.size(3) <= MAX_D, "head dim at most 512");
+}
+
+// One packed segment: (m, l, o) as decode_core's.
 std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor& kc, const Tensor& ks,
                                                   const std::optional<Tensor>& kz, const Tensor& vc, const Tensor& vs,
                                                   const std::optional<Tensor>& vz, const std::optional<Tensor>& ok,
                                                   double scaling, int64_t kfmt, const Tensor& kbounds, int64_t kgroup,
                                                   bool kchannel, int64_t vfmt, const Tensor& vbounds) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B, H, R, D]");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), n = kc.size(2);
-  TORCH_CHECK(D <= MAX_D, "head dim at most 512");
-  TORCH_CHECK(!kchannel || (kgroup > 0 && ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
-  TORCH_CHECK(kchannel || ks.size(2) == n, "per-token key scales: [B, H, n, groups]");
-  TORCH_CHECK(vs.size(2) == n, "value scales: [B, H, n, groups]");
-  TORCH_CHECK(kc.size(0) == B && kc.size(1) == H && vc.size(2) == n, "K, V and q must agree on B, H, n");
-  const Packed K = packed(kc, ks, kz, int(kfmt), code_bits(kfmt), kbounds, D, kgroup, kchannel);
-  const Packed V = packed(vc, vs, vz, int(vfmt), code_bits(vfmt), vbounds, D);
-  const int8_t* okp = nullptr;
-  int64_t ok_b = 0;
-  if (ok.has_value()) {
-    TORCH_CHECK(ok->scalar_type() == at::kChar && ok->dim() == 2 && ok->size(0) == B && ok->size(1) == n &&
-                ok->stride(1) == 1, "ok: int8 [B, n]");
-    okp = ok->data_ptr<int8_t>();
-    ok_b = ok->stride(0);
-  }
-  auto f32 = q.options();
-  Tensor m = at::empty({B, H, R, 1}, f32), l = at::empty({B, H, R, 1}, f32), o = at::empty({B, H, R, D}, f32);
-  // q summed over each key group, for the zero-point term
-  const int64_t nkg = kchannel ? 1 : K.ng;
-  std::vector<float> qsum(size_t(B * H * R * nkg), 0.f);
-  const float* qp = q.data_ptr<float>();
-  if (!kchannel)
-    for (int64_t i = 0; i < B * H * R; ++i)
-      for (int64_t g = 0; g < nkg; ++g)
-        for (int64_t d = K.gb[g]; d < K.gb[g + 1]; ++d) qsum[i * nkg + g] += qp[i * D + d];
-  const int64_t threads = std::max(1, at::get_num_threads());
-  // enough chunks for 4 tasks a thread, and a multiple of the threads where that keeps chunks of 64+ tokens
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((4 * threads + B * H - 1) / (B * H), (n + 63) / 64));
-  while ((B * H * chunks) % threads && (n + chunks) / (chunks + 1) >= 64) ++chunks;
-  const int64_t per = (n + chunks - 1) / chunks;
-  std::vector<float> pm(size_t(B * H * chunks * R)), pl(pm.size()), po(pm.size() * D);
-  const PartialFn fn = pick(kfmt, vfmt);
-  // score tables (2/4-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
-  // tokens' products)
-  const int64_t nbytes = kc.size(3);
-  const bool use_tab = kfmt == 2 && n >= 256 && !kchannel && K.bytes_aligned && D % (8 / kfmt) == 0;
-  std::vector<float> tabs(use_tab ? size_t(B * H * R * nbytes * 256) : 0);
-  if (use_tab)
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        float* t = tabs.data() + bh * R * nbytes * 256;
-        if (kfmt == 2) build_tables<2>(qp + bh * R * D, int(R), int(D), t);
-        else build_tables<4>(qp + bh * R * D, int(R), int(D), t);
-      }
-    });
-  const float sc = float(scaling);
-  const int64_t tasks = B * H * chunks;
-  // small segments run inline: waking the thread pool costs more than they do
-  const int64_t grain = n * B * H < 4096 ? tasks : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(size_t(R * ((per + 7) / 8 * 8)));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, ch = task % chunks, b = bh / H, h = bh % H;
-      const int64_t t0 = ch * per, t1 = std::min(n, t0 + per);
-      float* tm = pm.data() + task * R;
-      float* tl = pl.data() + task * R;
-      float* to = po.data() + task * R * D;
-      if (t0 >= t1) {
-        std::fill(tm, tm + R, -1e30f);
-        std::fill(tl, tl + R, 0.f);
-        std::fill(to, to + R * D, 0.f);
-        continue;
-      }
-      fn(qp + bh * R * D, qsum.data() + bh * R * nkg, K, V, b, h, okp ? okp + b * ok_b : nullptr, t0, t1,
-         int(R), int(D), sc, use_tab ? tabs.data() + bh * R * nbytes * 256 : nullptr, scratch.data(), tm, tl, to);
-    }
-  });
-  // merge the chunks (log-sum-exp)
-  float* mo = m.data_ptr<float>();
-  float* lo = l.data_ptr<float>();
-  float* oo = o.data_ptr<float>();
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    for (int64_t r = 0; r < R; ++r) {
-      float mm = -1e30f;
-      for (int64_t ch = 0; ch < chunks; ++ch) mm = std::max(mm, pm[(bh * chunks + ch) * R + r]);
-      float ll = 0.f;
-      float* orow = oo + (bh * R + r) * D;
-      std::fill(orow, orow + D, 0.f);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t i = (bh * chunks + ch) * R + r;
-        const float a = std::exp(pm[i] - mm);
-        ll += pl[i] * a;
-        const float* src = po.data() + i * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] += src[d] * a;
-      }
-      mo[bh * R + r] = mm;
-      lo[bh * R + r] = ll;
-    }
-  return {m, l, o};
+  check_q(q);
+  return decode_core(q, {make_seg(q, kc, ks, kz, vc, vs, vz, ok, kfmt, kbounds, kgroup, kchannel, vfmt, vbounds)},
+                     scaling);
+}
+
+// Every segment of a layer in one call, merged: segment i is kv[2i] / kv[2i+1] with scales[2i] / scales[2i+1],
+// zeros, formats fmts[2i] / fmts[2i+1], bounds, kgroups[i] (per-channel key group size, 0: per-token keys) and
+// oks[i]; float segments (formats 16, 17, 32) ignore scales, zeros and bounds.
+std::tuple<Tensor, Tensor, Tensor> decode_layer(const Tensor& q, const std::vector<Tensor>& kv,
+                                                const std::vector<Tensor>& scales,
+                                                const std::vector<std::optional<Tensor>>& zeros,
+                                                const std::vector<std::optional<Tensor>>& oks,
+                                                const std::vector<int64_t>& fmts, const std::vector<Tensor>& bounds,
+                                                const std::vector<int64_t>& kgroups, double scaling) {
+  check_q(q);
+  const size_t ns = oks.size();
+  TORCH_CHECK(kv.size() == 2 * ns && scales.size() == 2 * ns && zeros.size() == 2 * ns && fmts.size() == 2 * ns &&
+              bounds.size() == 2 * ns && kgroups.size() == ns, "two entries a segment (keys, values), one ok each");
+  std::vector<Seg> segs;
+  for (size_t i = 0; i < ns; ++i)
+    segs.push_back(make_seg(q, kv[2 * i], scales[2 * i], zeros[2 * i], kv[2 * i + 1], scales[2 * i + 1],
+                            zeros[2 * i + 1], oks[i], fmts[2 * i], bounds[2 * i], kgroups[i], kgroups[i] > 0,
+                            fmts[2 * i + 1], bounds[2 * i + 1]));
+  return decode_core(q, segs, scaling);
 }
 
 // fp16 scale rounded up: never below the float32 step, so the clipped range fits in 2^bits - 1 steps; saturates
@@ -612,11 +714,14 @@ TORCH_LIBRARY(vlmkv_cpu, m) {
   m.def("decode_partial(Tensor q, Tensor kc, Tensor ks, Tensor? kz, Tensor vc, Tensor vs, Tensor? vz, Tensor? ok, "
         "float scaling, int kfmt, Tensor kbounds, int kgroup, bool kchannel, int vfmt, Tensor vbounds) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("decode_layer(Tensor q, Tensor[] kv, Tensor[] scales, Tensor?[] zeros, Tensor?[] oks, int[] fmts, "
+        "Tensor[] bounds, int[] kgroups, float scaling) -> (Tensor, Tensor, Tensor)");
   m.def("quantize_pack_(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int fmt, Tensor bounds, "
         "Tensor clips) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vlmkv_cpu, CPU, m) {
   m.impl("decode_partial", decode_partial);
+  m.impl("decode_layer", decode_layer);
   m.impl("quantize_pack_", quantize_pack_);
 }
