@@ -5,7 +5,8 @@
 
 Protocol: the context (real text, repeated) is prefilled once with a DynamicCache at batch 1; for each batch
 size transformers' caches are filled from those keys/values (repeated over the batch) through their own
-`update()`, and vlmkv's by a prefill through the model (its policies read the prompt's activations), and we time
+`update()`, and vlmkv's by one prefill through the model at batch 1 (its policies read the prompt's activations)
+whose rows each batch size repeats (`cache.batch_repeat_interleave`), and we time
 `--steps` single-token forward passes (after 2 warm-up steps), reporting the median. KV bytes are
 counted from every tensor the cache holds (for transformers' caches: quantized data, scales, zero
 points and the residual buffer, found by walking the objects).
@@ -13,6 +14,7 @@ points and the residual buffer, found by walking the objects).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -113,15 +115,25 @@ def run(args):
         kv1 = [(layer.keys, layer.values) for layer in ref.layers]
         del ref
         nxt1 = out.logits[:, -1:].argmax(-1)
-        for batch in batches:
-            for method in tqdm(methods, desc=f"context {ctx}, batch {batch}", file=sys.stderr):
+        for method in tqdm(methods, desc=f"context {ctx}", file=sys.stderr):
+            filled = None
+            for batch in batches:
                 row = {"context": ctx, "batch": batch, "method": method}
                 try:
                     cache = make_cache(method, model)
                     t0 = time.perf_counter()
                     if isinstance(cache, vlmkv.QuantizedKVCache):
-                        # through the model, so that policies see the prompt (pivots need its activations)
-                        model(input_ids=ids.repeat(batch, 1), **vlmkv.cache_kwargs(cache), logits_to_keep=1)
+                        # through the model, so that policies see the prompt (pivots need its activations), once
+                        # per context at batch 1; each batch size repeats that cache's rows
+                        if filled is None:
+                            model(input_ids=ids, **vlmkv.cache_kwargs(cache), logits_to_keep=1)
+                            filled = cache
+                            cache = copy.deepcopy(filled)
+                        else:
+                            cache.close()
+                            cache = copy.deepcopy(filled)
+                        if batch > 1:
+                            cache.batch_repeat_interleave(batch)
                     else:
                         for i, (k, v) in enumerate(kv1):
                             cache.update(k.repeat(batch, 1, 1, 1), v.repeat(batch, 1, 1, 1), i)
@@ -151,7 +163,10 @@ def run(args):
                 except Exception as e:  # an alternative that does not run here is recorded, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:200]
                 rows.append(row)
+            if filled is not None:
+                filled.close()
         print(f"context {ctx}: prefill {t_prefill:.1f} s", file=sys.stderr)
+    rows.sort(key=lambda r: (r["context"], r["batch"]))  # stable: the methods in their run order
     return rows
 
 

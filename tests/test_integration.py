@@ -382,3 +382,53 @@ def test_assisted_decoding_crops_the_cache_under_either_crop_convention(tiny_lla
         for layer in c.layers:
             layer.crop(20)  # the earlier convention: the length to keep
         assert c.get_seq_length() == 20
+
+
+@pytest.mark.parametrize("policy", ["akvq-vl", "kivi-2", "auto"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@torch.no_grad()
+def test_vlmkv_attention_lives_beside_packages_that_wrap_attention_functions(tiny_llama, monkeypatch, policy, impl):
+    """kvpress re-wraps every registered attention function at import, passing `dropout` by position: vlmkv's
+    functions take the interface's full calling convention (extra positional and keyword arguments) and decode
+    exactly as unwrapped."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401  (registered alongside)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vlmkv import QuantizedKVCache, attention
+
+    attention.register()
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(5))
+    opts = {"auto": {"bits": 5.0}}.get(policy, {})
+    prev = tiny_llama.config._attn_implementation
+    tiny_llama.set_attn_implementation(impl)
+    try:
+        def run():
+            with QuantizedKVCache(tiny_llama, policy, **opts) as cache:
+                out = tiny_llama.generate(input_ids=ids, **vlmkv.cache_kwargs(cache), max_new_tokens=5,
+                                          min_new_tokens=5, do_sample=False, output_logits=True,
+                                          return_dict_in_generate=True, pad_token_id=0)
+            return torch.stack(out.logits)
+
+        want = run()
+        calls = []
+
+        def kvpress_style(func):
+            if impl == "sdpa":  # as kvpress.attention_patch wraps them: dropout passed by position
+                def wrapper(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+                    calls.append(1)
+                    return func(module, query, key, value, attention_mask, dropout, **kwargs)
+            else:  # eager's order: scaling, then dropout, both by position
+                def wrapper(module, query, key, value, attention_mask, **kwargs):
+                    calls.append(1)
+                    scaling, dropout = kwargs.pop("scaling"), kwargs.pop("dropout", 0.0)
+                    return func(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            return wrapper
+
+        for name in list(attention.NAMES.values()):
+            monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, name,
+                                kvpress_style(ALL_ATTENTION_FUNCTIONS[name]))
+        got = run()
+    finally:
+        tiny_llama.set_attn_implementation(prev)
+    assert calls, "the wrapped functions were not called"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -258,15 +258,38 @@ def clear_handoff() -> None:
     _local.pending = None
 
 
+_SIGNATURES: dict = {}
+
+
+def _named(fn, args: tuple, kwargs: dict) -> dict:
+    """The options of an attention call by name: positional ones after the attention mask (`dropout`, `scaling`...,
+    in the order `fn`, the attention function this one stands in for, takes them) and keyword ones. Callers differ:
+    transformers passes them by keyword, packages that wrap attention functions (kvpress) may pass them by position."""
+    if not args:
+        return kwargs
+    if fn not in _SIGNATURES:
+        import inspect
+
+        _SIGNATURES[fn] = [p.name for p in list(inspect.signature(fn).parameters.values())[5:]
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = _SIGNATURES[fn]
+    if len(args) > len(names):
+        raise TypeError(f"attention takes at most {5 + len(names)} positional arguments ({', '.join(names)} after the "
+                        f"mask), got {5 + len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _make_attention(impl: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        base = _base_attention(module, impl)
         pending = _take(module)
         if pending is None:
-            return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
+            return base(module, query, key, value, attention_mask, *args, **kwargs)
         _, store, rotated = pending
-        plain = not any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
-        if plain and query.shape[2] == 1 and kwargs.get("dropout", 0.0) == 0.0:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        opts = _named(base, args, kwargs)
+        plain = not any(opts.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
+        if plain and query.shape[2] == 1 and (opts.get("dropout") or 0.0) == 0.0:
+            scaling = opts.get("scaling") or query.shape[-1] ** -0.5
             if not rotated:
                 out = segment_attention(query, store, attention_mask, scaling)
             else:  # keys are stored rotated: q H . k H = q . k; the output is rotated back in float32
@@ -281,7 +304,7 @@ def _make_attention(impl: str):
         store.settle()
         if rotated:
             key, value = saturate(fwht_inverse(key), query.dtype), saturate(fwht_inverse(value), query.dtype)
-        return _base_attention(module, impl)(module, query, key, value, attention_mask, **kwargs)
+        return base(module, query, key, value, attention_mask, *args, **kwargs)
     attention.__name__ = NAMES[impl]
     from .cache import eager
 
