@@ -1,4 +1,4 @@
-"""Each baseline before and after it was made faithful to its paper (#17), on SmolLM2-135M's real keys, values and
+"""Each baseline before and after it was made faithful to its paper, on SmolLM2-135M's real keys, values and
 queries: attention-output error and key/value reconstruction error per layer, bits per element from bytes, and the
 model's teacher-forced next-token KL against the full-precision cache.
 

@@ -285,3 +285,21 @@ def test_manual_decode_matches_generate(name, family):
     with QuantizedKVCache(model, get_policy("akvq-vl", recent=100000), residual_dtype=torch.float32) as cache:
         logits = teacher_forced_logits(model, inputs["input_ids"], inputs["attention_mask"], cache, cont, **extra)
     assert torch.equal(logits.argmax(-1), cont)
+
+
+def test_row_median_equals_torch_median_exactly():
+    """The massive-activation statistic's median: the banded search equals torch.median on every row, with ties,
+    NaN and rows where the sample's band misses the middle."""
+    from vlmkv.models.hooks import row_median
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 200_000, generator=g).abs()
+    x[1, :120_000] = 0.5  # ties around the middle
+    x[2] = torch.arange(200_000, dtype=torch.float32)
+    x[2, ::7] = 1e9  # the strided sample sees a skewed row: its band misses, torch.median decides
+    assert torch.equal(row_median(x), x.median(dim=1).values)
+    y = x.clone()
+    y[0, 5] = float("nan")
+    assert torch.equal(row_median(y).isnan(), y.median(dim=1).values.isnan())
+    small = torch.randn(2, 1001, generator=g)
+    assert torch.equal(row_median(small), small.median(dim=1).values)

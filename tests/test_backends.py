@@ -66,6 +66,71 @@ def test_quantize_backend_equals_the_reference(backend, bits, d, group, dtype):
         assert float((got.codes.cpu() != ref.codes).float().mean()) < 0.01
 
 
+def _format_cases():
+    from kernel_formats import formats
+
+    for be in _backends():
+        dims = (64, 96, 128) if be == "cpu" else ((64, 128) if DEV == "cuda" else (64,))
+        for d in dims:
+            for name, spec in formats(d):
+                if be == "triton" and DEV != "cuda" and "-g16-" in name:
+                    continue  # the interpreter is slow: group 16 is covered on the CPU grid and on a GPU
+                yield be, d, name, spec
+
+
+@pytest.mark.parametrize("backend,d,name,spec", list(_format_cases()), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_stored_format_quantizes_as_the_reference(backend, d, name, spec):
+    """Symmetric groups, int8 and int16 zero points, groups of 16..128 and the head dim, uneven groups with clips,
+    ternary codes: bit for bit on the CPU; on Triton, a code may differ only at a rounding tie."""
+    g = torch.Generator().manual_seed(d + len(name))
+    x = (torch.randn(2, 3, 11, d, generator=g) * torch.rand(d, generator=g) * 4)
+    x[0, 0, 0] = 1.5  # a constant row
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 1, d - 1] = float("inf")
+    x[1, 2, 5, 7] = 3e5  # the step saturates
+    ref = quantize_pack_ref(x, spec)
+    got = _run_quantize(backend, x, spec)
+    assert got.codes.shape == ref.codes.shape and got.scale.shape == ref.scale.shape
+    rs, gs = ref.scale, got.scale.cpu()
+    assert torch.equal(rs.isnan(), gs.isnan()) and torch.equal(rs.nan_to_num(), gs.nan_to_num())
+    assert (ref.zero is None) == (got.zero is None) and (ref.zero is None or torch.equal(ref.zero, got.zero.cpu()))
+    if backend == "cpu":
+        assert torch.equal(got.codes, ref.codes)
+    else:
+        assert float((got.codes.cpu() != ref.codes).float().mean()) < 0.01
+
+
+def _pair_cases():
+    from kernel_formats import decode_pairs
+
+    for be in _backends():
+        for d in ((64, 128) if be == "cpu" or DEV == "cuda" else (64,)):
+            for name, ks, vs in decode_pairs(d):
+                yield be, d, name, ks, vs
+
+
+@pytest.mark.parametrize("backend,d,name,kspec,vspec", list(_pair_cases()),
+                         ids=lambda v: v if isinstance(v, (str, int)) else None)
+def test_every_stored_format_decodes_within_the_references_own_float_error(backend, d, name, kspec, vspec):
+    g = torch.Generator().manual_seed(d + 3 * len(name))
+    B, H, R, n = 2, 2, 3, 96
+    kq = quantize_pack_ref(torch.randn(B, H, n, d, generator=g) * 2, kspec)
+    vq = quantize_pack_ref(torch.randn(B, H, n, d, generator=g), vspec)
+    q = torch.randn(B, H, R, d, generator=g)
+    ok = torch.rand(B, n, generator=g) > 0.2
+    scaling = d ** -0.5
+    m, den, o = decode_partial_ref(q, kq, vq, ok, scaling)
+    exact = _exact(q, kq, vq, ok, scaling)
+    ref_err = float(((o / den).double() - exact).abs().max())
+    if backend == "triton":
+        kq, vq, q, ok = kq.map(lambda t: t.to(DEV)), vq.map(lambda t: t.to(DEV)), q.to(DEV), ok.to(DEV)
+    assert kernels.decode_backend(q, kq, vq, d, allow=(backend,)) == backend or backend == "triton" and DEV == "cpu"
+    m2, den2, o2 = kernels.decode_partial(q, kq, vq, ok, scaling, backend)
+    err = float(((o2 / den2).double().cpu() - exact).abs().max())
+    assert err <= 8 * ref_err + 1e-6 * float(exact.abs().max()) + 1e-7, (err, ref_err)
+    torch.testing.assert_close(m2.cpu(), m, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_non_finite_inputs_agree_with_the_reference(backend):
     spec = QuantSpec(4, group_size=32)
@@ -84,14 +149,16 @@ def test_non_finite_inputs_agree_with_the_reference(backend):
 
 
 def _dequant64(qt) -> torch.Tensor:
-    """Exact (float64) dequantization: scale * (code - zero)."""
-    lut = _code_lut(qt.spec.bits, "cpu").double()
-    c = lut.index_select(0, qt.codes.cpu().reshape(-1).long()).view(*qt.codes.shape[:-1], -1)[..., :qt.d]
-    s, z = qt.scale.cpu().double(), qt.zero.cpu().double()
+    """Exact (float64) dequantization: scale * (code - zero), for every format (uneven groups, ternary codes,
+    symmetric groups' implied zero point)."""
+    qt = qt.map(lambda t: t.cpu())
+    lut = _code_lut(qt.spec.bits, "cpu", qt.spec.levels).double()
+    c = lut.index_select(0, qt.codes.reshape(-1).long()).view(*qt.codes.shape[:-1], -1)[..., :qt.d]
+    s, z = qt.scale.double(), qt.zeros().double()
     G = qt.spec.group_size
     if qt.spec.axis == "token":
-        *lead, n, d = c.shape
-        return ((c.view(*lead, n, d // G, G) - z[..., None]) * s[..., None]).view(*lead, n, d)
+        gid = qt.spec.group_ids(qt.d)
+        return (c - z.index_select(-1, gid)) * s.index_select(-1, gid)
     *lead, n, d = c.shape
     return ((c.view(*lead, n // G, G, d) - z[..., None, :]) * s[..., None, :]).view(*lead, n, d)
 
@@ -105,7 +172,7 @@ def _exact(q, kq, vq, ok, scaling):
 
 def _grid_decode(backend):
     dims = (64, 128) if backend == "cpu" or DEV == "cuda" else (64,)
-    key_axes = ("token", "channel") if backend == "cpu" else ("token",)  # Triton: per-token keys only (see notes)
+    key_axes = ("token", "channel")
     for kb, vb, d, kaxis, R, masked_ in itertools.product((2, 4, 8), (2, 4), dims, key_axes, (1, 3), (False, True)):
         if backend == "triton" and DEV != "cuda" and (kb == 8 or R == 3):
             continue  # the interpreter is slow: the bit-widths and GQA are covered on the CPU grid and on a GPU
@@ -152,6 +219,8 @@ def test_one_dispatcher_picks_the_backend(monkeypatch):
     monkeypatch.setenv("VLMKV_KERNELS", "cpu")
     assert kernels.quantize_backend(x, spec) == "cpu"
     assert kernels.quantize_backend(x, QuantSpec(2, group_size=32, axis="channel")) == "torch"  # no kernel for it
+    assert kernels.quantize_backend(x, QuantSpec(2, group_size=32, zero_point="none")) == "cpu"  # auto's format
+    assert kernels.quantize_backend(x, QuantSpec(2, group_size=32, meta_dtype=torch.bfloat16)) == "torch"
     kq = quantize_pack_ref(torch.randn(1, 1, 32, 64), spec)
     assert kernels.decode_backend(torch.randn(1, 1, 1, 64), kq, kq, 64) == "cpu"
     assert kernels.decode_backend(torch.randn(1, 1, 1, 64), kq, kq, 64, allow=()) == "torch"

@@ -120,8 +120,8 @@ FAMILIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_ide
 
 def expected_bytes(cache) -> int:
     """Bytes the plan implies: per token and kv head, K and V each take D*b/8 code bytes plus a fp16 scale and
-    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map, the residual buffer and its
-    width map where the buffered tokens' widths differ."""
+    int16 zero per group (b < 16), or D fp16 values; plus each segment's slot map (with its spare room), the residual
+    buffer and its width map where the buffered tokens' widths differ."""
     total = 0
     for layer in cache.layers:
         st = layer.store
@@ -132,7 +132,8 @@ def expected_bytes(cache) -> int:
             d = cache.head_dim
             g = min(128, d)
             per_tok = d * 2 if bits == 16 else d * bits // 8 + 4 * (d // g)
-            total += 2 * b * h * n * per_tok + (0 if seg.index is None else seg.index.numel() * 4)
+            index = seg._ibuf if seg._ibuf is not None else seg.index  # a growing slot map's spare room counts too
+            total += 2 * b * h * n * per_tok + (0 if index is None else index.numel() * 4)
         if st.residual is not None:  # the residual buffer's spare room is held, so it counts too
             b, h, cap, d = st.residual.kb.shape
             total += 2 * b * h * cap * d * 2 + (0 if st.residual.bb is None else b * cap * 2)  # width map if mixed

@@ -189,13 +189,28 @@ class Segment:
         return _capacity(self.kb)
 
     def nbytes(self) -> int:
-        total = _nbytes(self.index) + _nbytes(self.vpend)
+        total = _nbytes(self.index if self._ibuf is None else self._ibuf) + _nbytes(self.vpend)
         return total + self.kb.nbytes() + self.vb.nbytes()
 
     def __setattr__(self, name, value):
-        if name == "index":  # a new slot map: whether it holds filler is worked out again when asked
-            object.__setattr__(self, "_filler", None)
+        if name == "index":  # a new slot map: whether it holds filler is worked out again when asked, and any
+            object.__setattr__(self, "_filler", None)  # spare room behind the old one is let go
+            object.__setattr__(self, "_ibuf", None)
         object.__setattr__(self, name, value)
+
+    def _append_index(self, new: torch.Tensor) -> None:
+        """Append slots int32 `[B, m]` to the index map, into spare room behind it where there is some (grown as the
+        codes are: max(GROW_MIN, 1/64) at a time), so that a decode step's flush does not copy the whole map."""
+        B, n, m = self.index.shape[0], self.index.shape[1], new.shape[1]
+        buf, filler = self._ibuf, self._filler
+        if buf is None or buf.shape[1] < n + m:
+            buf = self.index.new_empty(B, n + m + max(GROW_MIN, (n + m) // 64))
+            buf[:, :n] = self.index
+        buf[:, n:n + m] = new
+        self.index = buf[:, :n + m]
+        self._ibuf = buf
+        if filler is not None:  # known for the old part: only the new slots need a look
+            self._filler = filler or bool((new < 0).any())
 
     def has_filler(self) -> bool:
         """Whether any stored slot is filler (index -1), which attention must mask; worked out once per index map
@@ -305,7 +320,9 @@ class Segment:
         if not contiguous:
             b = self.kb.codes.shape[0]
             dev = self.kb.codes.device
-            self.index = torch.cat([self.slot_index(b, dev), other.slot_index(b, dev)], dim=1)
+            if self.index is None:
+                self.index = self.slot_index(b, dev)
+            self._append_index(other.slot_index(b, dev))
         if self.vpend is not None and other.coded:
             raise RuntimeError("values are quantized in slot order: a block with quantized values cannot follow "
                                f"{self.vpend.shape[-2]} deferred ones")

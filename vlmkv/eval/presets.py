@@ -161,7 +161,7 @@ def plot_sweep(rows, option: str, values: list, out_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- Pareto
-#: each method's knobs swept by `vlmkv eval --pareto` (issue #14): (method family, label, get_policy name, options)
+#: each method's knobs swept by `vlmkv eval --pareto`: (method family, label, get_policy name, options)
 PARETO = (
     [("rtn", f"rtn-{b} g{g} {z}", f"rtn-{b}", {"group_size": g, "zero_point": z})
      for b in (2, 4, 8) for g, z in ((128, "int16"), (32, "int16"), (32, "int8"), (32, "none"))]

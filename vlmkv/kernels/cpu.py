@@ -190,15 +190,8 @@ def _tables(spec: QuantSpec, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     made once per (spec, d): the kernels' description of the groups (even or uneven alike)."""
     key = (spec, d)
     if key not in _BOUNDS:
-        if spec.axis == "channel":
-            bounds = [0, d]
-        elif spec.bounds is not None:
-            bounds = [int(b) for b in spec.bounds]
-        else:
-            bounds = list(range(0, d + 1, spec.group_size))
-        ng = len(bounds) - 1
-        clips = [float(c) for c in spec.clips] if spec.clips is not None else [float(spec.clip_ratio)] * ng
-        _BOUNDS[key] = (torch.tensor(bounds, dtype=torch.int32), torch.tensor(clips, dtype=torch.float32))
+        _BOUNDS[key] = (torch.tensor(spec.group_bounds(d), dtype=torch.int32),
+                        torch.tensor(spec.group_clips(d), dtype=torch.float32))
     return _BOUNDS[key]
 
 

@@ -106,17 +106,9 @@ def _tables(spec: QuantSpec, d: int, device) -> tuple:
     """(int32 group bounds `[ng + 1]`, float32 clips `[ng]`, int32 group id of each channel `[d]`) on `device`."""
     key = (spec, d, str(device))
     if key not in _TABLES:
-        if spec.axis == "channel":
-            bounds = [0, d]
-        elif spec.bounds is not None:
-            bounds = [int(b) for b in spec.bounds]
-        else:
-            bounds = list(range(0, d + 1, spec.group_size))
-        ng = len(bounds) - 1
-        clips = [float(c) for c in spec.clips] if spec.clips is not None else [float(spec.clip_ratio)] * ng
         gid = spec.group_ids(d).to(torch.int32) if spec.axis == "token" else torch.zeros(d, dtype=torch.int32)
-        _TABLES[key] = (torch.tensor(bounds, dtype=torch.int32, device=device),
-                        torch.tensor(clips, dtype=torch.float32, device=device), gid.to(device))
+        _TABLES[key] = (torch.tensor(spec.group_bounds(d), dtype=torch.int32, device=device),
+                        torch.tensor(spec.group_clips(d), dtype=torch.float32, device=device), gid.to(device))
     return _TABLES[key]
 
 
@@ -140,7 +132,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
                          f"got {spec!r}")
     bounds, clips, _ = _tables(spec, D, x.device)
     ng = bounds.numel() - 1
-    widths = [int(b) for b in (spec.bounds or range(0, D + 1, spec.group_size))]
+    widths = spec.group_bounds(D)
     block = triton.next_power_of_2(max(e - a for a, e in zip(widths, widths[1:])))
     fmt = _fmt(spec)
     nb = -(-D // 5) if fmt == 3 else D * spec.bits // 8 + (1 if D * spec.bits % 8 else 0)

@@ -177,6 +177,30 @@ class ForwardRecorder:
         self.handles = []
 
 
+def row_median(x: torch.Tensor) -> torch.Tensor:
+    """`x.median(dim=1).values` for x `[B, N]`, exactly (the lower middle value), about twice as fast on long rows:
+    the middle value is looked for only among the values between two quantiles of a strided sample (about 2% of the
+    row), counting those below; where the sample's band misses it, or the row holds NaN, `torch.median` decides."""
+    B, N = x.shape
+    if N < 65536:
+        return x.median(dim=1).values
+    k = (N + 1) // 2  # kthvalue's 1-based rank of torch.median's lower middle value
+    step = N // 32768
+    out = torch.empty(B, dtype=x.dtype, device=x.device)
+    for b in range(B):
+        row = x[b]
+        s = row[::step]
+        n = s.numel()
+        lo, hi = s.kthvalue(max(1, int(n * 0.49))).values, s.kthvalue(min(n, int(n * 0.51) + 1)).values
+        below = int((row < lo).sum())
+        band = row[(row >= lo) & (row <= hi)]
+        if below < k <= below + band.numel() and not bool(torch.isnan(row).any()):
+            out[b] = band.kthvalue(k - below).values
+        else:
+            out[b] = row.median()
+    return out
+
+
 class MassiveActivations:
     """Forward pre-hooks on every decoder layer that record, for a prompt (more than one token), how far each
     token's residual stream entering the layer stands out: ratio[b, s] = max_c |h[b, s, c]| / median_{s, c}
@@ -200,7 +224,7 @@ class MassiveActivations:
             with torch.no_grad():
                 a = h.detach().abs().float()
                 tok_max = a.amax(dim=-1)  # [B, S]
-                med = a.flatten(1).median(dim=1).values.clamp_min(1e-6)  # [B]
+                med = row_median(a.flatten(1)).clamp_min(1e-6)  # [B]
                 frame.stats.setdefault(idx, {})["massive_activation"] = tok_max / med[:, None]
             return None
         return hook

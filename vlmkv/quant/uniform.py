@@ -105,6 +105,20 @@ class QuantSpec:
         """Even groups, one clip ratio, 2^bits levels, int16 zero points: what the fused kernels take."""
         return self.bounds is None and self.clips is None and self.levels == 0 and self.zero_point == "int16"
 
+    def group_bounds(self, d: int) -> list[int]:
+        """The channel offsets where a row's d channels split into per-token groups, then d (`[0, d]`: one group, for
+        per-channel groups, whose groups run along tokens)."""
+        if self.axis == "channel":
+            return [0, d]
+        if self.bounds is not None:
+            return [int(b) for b in self.bounds]
+        return list(range(0, d + 1, self.group_size))
+
+    def group_clips(self, d: int) -> list[float]:
+        """The clip ratio of each per-token group over d channels."""
+        n = len(self.group_bounds(d)) - 1
+        return [float(c) for c in self.clips] if self.clips is not None else [float(self.clip_ratio)] * n
+
     def group_ids(self, d: int, device=None) -> torch.Tensor:
         """long `[d]`: the per-token group of each channel."""
         if self.bounds is None:
