@@ -334,11 +334,14 @@ class Segment:
             self.vpend = other.vpend if self.vpend is None else torch.cat([self.vpend, other.vpend], -2)
         self.count = need
 
-    def append_float(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Quantize float tokens `[B, H, n, D]` (the slots right after this contiguous segment) straight into its
-        spare capacity with the CPU kernel (`kernels.quantize_into`): one call per tensor, no temporary
-        QTensor. False (nothing done) where that kernel does not apply; the caller then quantizes and appends."""
-        if self.index is not None or isinstance(self.kb, Plain) or self.kb.codes.dim() != 4 or self.vpend is not None:
+    def append_float(self, k: torch.Tensor, v: torch.Tensor, start: int) -> bool:
+        """Quantize float tokens `[B, H, n, D]` of slots `start .. start+n-1` straight into this segment's spare
+        capacity with the CPU kernel (`kernels.quantize_into`): one call per tensor, no temporary QTensor. The slots
+        must follow on from a contiguous segment, or go into its slot map (which grows in place). False (nothing
+        done) where that kernel does not apply; the caller then quantizes and appends."""
+        if isinstance(self.kb, Plain) or self.kb.codes.dim() != 4 or self.vpend is not None:
+            return False
+        if self.index is None and self.start + self.n != start:
             return False
         if not all(kernels.quantize_backend(x, t.spec) == "cpu" for x, t in ((k, self.kb), (v, self.vb))):
             return False
@@ -346,6 +349,9 @@ class Segment:
         self._reserve(self.count + n)
         for src, buf in ((k, self.kb), (v, self.vb)):
             kernels.quantize_into(src, buf.slice_tokens(self.count, self.count + n))
+        if self.index is not None:
+            self._append_index(torch.arange(start, start + n, dtype=torch.int32, device=self.index.device)
+                               .expand(self.index.shape[0], n))
         self.count += n
         return True
 
@@ -689,8 +695,7 @@ class LayerStore:
         """Quantize tokens of width b: straight into the end of the existing segment where the slots follow on and
         a kernel can write in place (returns None), else as a new Segment to append."""
         old = self.segments.get(b)
-        if index is None and old is not None and old.index is None and old.start + old.n == start \
-                and old.append_float(k, v):
+        if index is None and old is not None and old.append_float(k, v, start):
             return None
         return Segment(b, kernels.quantize(k, specs[0]), kernels.quantize(v, specs[1]), index, start)
 

@@ -114,15 +114,24 @@ def warn_reference_once(fmt: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- the dispatcher
+_DECISIONS: dict = {}  # backend decisions, keyed by everything they depend on
 def quantize_backend(x, spec) -> str:
-    """"triton", "cpu" or "torch": which backend `quantize(x, spec)` runs."""
+    """"triton", "cpu" or "torch": which backend `quantize(x, spec)` runs. Decided once per (format, row width,
+    device, VLMKV_KERNELS): every decode flush asks it."""
     from . import cpu
 
     if x.numel() == 0:  # nothing to compute: the reference's shapes
         return "torch"
-    if available(x) and fits_quantize(spec, x.shape[-1]):
-        return "triton"
-    return "cpu" if cpu.fits_quantize(spec, x.shape[-1]) and cpu.available(x) else "torch"
+    key = ("quantize", spec, x.shape[-1], x.device.type, os.environ.get("VLMKV_KERNELS"),
+           os.environ.get("TRITON_INTERPRET"), cpu._STATE["loaded"])
+    hit = _DECISIONS.get(key)
+    if hit is None:
+        if available(x) and fits_quantize(spec, x.shape[-1]):
+            hit = "triton"
+        else:
+            hit = "cpu" if cpu.fits_quantize(spec, x.shape[-1]) and cpu.available(x) else "torch"
+        _DECISIONS[key] = hit
+    return hit
 
 
 def quantize(x, spec):
@@ -154,9 +163,6 @@ def quantize_into(x, out) -> bool:
     return True
 
 
-_DECISIONS: dict = {}
-
-
 def decode_backend(q, kq, vq, d: int, allow=("triton", "cpu")) -> str:
     """"triton", "cpu" or "torch": which backend `decode_partial` runs for these operands (rows of d channels).
     Decided once per (formats, layout, device, VLMKV_KERNELS): a decode step asks it for every segment of every
@@ -164,7 +170,7 @@ def decode_backend(q, kq, vq, d: int, allow=("triton", "cpu")) -> str:
     from . import cpu
 
     key = (kq.spec, vq.spec, kq.d, vq.d, d, kq.codes.dim(), vq.codes.dim(), q.device.type, allow,
-           os.environ.get("VLMKV_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+           os.environ.get("VLMKV_KERNELS"), os.environ.get("TRITON_INTERPRET"), cpu._STATE["loaded"])
     hit = _DECISIONS.get(key)
     if hit is not None:
         return hit
