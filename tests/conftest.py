@@ -60,7 +60,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}
 @pytest.fixture(scope="session")
 def family():
     """family(name) -> (model, inputs, token_types, frame_ids): tiny random VLMs of real families (tests/tiny_vlms.py),
-    each built once per session."""
+    each built once per test run."""
     from tiny_vlms import FAMILIES
 
     built = {}

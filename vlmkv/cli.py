@@ -400,6 +400,25 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+TRAIN_HELP = {
+    "frames": "frames per training clip in the three stages",
+    "batch": "clips per training step",
+    "questions": "question turns per training clip (the first as `vlmkv eval` asks it)",
+    "text_steps": "steps of the text stage (LoRA on the questions' text)",
+    "align_steps": "steps of the align stage (vision tower and projector)",
+    "joint_steps": "steps of the joint stage (everything trained together)",
+    "lr": "learning rate of the LoRA adapters",
+    "vision_lr": "learning rate of the vision tower and projector",
+    "lora_r": "LoRA rank",
+    "eval_clips": "held-out clips per task evaluated after each stage",
+    "seed": "random seed (the run is deterministic for a seed)",
+    "init": "start from this pocket.safetensors instead of fresh adapters (a smaller rank fills the first ranks)",
+    "curriculum": "long-clip LoRA levels after the three stages, FRAMES:STEPS,... in rising order, e.g. 16:60,32:80",
+    "mix": "how often each task is drawn, TASK=WEIGHT,... (unnamed tasks weigh 1), e.g. Counting=3,WhichFrame=3",
+    "aux": "training-only follow-ups with hard options, AUX=WEIGHT,..., e.g. CountClose=2,CountRange=2,WhichClose=2",
+}
+
+
 def _train_flags() -> list:
     """`TrainConfig` fields exposed as flags (all but `out`, `tasks` and `bf16`, which have their own: `--precision`)."""
     from .models.pocket.config import TrainConfig
@@ -439,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmkv",
         description="Cut the KV cache of Hugging Face (vision-)language models to 2-4 bits. "
-                    "Methods: fp16 (reference), rtn, kivi, smoothquant, skvq, akvq-vl, windowquant, and wrappers "
+                    "Methods: fp16 (reference), rtn, kivi, smoothquant, skvq, akvq-vl, windowquant, auto, and wrappers "
                     "such as windowquant+wht+pivots (see `vlmkv list`).",
         epilog="Example: vlmkv generate --model smollm2-135m --method kivi --bits 2 --prompt 'Why is the sky blue?'",
     )
@@ -487,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--out. Load the result with VLMKV_POCKET_WEIGHTS=OUT/pocket.safetensors.")
     td.add_argument("--out", default="out/pocket-train", help="run directory (checkpoints, train.json, weights)")
     for f in _train_flags():
-        td.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        td.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                        help=TRAIN_HELP[f.name] + " (default: %(default)s)")
     td.add_argument("--tasks", default=None, help="comma-separated synthetic task types (default: all five)")
     td.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's choice)")
     td.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -503,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face id or local path (LLM or VLM)")
     ins.add_argument("--prompt", default=None, help="user message (default: the demo's copy-table prompt)")
     ins.add_argument("--image", action="append", help="image file for a VLM; repeatable")
-    ins.add_argument("--num-pivots", type=NONNEG, default=15)
+    ins.add_argument("--num-pivots", type=NONNEG, default=15, help="pivot tokens to mark per layer (default 15)")
     ins.add_argument("--threshold", type=_bounded(float, 1.0, low_open=True), default=100.0, help="massive activation: max|h| / median|h| at least this")
     ins.add_argument("--bin", type=POSITIVE, default=8, help="tokens per heat-map cell")
     ins.add_argument("--out", default="out/inspect", help="directory for the report and PNGs")
@@ -517,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--tasks", default=None, help="comma-separated (default: all synthetic tasks)")
     md.add_argument("--samples", type=POSITIVE, default=20, help="clips per task")
     md.add_argument("--frames", type=POSITIVE, default=8, help="frames per clip")
-    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--seed", type=int, default=0, help="random seed of the clips (default 0)")
     md.set_defaults(func=cmd_make_data)
 
     ev = sub.add_parser("eval", help="accuracy, KV bits and fidelity of methods on MileBench-format tasks",
@@ -542,14 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "pivots=0,5,10,15,20; repeatable; writes CSV and a PNG line plot per sweep")
     ev.add_argument("--tasks", default=None, help="comma-separated (default: every task under --data)")
     ev.add_argument("--limit", type=POSITIVE, default=None, help="samples per task")
-    ev.add_argument("--max-new-tokens", type=POSITIVE, default=8)
+    ev.add_argument("--max-new-tokens", type=POSITIVE, default=8, help="answer tokens per question (default 8)")
     ev.add_argument("--no-fidelity", action="store_true", help="skip KL / top-1 against fp16 (about half the time)")
     ev.add_argument("--resume", action="store_true",
                     help="reuse the per-sample results in OUT/records*.jsonl of a stopped run (same model and data)")
     ev.add_argument("--report-only", action="store_true",
                     help="write the tables of a stopped run from OUT/records*.jsonl (same settings) without answering "
                          "anything new: only the clips every method answered count; n is in the table")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="model and cache dtype (default float32 on CPU, float16 on GPU); bfloat16 halves a CPU "
                          "eval's time where the CPU has bf16 instructions, and the fp16 baseline then holds 16 bits")
@@ -563,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "answers, bits and KL; one forward instead of one per method). Default: on unless the "
                          "model's generation config asks for logits processors (e.g. repetition_penalty); "
                          "--share-prefill requires it, --no-share-prefill prefills per method through generate()")
-    ev.add_argument("--out", default="out/eval")
+    ev.add_argument("--out", default="out/eval", help="output folder: records, results (CSV, JSON), tables, plots "
+                    "(default out/eval)")
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="decode ms/step and KV bytes of each method on a model, beside DynamicCache",
@@ -576,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--context", type=POSITIVE, default=1024, help="prompt tokens (default 1024)")
     b.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     b.add_argument("--steps", type=POSITIVE, default=16, help="timed decode steps (default 16)")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--out", default=None, help="also write the rows as JSON here")
     b.set_defaults(func=cmd_bench)
 
