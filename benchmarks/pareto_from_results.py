@@ -1,6 +1,6 @@
 """Pareto plot and fewest-bits table of finished `vlmkv eval` runs: one plot per run (e.g. per context length).
 
-    python benchmarks/pareto_from_results.py docs/pocket/table2_long/32 docs/pocket/table2_long/64
+    python benchmarks/pareto_from_results.py docs/pocket/table2_32v5 docs/pocket/table2_64v5
 
 For each folder holding an eval's `results.json`, writes beside it `table2.md` (accuracy per task, mean, share of
 FP16, KL, top-1, and answers lost / gained against FP16 clip by clip where the run's records are there), `pareto.png` (mean accuracy and KL against bits
@@ -10,8 +10,8 @@ their family's line: "RTN (INT4)" and "rtn-2" are rtn, "auto:bits=3.0" is auto (
 
 A method whose plan changed (a new `Policy.revision`) is rerun in its own folder; `--replace-from` merges it:
 
-    python benchmarks/pareto_from_results.py docs/pocket/table2_64v4 \
-        --replace-from docs/pocket/table2_64v4_auto_r2 --out docs/pocket/table2_64v4_merged
+    python benchmarks/pareto_from_results.py out/t2_64 \
+        --replace-from out/t2_64_auto --out out/t2_64_merged
 
 takes every method of the second run except FP16 in place of the first run's method of the same label, writes
 the merged `results.json`, `table2.md`, `fewest_bits.md` and `pareto.png` to `--out`. It refuses runs of another

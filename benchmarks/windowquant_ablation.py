@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))  # akvq_ablation: the same long prompt
 import vlmkv  # noqa: E402
 from akvq_ablation import long_prompt  # noqa: E402
 from vlmkv.eval.fidelity import next_token_kl, teacher_forced_logits, top1_agreement  # noqa: E402

@@ -101,7 +101,7 @@ def test_eval_records_the_linears_setting_and_resume_will_not_mix_them(local_lla
 
 
 def test_apply_linears_is_the_one_check_for_every_entry_point():
-    """`apply_linears` is what `vlmkv eval --linears` and benchmarks/auto_ablation.py both call."""
+    """`apply_linears` is what `vlmkv eval --linears` and benchmarks/experiments/auto_ablation.py both call."""
     from vlmkv.models.cpu_bf16 import apply_linears, bf16_gemm_is_native
 
     m = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)

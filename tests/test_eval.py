@@ -460,7 +460,7 @@ def test_eval_resume_refuses_records_of_an_older_plan(local_llava, tmp_path, mon
 
 
 def test_answer_errors_reads_the_regenerated_clips(tmp_path, capsys):
-    """benchmarks/answer_errors.py: Counting's signed errors and near-option split, what a WhichFrame miss shares
+    """benchmarks/experiments/answer_errors.py: Counting's signed errors and near-option split, what a WhichFrame miss shares
     with the asked frame, from clips remade with make-data's seed; a wrong seed or foreign records are refused."""
     import importlib.util
     import random
@@ -470,7 +470,7 @@ def test_answer_errors_reads_the_regenerated_clips(tmp_path, capsys):
     from vlmkv.eval.runner import load_samples
     from vlmkv.eval.synthetic import make_dataset, sample_clip
 
-    spec = importlib.util.spec_from_file_location("ae", Path(__file__).parents[1] / "benchmarks" / "answer_errors.py")
+    spec = importlib.util.spec_from_file_location("ae", Path(__file__).parents[1] / "benchmarks" / "experiments" / "answer_errors.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     data, run = tmp_path / "data", tmp_path / "run"
@@ -509,12 +509,12 @@ def test_answer_errors_reads_the_regenerated_clips(tmp_path, capsys):
 
 
 def test_paired_answers_compares_the_same_clips(tmp_path):
-    """benchmarks/paired_answers.py: only clips both runs answered, lost and gained per task; runs of other data
+    """benchmarks/experiments/paired_answers.py: only clips both runs answered, lost and gained per task; runs of other data
     or another dtype are refused."""
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("pa", Path(__file__).parents[1] / "benchmarks" / "paired_answers.py")
+    spec = importlib.util.spec_from_file_location("pa", Path(__file__).parents[1] / "benchmarks" / "experiments" / "paired_answers.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     runs = {"a": ("FP16", {"C_0": True, "C_1": False, "C_2": True, "C_3": True}),

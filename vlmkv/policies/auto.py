@@ -11,7 +11,7 @@ tokens and the int32 slot map that mixed widths need. Per layer, at prefill, for
 4. the question (the text after the last image, or the last 32 tokens of a text-only prompt) rises first, from
    2 to 4 bits, then to 8: every answer token reads its keys and values, and on pocket's 64-frame clips it held
    most of auto's error (on 34 development clips, raising it alone to 8 bits took next-token KL from 0.023 to
-   0.0012 for 0.12 bits an element; benchmarks/auto_ablation.py, docs/RESULTS.md);
+   0.0012 for 0.12 bits an element; benchmarks/experiments/auto_ablation.py, docs/RESULTS.md);
 5. the rest goes to windows of tokens, first from 2 to 4 bits, then from 4 to 8, in order: text windows before
    visual ones (AKVQ-VL's TSA), each kind ranked by its keys' attention from the question's keys (WindowQuant's
    similarity).
