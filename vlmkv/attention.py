@@ -190,7 +190,9 @@ def _one_call_parts(query, store, ok_for, allowed) -> list | None:
     deferred values as float tensors) and the recent window, where the CPU kernel reads them all in one call; None
     where it does not (another device or backend, SKVQ's permuted or SmoothQuant's scaled channels, a format no
     kernel reads), and the segments then go one by one. Counts the quantized reads as fused."""
-    if query.device.type != "cpu" or store.channel_perm is not None or store.channel_scales is not None:
+    if store.channel_perm is not None or store.channel_scales is not None:
+        return None
+    if not kernels.decode_layer_available(query):  # another device, VLMKV_KERNELS=torch, or no compiler
         return None
     D = query.shape[-1]
     parts, reads = [], 0

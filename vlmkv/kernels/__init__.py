@@ -204,6 +204,14 @@ def decode_partial(q, kq, vq, ok, scaling: float, backend: str | None = None):
     return decode_partial_ref(q, kq, vq, ok, scaling)
 
 
+def decode_layer_available(q) -> bool:
+    """Whether `decode_layer` runs for queries `q`: CPU tensors with the C++ kernels built and `VLMKV_KERNELS`
+    auto or cpu (it loads them on first use)."""
+    from . import cpu
+
+    return q.device.type == "cpu" and cpu.available(q)
+
+
 def decode_layer(q, parts: list, scaling: float):
     """Attention of one-token queries over every segment of a layer in one call of the CPU kernel, merged: (m, l, o)
     as `decode_partial`'s over all of them. q float32 `[B, Hkv, R, D]`; parts: (keys, values, ok) with keys and
@@ -214,6 +222,7 @@ def decode_layer(q, parts: list, scaling: float):
     return cpu.decode_layer(q, parts, scaling)
 
 
-__all__ = ["MODES", "available", "check_rows", "decode_backend", "decode_layer", "decode_partial", "describe_format",
+__all__ = ["MODES", "available", "check_rows", "decode_backend", "decode_layer", "decode_layer_available",
+           "decode_partial", "describe_format",
            "fits_decode", "warn_reference_once",
            "fits_quantize", "mode", "quantize", "quantize_backend", "quantize_into", "triton_installed"]
