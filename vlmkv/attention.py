@@ -136,8 +136,7 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
             piece(k, v, ok_for(seg, n, seg.n))
         if n == 0:
             continue
-        # views of the used tokens (each access builds them anew: take them once)
-        sk, sv = (seg.k, seg.v) if n == seg.n else (seg.kb.slice_tokens(0, n), seg.vb.slice_tokens(0, n))
+        sk, sv = seg.head(n)  # views of the used tokens (each access builds them anew: take them once)
         quantized = isinstance(sk, QTensor)
         t = sk.codes
         per_token = t.shape[1] * sk.d
@@ -203,7 +202,7 @@ def _one_call_parts(query, store, ok_for, allowed) -> list | None:
             parts.append((k, v, ok_for(seg, n, seg.n)))
         if n == 0:
             continue
-        sk, sv = (seg.k, seg.v) if n == seg.n else (seg.kb.slice_tokens(0, n), seg.vb.slice_tokens(0, n))
+        sk, sv = seg.head(n)
         if isinstance(sk, QTensor):
             if sv.spec.axis != "token" or kernels.decode_backend(query, sk, sv, D) != "cpu":
                 return None

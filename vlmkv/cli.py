@@ -40,12 +40,14 @@ def _parse_options(pairs: list[str]) -> dict:
 
 
 def _method_entry(text: str):
-    """A `--methods` item: a name (`kivi-2`), or a name with options after colons (`kivi-2:schedule=blocks`), which
-    becomes a (label, policy) pair labelled by the text itself."""
-    if ":" not in text:
-        return text
+    """A `--methods` item: a name (`kivi-2`), checked now (ValueError naming it when no policy has it) and kept as
+    the label, or a name with options after colons (`kivi-2:schedule=blocks`), which becomes a (label, policy) pair
+    labelled by the text itself."""
     from .policies import get_policy
 
+    if ":" not in text:
+        get_policy(text)  # resolves the name (and bits shorthand) or raises naming it
+        return text
     name, *pairs = text.split(":")
     return text, get_policy(name, **_parse_options(pairs))
 
@@ -268,7 +270,6 @@ def _eval_runs(args) -> list[tuple[str, list, tuple]]:
     before the model loads or the output folder is touched): [(kind, methods, extra)] with kind "pareto" (one run),
     "sweep" (one run per --sweep, extra = (option, values)) or "methods" (one run)."""
     from .eval import presets
-    from .policies import get_policy
 
     if args.pareto is not None:
         fams = [f for f in args.pareto.split(",") if f] or None
@@ -280,9 +281,6 @@ def _eval_runs(args) -> list[tuple[str, list, tuple]]:
             out.append(("sweep", methods, (option, values)))
         return out
     listed = [_method_entry(m) for m in (args.methods or ("" if args.preset else EVAL_METHODS)).split(",") if m]
-    for m in listed:
-        if isinstance(m, str):
-            get_policy(m)  # resolves the name (and bits shorthand) or raises naming it
     return [("methods", (presets.preset_methods(args.preset) if args.preset else []) + listed, ())]
 
 
@@ -374,17 +372,7 @@ def cmd_bench(args) -> int:
 def _bench_methods(text: str) -> list:
     """`--methods` of `vlmkv bench`: "dynamic", or an entry as `vlmkv eval` takes it (a name, or a name with
     options after colons), each resolved to a policy now (ValueError naming a misspelt one)."""
-    from .policies import get_policy
-
-    out = []
-    for m in (x for x in text.split(",") if x):
-        if m == "dynamic":
-            out.append(m)
-            continue
-        entry = _method_entry(m)
-        if isinstance(entry, str):
-            get_policy(entry)
-        out.append(entry)
+    out = [m if m == "dynamic" else _method_entry(m) for m in text.split(",") if m]
     if not out:
         raise ValueError(f"--methods must name at least one method, got {text!r}")
     return out

@@ -175,6 +175,10 @@ class Segment:
         """The last group boundary at or before `coded`: tokens [0, split) can be read straight from the codes."""
         return self.coded // self._unit() * self._unit()
 
+    def head(self, n: int) -> tuple[Stored, Stored]:
+        """Views of the keys and values of tokens [0, n) (n <= `split`: values all coded), built once per call."""
+        return (self.k, self.v) if n == self.n else (self.kb.slice_tokens(0, n), self.vb.slice_tokens(0, n))
+
     @property
     def k(self) -> Stored:
         return self.kb.slice_tokens(0, self.count)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from ..quant.packing import TRITS_PER_BYTE, packed_length
 from ..quant.uniform import QTensor, QuantSpec
 
 SOURCE = Path(__file__).with_name("cpu_kv.cpp")
@@ -197,12 +196,10 @@ def _tables(spec: QuantSpec, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fits_quantize(spec: QuantSpec, d: int) -> bool:
     """Whether `quantize_pack` takes this spec: per-token groups (even ones dividing d, or uneven `bounds`) of
-    2/4/8-bit or ternary codes, any zero point (int16, int8, none) and clips, fp16 scales."""
-    if spec.axis != "token" or spec.meta_dtype != torch.float16 or spec.bits not in (2, 4, 8) or d <= 0:
-        return False
-    if spec.bounds is not None:
-        return int(spec.bounds[-1]) == d
-    return d % spec.group_size == 0
+    2/4/8-bit or ternary codes, any zero point (int16, int8, none) and clips, fp16 scales (as the Triton kernel)."""
+    from . import _fits_token_groups
+
+    return _fits_token_groups(spec, d)
 
 
 def quantize_into(x: torch.Tensor, out: QTensor) -> None:
@@ -230,9 +227,8 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     rows = x.reshape(-1, 1, n, D)
     N = rows.shape[0]
     ng = len(_tables(spec, D)[1])
-    nbytes = packed_length(D, spec.bits) if spec.levels != 3 else -(-D // TRITS_PER_BYTE)
     zdt = _ZERO_DTYPES.get(spec.zero_point)
-    out = QTensor(torch.empty(N, 1, n, nbytes, dtype=torch.uint8), torch.empty(N, 1, n, ng, dtype=torch.float16),
+    out = QTensor(torch.empty(N, 1, n, spec.code_bytes(D), dtype=torch.uint8), torch.empty(N, 1, n, ng, dtype=torch.float16),
                   None if zdt is None else torch.empty(N, 1, n, ng, dtype=zdt), spec, D, x.dtype)
     if N * n:
         quantize_into(rows, out)

@@ -135,7 +135,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     widths = spec.group_bounds(D)
     block = triton.next_power_of_2(max(e - a for a, e in zip(widths, widths[1:])))
     fmt = _fmt(spec)
-    nb = -(-D // 5) if fmt == 3 else D * spec.bits // 8 + (1 if D * spec.bits % 8 else 0)
+    nb = spec.code_bytes(D)
     zk, zdt = _ZERO[spec.zero_point]
     rows = x.reshape(-1, D).contiguous()
     N = rows.shape[0]

@@ -105,6 +105,10 @@ class QuantSpec:
         """Even groups, one clip ratio, 2^bits levels, int16 zero points: what the fused kernels take."""
         return self.bounds is None and self.clips is None and self.levels == 0 and self.zero_point == "int16"
 
+    def code_bytes(self, d: int) -> int:
+        """Bytes the packed codes of one row of d channels take: ceil(d * bits / 8), or ceil(d / 5) for ternary codes."""
+        return -(-d // TRITS_PER_BYTE) if self.levels == 3 else packed_length(d, self.bits)
+
     def group_bounds(self, d: int) -> list[int]:
         """The channel offsets where a row's d channels split into per-token groups, then d (`[0, d]`: one group, for
         per-channel groups, whose groups run along tokens)."""
