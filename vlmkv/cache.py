@@ -203,6 +203,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.stats: dict = {}  # the prompt statistics the plan used (e.g. massive activations)
         self.closed = False
         self.record = False  # keep the prompt's raw keys, values and forward call (QuantizedKVCache(record_prompt=True))
+        self.prompt_reads_cache = False  # the prompt attends to what is stored of it (QuantizedKVCache option)
         self.recorded: tuple | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -235,7 +236,12 @@ class QuantizedKVLayer(CacheLayerMixin):
 
                 self.recorded = (key_states, value_states, current_frame())
             self._prefill(k, v)
-            return key_states, value_states  # the prompt attends to itself unquantized
+            if not self.prompt_reads_cache:
+                return key_states, value_states  # the prompt attends to itself unquantized
+            kk, vv = store.materialize(torch.float32 if self.rotate else None)
+            if self.rotate:
+                return saturate(fwht_inverse(kk), self.dtype), saturate(fwht_inverse(vv), self.dtype)
+            return kk, vv
         if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
             self._drop(self._pending)
         rule = self.rule or self.policy.decode_rule(self.layer_idx)
@@ -376,12 +382,17 @@ class QuantizedKVCache(Cache):
              or float16 for a float32 model.
     segment_attention: decode steps read the packed segments chunk by chunk in the registered attention
              function (`vlmkv/attention.py`) instead of materializing float K/V; False = always materialize.
+    prompt_reads_cache: the prompt attends to what the cache stores of it (its quantized keys and values, where the
+             policy quantizes them at prefill) instead of to itself unquantized (the default, as KIVI and AKVQ-VL
+             do). It is what a paged engine that quantizes on write computes (vlmkv's vLLM pages), so one format
+             gives the same numbers in both engines; not for layers with a sliding window.
 
     Close the cache (`close()` or a `with` block) to release the hooks it shares on the model.
     """
 
     def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
-                 segment_attention: bool = True, record_prompt: bool = False, **options):
+                 segment_attention: bool = True, record_prompt: bool = False, prompt_reads_cache: bool = False,
+                 **options):
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -394,6 +405,8 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"segment_attention must be a bool, got {segment_attention!r}")
         if not isinstance(record_prompt, bool):
             raise ValueError(f"record_prompt must be a bool, got {record_prompt!r}")
+        if not isinstance(prompt_reads_cache, bool):
+            raise ValueError(f"prompt_reads_cache must be a bool, got {prompt_reads_cache!r}")
         self.residual_dtype = residual_dtype
         cfg = text_config(model)
         self.config = cfg
@@ -430,8 +443,12 @@ class QuantizedKVCache(Cache):
         use_attn = any(k == "attention" for k, _ in self._kinds)
         layers = [QuantizedKVLayer(i, self.policy, self.source, self.rotate_keys, residual_dtype,
                                    cfg if use_attn else None, windows[i]) for i in range(self.num_layers)]
+        if prompt_reads_cache and any(w is not None for w in windows):
+            raise ValueError("prompt_reads_cache needs every layer to keep the whole prompt, got a model with sliding-"
+                             "window layers")
         for layer in layers:
             layer.record = record_prompt
+            layer.prompt_reads_cache = prompt_reads_cache
         super().__init__(layers=layers)
         self.closed = False
         self._leases = []

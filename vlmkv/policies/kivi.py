@@ -13,8 +13,12 @@ a multiple of `group_size` so that key groups are always complete).
   last R prompt tokens are quantized.
 So a token can have a quantized key and a full-precision value; memory holds exactly that (`Segment.vpend`).
 
-`schedule="blocks"` is vlmkv's earlier simplification: values follow their keys (R at a time, the prompt's
-last S mod R kept), and a block is quantized before the attention of the step that filled it.
+`schedule="blocks"`: values follow their keys (R at a time, the prompt's last S mod R kept), and a block is
+quantized before the attention of the step that filled it.
+
+`schedule="paged"`: as "blocks", but a block is quantized after the attention of the step that filled it, so every
+token attends to its own block of R in full precision and to earlier blocks quantized: what vlmkv's vLLM pages
+(`kivi-<b>` formats, R = the block size) hold at every step.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ class KIVIPolicy(Policy):
     schedule: str = "reference"
 
     def __post_init__(self):
-        if self.schedule not in ("reference", "blocks"):
-            raise ValueError(f"schedule must be 'reference' or 'blocks', got {self.schedule!r}")
+        if self.schedule not in ("reference", "blocks", "paged"):
+            raise ValueError(f"schedule must be 'reference', 'blocks' or 'paged', got {self.schedule!r}")
         check_bits(self.bits, (2, 4, 8))
         check_positive(self.group_size, "group_size")
         check_positive(self.residual_length, "residual_length")
@@ -58,6 +62,8 @@ class KIVIPolicy(Policy):
     def decode_rule(self, layer_idx: int = 0) -> DecodeRule:
         if self.schedule == "blocks":
             return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length)
+        if self.schedule == "paged":
+            return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length, after_attention=True)
         return DecodeRule(bits=self.bits, keep_recent=0, flush_every=self.residual_length,
                           value_window=self.residual_length, after_attention=True)
 

@@ -13,6 +13,7 @@ Nothing is requantized: a full block is quantized once and read as it is, by eve
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
@@ -30,6 +31,8 @@ from .staging import Staging
 # The settings of the engine this process serves: set when its attention layers are built (the config is current
 # then), read by `customize_spec`, which vLLM calls with the layer's spec alone.
 _ACTIVE: list = [None]
+#: seconds this process spent writing pages, building the scratch and in the attention kernel (benchmarks read it)
+TIMINGS = {"write_s": 0.0, "scratch_s": 0.0, "attention_s": 0.0}
 
 
 def _current_settings() -> Settings | None:
@@ -71,37 +74,62 @@ class VlmkvCPUBackend(CPUAttentionBackend):
 
 
 class _Plan:
-    """How one step's requests read the cache, shared by all layers of the step (same block tables)."""
+    """How one step's requests read the cache, shared by the step's layers (one block table for all of them).
 
-    def __init__(self, meta, N: int, staged: bool):
+    `rtn` formats: each request reads every block it references from the pages (its last block's rows past its
+    length are zeroed in the scratch). `kivi` formats: a query reads the blocks before its own from the pages and
+    its own block in full precision (the staged tokens of earlier steps, then the step's new ones), as a decoding
+    token does; so the step's queries are split into one kernel request per (request, block), sharing the page
+    blocks in the scratch."""
+
+    def __init__(self, meta, N: int, staged: bool, impl, isa: str):
         seq = meta.seq_lens.to(torch.long)
         bt = meta.block_table.to(torch.long)
         R, M = bt.shape
-        full = seq // N if staged else -(-seq // N)  # blocks read from pages
-        cols = torch.arange(M)
-        mask = cols[None, :] < full[:, None]
+        self.staged = staged
+        if not staged:
+            full = -(-seq // N)
+            mask = torch.arange(M)[None, :] < full[:, None]
+            self.page_blocks, inv = torch.unique(bt[mask], return_inverse=True)
+            table = torch.zeros(R, M, dtype=torch.int32)
+            table[mask] = inv.to(torch.int32)
+            self.tails = [(int(table[r, int(full[r]) - 1]), p) for r, p in enumerate((seq % N).tolist()) if p]
+            self.table, self.blocks = table, self.page_blocks.numel()
+            self.query_start_loc, self.seq_lens, self.scheduler_metadata = (meta.query_start_loc, meta.seq_lens,
+                                                                            meta.scheduler_metadata)
+            return
+        if meta.dynamic_causal is not None or not meta.causal:
+            raise ValueError("vlmkv's kivi pages serve causal decoder attention only, got a non-causal step")
+        ends, qsl = seq.tolist(), meta.query_start_loc.tolist()
+        before = [(e - 1) // N for e in ends]  # blocks before the last query's own block
+        mask = torch.arange(M)[None, :] < torch.tensor(before)[:, None]
         self.page_blocks, inv = torch.unique(bt[mask], return_inverse=True)
         U = self.page_blocks.numel()
-        table = torch.zeros(R, M, dtype=torch.int32)
-        table[mask] = inv.to(torch.int32)
-        # staged formats: each request's partly filled last block comes from staging, after the page blocks
-        self.partial: list[tuple[int, int]] = []  # (block id, tokens held)
-        if staged:
-            rem = (seq % N).tolist()
-            for r, p in enumerate(rem):
-                if p:
-                    j = int(full[r])
-                    self.partial.append((int(bt[r, j]), p))
-                    table[r, j] = U + len(self.partial) - 1
-        # rtn: the tokens past a request's length in its last block are whatever the page held: zeroed in scratch
-        self.tails: list[tuple[int, int]] = []  # (scratch block, valid tokens)
-        if not staged:
-            rem = (seq % N).tolist()
-            for r, p in enumerate(rem):
-                if p:
-                    self.tails.append((int(table[r, int(full[r]) - 1]), p))
-        self.table = table
-        self.blocks = U + len(self.partial)
+        pos = torch.zeros(R, M, dtype=torch.long)
+        pos[mask] = inv
+        rows, lens, starts = [], [], [0]
+        self.raw: list[tuple[int, int, int, int]] = []  # (block id, staged tokens, first and end new-token index)
+        for r in range(R):
+            e, q0 = ends[r], qsl[r]
+            s = e - (qsl[r + 1] - q0)
+            for j in range(s // N, (e - 1) // N + 1):
+                qs, qe = max(s, j * N), min(e, (j + 1) * N)
+                rows.append(pos[r, :j].tolist() + [U + len(self.raw)])
+                self.raw.append((int(bt[r, j]), qs - j * N, q0 + qs - s, q0 + qe - s))
+                lens.append(qe)
+                starts.append(starts[-1] + qe - qs)
+        width = max(len(x) for x in rows)
+        self.table = torch.tensor([x + [0] * (width - len(x)) for x in rows], dtype=torch.int32)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32)
+        self.query_start_loc = torch.tensor(starts, dtype=torch.int32)
+        self.blocks = U + len(self.raw)
+        from vllm import envs
+
+        self.scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(rows), num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+            seq_lens=self.seq_lens, dtype=impl._dtype, query_start_loc=self.query_start_loc, causal=True,
+            sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+            kv_cache_dtype="auto")
 
 
 class VlmkvCPUImpl(CPUAttentionBackendImpl):
@@ -116,6 +144,8 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
         self.staging: Staging | None = None
         self._plan_key = None
         self._plan = None
+        self._release: list[int] = []  # staging slots of blocks the step filled, freed after its attention
+        self._dtype = None
         self.max_seqs = cfg.scheduler_config.max_num_seqs if cfg is not None else 256
         if self.settings is None or self.attn_type != AttentionType.DECODER:
             return
@@ -151,6 +181,11 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
         if not self.active:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         fmt = self._format(kv_cache)
+        t0 = time.perf_counter()
+        self._write(fmt, key, value, kv_cache, slot_mapping)
+        TIMINGS["write_s"] += time.perf_counter() - t0
+
+    def _write(self, fmt, key, value, kv_cache, slot_mapping) -> None:
         n = slot_mapping.shape[0]
         slots = slot_mapping.to(torch.long)
         key, value = key[:n], value[:n]
@@ -164,7 +199,15 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
         if not fmt.staged:
             kv_cache[blocks, :, offs] = fmt.quantize_tokens(key, value)
             return
-        write_blocks(fmt, self._staging(kv_cache, key), kv_cache, blocks, offs, key, value)
+        staging = self._staging(kv_cache, key)
+        self._settle()
+        self._release = write_blocks(fmt, staging, kv_cache, blocks, offs, key, value)
+
+    def _settle(self) -> None:
+        """Free the staging slots of blocks the last step filled (kept until its attention read them)."""
+        for slot in self._release:
+            self.staging.release(slot)
+        self._release = []
 
     def _staging(self, kv_cache, key) -> Staging:
         if self.staging is None:
@@ -182,24 +225,34 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported with vlmkv pages")
         fmt = self._format(kv_cache)
         if self._plan_key is not attn_metadata:
-            self._plan, self._plan_key = _Plan(attn_metadata, fmt.block_size, fmt.staged), attn_metadata
+            self._dtype = query.dtype
+            self._plan = _Plan(attn_metadata, fmt.block_size, fmt.staged, self, layer.isa)
+            self._plan_key = attn_metadata
         plan = self._plan
-        key_cache, value_cache = scratch_cache(fmt, plan, kv_cache, self.staging, query.dtype, layer.isa)
+        t0 = time.perf_counter()
         n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = scratch_cache(fmt, plan, kv_cache, self.staging, key[:n], value[:n], query.dtype,
+                                               layer.isa)
+        t1 = time.perf_counter()
         ops.cpu_attention_with_kv_cache(
             query=query[:n], key_cache=key_cache, value_cache=value_cache, output=output[:n],
-            query_start_loc=attn_metadata.query_start_loc, seq_lens=attn_metadata.seq_lens, scale=self.scale,
+            query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens, scale=self.scale,
             causal=attn_metadata.causal, alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
-            block_table=plan.table, softcap=self.logits_soft_cap, scheduler_metadata=attn_metadata.scheduler_metadata,
+            block_table=plan.table, softcap=self.logits_soft_cap, scheduler_metadata=plan.scheduler_metadata,
             s_aux=self.sinks, dynamic_causal=attn_metadata.dynamic_causal, k_scale=1.0, v_scale=1.0,
             kv_cache_dtype="auto")
+        if fmt.staged:
+            self._settle()
+        TIMINGS["scratch_s"] += t1 - t0
+        TIMINGS["attention_s"] += time.perf_counter() - t1
         return output
 
 
-def write_blocks(fmt: PageFormat, staging: Staging, pages, blocks, offs, key, value) -> None:
-    """Write tokens of staged (`kivi`) formats: `blocks`, `offs` long `[T]` (each block's tokens consecutive),
-    key, value `[T, H, d]`. A block written whole in one call is quantized straight into its page; others wait in
-    `staging` until their last token arrives."""
+def write_blocks(fmt: PageFormat, staging: Staging, pages, blocks, offs, key, value) -> list[int]:
+    """Write tokens of staged (`kivi`) formats: `blocks`, `offs` long `[T]` (each block's tokens in consecutive
+    slots), key, value `[T, H, d]`. Blocks the write fills are quantized into their pages: straight from the input
+    when written whole in one call, else from `staging`, where the others wait. Returns the staging slots of the
+    blocks filled, which the caller frees after the step's attention (its queries read their own block from them)."""
     N = fmt.block_size
     staging.begin_step()
     b, o = blocks.tolist(), offs.tolist()
@@ -226,30 +279,34 @@ def write_blocks(fmt: PageFormat, staging: Staging, pages, blocks, offs, key, va
     if done:
         buf = staging.buf[torch.tensor([s for _, s in done])]  # [B, 2, H, N, d]
         pages[torch.tensor([blk for blk, _ in done])] = fmt.quantize_blocks(buf[:, 0], buf[:, 1])
-        for _, s in done:
-            staging.release(s)
+    return [s for _, s in done]
 
 
-def scratch_cache(fmt: PageFormat, plan: _Plan, pages, staging: Staging | None, dtype, isa: str):
-    """The keys and values the step reads, dequantized into a native CPU cache: (key_cache, value_cache) views of
-    one `[plan.blocks, H, N, 2 d]` tensor in `dtype`, in the kernel's layout for `isa`."""
+def scratch_cache(fmt: PageFormat, plan: _Plan, pages, staging: Staging | None, key, value, dtype, isa: str):
+    """The keys and values the step reads, in a native CPU cache: (key_cache, value_cache) views of one
+    `[plan.blocks, H, N, 2 d]` tensor in `dtype`, in the kernel's layout for `isa`. The page blocks come first,
+    dequantized; then, for `kivi` formats, one full-precision block per (request, block) of queries: its staged
+    tokens, then the step's new ones (`key`, `value` `[T, H, d]`, the step's tokens in order)."""
     B, H, N, C = pages.shape
     d = fmt.head_dim
     k, v = fmt.dequantize_pages(pages[plan.page_blocks], dtype)  # [U, H, N, d]
-    if plan.tails:
-        for j, p in plan.tails:
+    if not plan.staged:
+        for j, p in plan.tails:  # past the request's length: whatever the page held
             k[j, :, p:] = 0
             v[j, :, p:] = 0
-    if plan.partial:
-        st = torch.stack([staging.read(blk, p) for blk, p in plan.partial])  # [P, 2, H, N, d]
-        st = st.clone()
-        for i, (_, p) in enumerate(plan.partial):
-            st[i, :, :, p:] = 0  # past the request's tokens: what a rolled back write left
-        k = torch.cat([k, st[:, 0].to(dtype)])
-        v = torch.cat([v, st[:, 1].to(dtype)])
+    else:
+        P = len(plan.raw)
+        rk = torch.zeros(P, H, N, d, dtype=dtype)
+        rv = torch.zeros(P, H, N, d, dtype=dtype)
+        for i, (blk, held, t0, t1) in enumerate(plan.raw):
+            if held:
+                st = staging.prefix(blk, held)  # [2, H, held, d]
+                rk[i, :, :held], rv[i, :, :held] = st[0], st[1]
+            rk[i, :, held:held + t1 - t0] = key[t0:t1].transpose(0, 1)
+            rv[i, :, held:held + t1 - t0] = value[t0:t1].transpose(0, 1)
+        k, v = torch.cat([k, rk]), torch.cat([v, rv])
     S = plan.blocks
-    cache = torch.empty(S, H, N, 2 * d, dtype=dtype)
-    cache = cache.view(S, H, 2 * N, d)
+    cache = torch.empty(S, H, N, 2 * d, dtype=dtype).view(S, H, 2 * N, d)
     key_cache, value_cache = cache.chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(k.permute(0, 2, 1, 3).reshape(S * N, H, d),
                                    v.permute(0, 2, 1, 3).reshape(S * N, H, d), key_cache, value_cache,

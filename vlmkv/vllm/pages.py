@@ -95,6 +95,23 @@ class PageFormat:
     def value_spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group, 1.0, "token")
 
+    def policy(self):
+        """The vlmkv cache policy that stores exactly this format in the transformers engine: `rtn` with the same
+        groups, or `kivi` with key groups of a block, a residual of one block and the `paged` schedule (a block is
+        quantized, values with keys, after the attention of the step that fills it); `+wht` for `hadamard`. ValueError where no policy matches (kivi's value groups are tied to its key groups)."""
+        from ..policies import get_policy
+        from ..policies.compose import WithHadamard
+
+        if self.kind == "rtn":
+            p = get_policy("rtn", bits=self.bits, group_size=self.group)
+        else:
+            if min(self.block_size, self.head_dim) != self.group:
+                raise ValueError(f"{self.name}: vlmkv's kivi policy takes value groups of min(block, head dim) = "
+                                 f"{min(self.block_size, self.head_dim)} channels, got group_size={self.group_size!r}")
+            p = get_policy("kivi", bits=self.bits, group_size=self.block_size, residual_length=self.block_size,
+                           schedule="paged")
+        return WithHadamard(p) if self.hadamard else p
+
     # ------------------------------------------------------------------ layout
     @property
     def code_bytes(self) -> int:

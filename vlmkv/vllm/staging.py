@@ -4,11 +4,12 @@ A paged cache fills each block from its first slot to its last, and only full bl
 caching) or reused as they are. So the tokens of a block not yet full belong to one request, and the block id
 names them: `Staging` keeps, per layer, a few slots of `[2, H, N, d]` (keys, values) in the model's dtype and a
 map block id -> slot. A write at a block's slot 0 opens (or reopens) its slot; a write that fills the block hands
-the block to the caller to quantize and frees the slot.
+the block to the caller to quantize; the caller frees the slot once the step's attention has read it (a query
+attends to its own block in full precision).
 
 A finished request's last block may never be filled: its slot is reclaimed when the block is reopened, or, when
 every slot is taken, the slot written longest ago is reused. A read of a block whose slot was taken from it
-raises (never a silent wrong answer); the pool grows instead of reclaiming a slot written in the current step.
+raises (never a silent wrong answer); below its cap the pool grows instead of reclaiming a slot.
 """
 from __future__ import annotations
 
@@ -102,15 +103,16 @@ class Staging:
         self.block_of[slot] = None
         self.fill[slot] = 0
 
-    def read(self, block: int, n: int) -> torch.Tensor:
-        """The staged `[2, H, N, d]` of `block`, of which the first `n` tokens are what the request holds."""
+    def prefix(self, block: int, n: int) -> torch.Tensor:
+        """The first `n` staged tokens of `block`, `[2, H, n, d]` (a view); StagingError unless at least `n` are
+        held."""
         slot = self.slot_of.get(block)
-        if slot is None or self.fill[slot] != n:
+        if slot is None or self.fill[slot] < n:
             held = "nothing" if slot is None else f"{self.fill[slot]} tokens"
             raise StagingError(f"block {block}: attention needs its first {n} tokens from staging, which holds {held} "
                                f"(a slot reclaimed while its request was still running: more requests than slots "
                                f"were waiting on partly filled blocks)")
-        return self.buf[slot]
+        return self.buf[slot, :, :, :n]
 
 
 __all__ = ["Staging", "StagingError"]

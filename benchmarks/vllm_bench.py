@@ -1,0 +1,210 @@
+"""vlmkv's packed pages inside vLLM (CPU build): capacity, perplexity and throughput of each page format beside
+vLLM's own bf16 pages, and the same text's perplexity through vlmkv's transformers cache at the same format.
+
+    .venv-vllm/bin/python benchmarks/vllm_bench.py --out docs/vllm/records.json     # ~10 min on 2 cores
+
+(`bash scripts/setup-vllm.sh` makes `.venv-vllm`.) Per format, one engine (`LLM(...)`, SmolLM2-135M, bf16,
+enforce_eager, block 128, `--kv-space-gib` of KV space, prefix caching off) gives:
+* capacity: the tokens vLLM says fit in the KV space (`num_gpu_blocks * block_size`); page bytes count codes,
+  scales, zero points and padding; the staging room of `kivi` formats (one block a running request) is reported
+  beside it as bytes a request;
+* perplexity: `prompt_logprobs` over the first `--tokens` tokens of each of `--docs` license texts Debian ships
+  (/usr/share/common-licenses), one prefill each. Every token attends to the cache as a decoding token would
+  (`rtn`: every token quantized, itself included; `kivi`: earlier blocks quantized, its own block in full
+  precision), so the number is the teacher-forced perplexity of generating with that format;
+* throughput: `--prompt` tokens then `--new` generated tokens (ignore_eos) at batch 1 and 8; decode tokens/s is
+  measured as (B * (new - 1)) / (t(new) - t(1)), the prefill cancelling out.
+The transformers side runs the same tokens through `QuantizedKVCache` with `PageFormat.policy()` in bf16, so that
+every token attends to what it does in the engine: `rtn` formats in one prefill with `prompt_reads_cache=True`
+(every token as stored, itself included), `kivi` formats a block at a time (earlier blocks quantized, its own
+block in full precision). Records go to `--out`; `python benchmarks/report.py` writes the tables in docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3"]
+FORMATS = "bf16,rtn-8,rtn-4,rtn-4+hadamard,kivi-8,kivi-4,kivi-4+hadamard,kivi-2,kivi-2+hadamard,rtn-2+hadamard"
+
+
+def documents(tokenizer, n_docs: int, n_tokens: int) -> list[list[int]]:
+    root = Path("/usr/share/common-licenses")
+    docs = []
+    for name in LICENSES[:n_docs]:
+        ids = tokenizer((root / name).read_text())["input_ids"][:n_tokens]
+        if len(ids) < n_tokens:
+            raise SystemExit(f"{name} has only {len(ids)} tokens, fewer than --tokens {n_tokens}")
+        docs.append(ids)
+    return docs
+
+
+def split(fmt: str) -> tuple[str, bool]:
+    name, _, extra = fmt.partition("+")
+    if extra not in ("", "hadamard"):
+        raise SystemExit(f"format must be NAME or NAME+hadamard, got {fmt!r}")
+    return name, extra == "hadamard"
+
+
+def one_engine(fmt: str, args) -> dict:
+    """Everything measured on one vLLM engine (run in its own process)."""
+    from vllm import LLM, SamplingParams
+
+    from vlmkv.models.loading import embedded_path
+    from vlmkv.vllm import cpu as plugin_cpu
+
+    path = str(embedded_path("smollm2-135m"))
+    extra = {}
+    if fmt != "bf16":
+        name, had = split(fmt)
+        extra["additional_config"] = {"vlmkv": {"format": name, "hadamard": had}}
+    t0 = time.perf_counter()
+    llm = LLM(model=path, enforce_eager=True, dtype="bfloat16", block_size=args.block_size,
+              max_model_len=max(args.tokens, args.prompt + args.new) + 8, enable_prefix_caching=False,
+              max_num_seqs=16, seed=0, **extra)
+    startup = time.perf_counter() - t0
+    cc = llm.llm_engine.vllm_config.cache_config
+    rec = {"format": fmt, "startup_s": round(startup, 1), "blocks": cc.num_gpu_blocks,
+           "block_size": cc.block_size, "tokens": cc.num_gpu_blocks * cc.block_size,
+           "path": "vLLM CPU_ATTN, bf16 pages" if fmt == "bf16" else
+           "vlmkv pages: referenced blocks dequantized into a scratch, vLLM's CPU attention kernel"}
+    tok = llm.get_tokenizer()
+    docs = documents(tok, args.docs, args.tokens)
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    nll, count = 0.0, 0
+    per_doc = []
+    for ids in docs:
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
+        lps = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
+        per_doc.append(round(math.exp(-sum(lps) / len(lps)), 4))
+        nll -= sum(lps)
+        count += len(lps)
+    rec["ppl"] = round(math.exp(nll / count), 4)
+    rec["ppl_docs"] = per_doc
+    rec["scored_tokens"] = count
+    # throughput: prompts from distinct offsets of the texts
+    flat = [t for d in docs for t in d]
+    for B in args.batches:
+        prompts = [TokensPrompt(prompt_token_ids=flat[i * 97:i * 97 + args.prompt]) for i in range(B)]
+        times = {}
+        for n in (1, args.new):
+            p = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
+            llm.generate(prompts, p, use_tqdm=False)  # warm
+            t0 = time.perf_counter()
+            llm.generate(prompts, p, use_tqdm=False)
+            times[n] = time.perf_counter() - t0
+        rec[f"decode_tok_s_b{B}"] = round(B * (args.new - 1) / (times[args.new] - times[1]), 1)
+        rec[f"prefill_s_b{B}"] = round(times[1], 3)
+    if fmt != "bf16":
+        name, had = split(fmt)
+        from vlmkv.vllm.pages import PageFormat
+
+        f = PageFormat.parse(name, 64, cc.block_size, 0, had)
+        rec["token_bytes"] = f.token_bytes
+        rec["bits_per_element"] = round(f.bits_per_element(), 3)
+        cfg = llm.llm_engine.vllm_config.model_config.hf_config
+        rec["staging_bytes_per_request"] = f.staging_bytes(cfg.num_key_value_heads) * cfg.num_hidden_layers
+    rec["timings"] = {k: round(v, 3) for k, v in plugin_cpu.TIMINGS.items()}
+    return rec
+
+
+def transformers_ppl(fmt: str, args) -> float:
+    """Perplexity of the same tokens through vlmkv's transformers cache at `fmt` (bf16 model)."""
+    import torch
+
+    from vlmkv import QuantizedKVCache
+    from vlmkv.models.loading import load_model
+    from vlmkv.vllm.pages import PageFormat
+
+    model, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    docs = documents(tok, args.docs, args.tokens)
+    nll, count = 0.0, 0
+    for ids in docs:
+        x = torch.tensor([ids])
+        f = None
+        if fmt == "bf16":
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        else:
+            name, had = split(fmt)
+            f = PageFormat.parse(name, model.config.head_dim if getattr(model.config, "head_dim", None) else
+                                 model.config.hidden_size // model.config.num_attention_heads, args.block_size, 0, had)
+            cache = QuantizedKVCache(model, f.policy(), prompt_reads_cache=not f.staged)
+        # kivi: one block at a time, so that each block attends to itself in full precision and to the earlier
+        # ones quantized (the `paged` schedule); rtn: one prefill attending to what the cache stores
+        step = args.block_size if f is not None and f.staged else x.shape[1]
+        outs = []
+        with torch.no_grad():
+            for s in range(0, x.shape[1], step):
+                outs.append(model(input_ids=x[:, s:s + step], past_key_values=cache, use_cache=True,
+                                  position_ids=torch.arange(s, min(s + step, x.shape[1]))[None]).logits)
+        logits = torch.cat(outs, 1)[:, :-1].float()
+        lp = logits.log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0]
+        nll -= float(lp.sum())
+        count += lp.numel()
+    return round(math.exp(nll / count), 4)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default=FORMATS, help=f"comma-separated page formats (default {FORMATS})")
+    ap.add_argument("--docs", type=int, default=4, help="license texts scored (default 4)")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens scored per text (default 2048)")
+    ap.add_argument("--prompt", type=int, default=1024, help="throughput prompt tokens (default 1024)")
+    ap.add_argument("--new", type=int, default=64, help="throughput generated tokens (default 64)")
+    ap.add_argument("--batches", default="1,8", help="throughput batch sizes (default 1,8)")
+    ap.add_argument("--block-size", type=int, default=128, help="vLLM block size (default 128, the CPU default)")
+    ap.add_argument("--kv-space-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
+    ap.add_argument("--out", default=None, help="write the records here (JSON)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one format, print JSON
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gib)
+    if args.one:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the plugin's timings live in this process
+        rec = one_engine(args.one, args)
+        rec["transformers_ppl"] = transformers_ppl(args.one, args)
+        print("RECORD " + json.dumps(rec), flush=True)
+        return
+    from tqdm import tqdm
+
+    records = []
+    for fmt in tqdm(args.formats.split(","), desc="formats", file=sys.stderr):
+        cmd = [sys.executable, __file__, "--one", fmt] + [a for a in (argv or sys.argv[1:]) if a]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RECORD ")]
+        if out.returncode or not line:
+            sys.stderr.write(out.stderr[-4000:])
+            raise SystemExit(f"{fmt}: the engine run failed (rc {out.returncode})")
+        rec = json.loads(line[-1][7:])
+        records.append(rec)
+        print(json.dumps({k: rec[k] for k in ("format", "tokens", "ppl", "transformers_ppl", "decode_tok_s_b1",
+                                              "decode_tok_s_b8") if k in rec}), file=sys.stderr)
+    bf = next((r for r in records if r["format"] == "bf16"), None)
+    if bf:
+        for r in records:
+            r["capacity_x"] = round(r["tokens"] / bf["tokens"], 2)
+            r["ppl_vs_bf16"] = round(r["ppl"] / bf["ppl"] - 1, 4)
+    result = {"command": "python benchmarks/vllm_bench.py " + " ".join(argv or sys.argv[1:]),
+              "model": "smollm2-135m", "dtype": "bfloat16", "kv_space_gib": args.kv_space_gib,
+              "docs": LICENSES[:args.docs], "tokens": args.tokens, "prompt": args.prompt, "new": args.new,
+              "records": records}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
