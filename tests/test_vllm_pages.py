@@ -142,3 +142,35 @@ def test_staging_grows_to_its_cap_then_reuses_the_oldest_slot_and_a_lost_block_r
     for blk in (20, 21):  # within one step nothing written in that step is reclaimed: the pool grows past the cap
         st.write(blk, 0, x, x)
     assert {20, 21} <= set(st.slot_of)
+
+
+TRITON_CASES = [("rtn-4", 0, False), ("rtn-2", 0, True), ("rtn-8", 32, False), ("kivi-4", 0, False),
+                ("kivi-2", 0, True), ("kivi-8", 0, False)]
+
+
+@pytest.mark.parametrize("name, group, hadamard", TRITON_CASES)
+def test_triton_paged_decode_reads_every_page_format_as_the_reference(name, group, hadamard):
+    """The CUDA side's kernel (Triton's interpreter here, compiled on a GPU) against `paged_decode_ref`, which reads
+    the pages through `PageFormat.dequantize_pages`; both float32, so they differ by summation order only."""
+    pytest.importorskip("triton")
+    from vlmkv.kernels.triton_pages import paged_decode, paged_decode_ref
+
+    N, d, H, Hq = 16, 64, 2, 6
+    f = PageFormat.parse(name, d, N, group, hadamard)
+    g = torch.Generator().manual_seed(1)
+    k, v = _kv(6 * N, H, d, seed=2, dtype=torch.float32)
+    kb, vb = k.view(6, N, H, d).permute(0, 2, 1, 3), v.view(6, N, H, d).permute(0, 2, 1, 3)
+    if f.kind == "rtn":
+        pages = f.quantize_tokens(k, v).view(6, N, H, -1).permute(0, 2, 1, 3).contiguous()
+    else:
+        pages = f.quantize_blocks(kb, vb)
+    table = torch.tensor([[3, 1, 5], [0, 2, 0], [4, 0, 0]], dtype=torch.int32)
+    if f.staged:  # complete blocks from the pages, the own block raw
+        npage, valid, raw_len = torch.tensor([3, 1, 0]), torch.tensor([N, N, N]), torch.tensor([5, N, 1])
+    else:  # every block from the pages, the last one partly filled
+        npage, valid, raw_len = torch.tensor([3, 2, 1]), torch.tensor([7, N, 1]), torch.tensor([0, 0, 0])
+    raw = torch.randn(3, 2, H, N, d, generator=g)
+    q = torch.randn(3, Hq, d, generator=g)
+    want = paged_decode_ref(q, pages, table, npage, valid, raw, raw_len, f, d ** -0.5)
+    got = paged_decode(q, pages, table, npage, valid, raw, raw_len, f, d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

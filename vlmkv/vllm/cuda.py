@@ -1,0 +1,162 @@
+"""vLLM's Triton attention backend with vlmkv's packed pages, for CUDA: registered as `CUSTOM` by the plugin, picked
+with `--attention-backend CUSTOM` (with `additional_config={"vlmkv": {...}}`; without it, vLLM's own TRITON_ATTN).
+
+The same pages, staging and step plans as the CPU backend (cpu.py): writes go through `PageStore`; a step whose
+requests each bring one query (decoding) runs `vlmkv.kernels.triton_pages.paged_decode`, which reads the packed
+pages in place (no dequantized copy) and each request's own block in full precision; any other step (prefill,
+chunked prefill) dequantizes the blocks it references (`PageStore.scratch`) and runs PyTorch's attention on each
+attention request of its `StepPlan`. CUDA graphs are not supported (the staging bookkeeping runs on the host): use
+`enforce_eager=True`.
+
+Written against the same page layout and tested in Triton's interpreter (tests/test_vllm_pages.py); the run on a
+GPU is `benchmarks/vllm_gpu_check.py`.
+"""
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
+                                                    TritonAttentionMetadataBuilder)
+from vllm.v1.kv_cache_interface import KVCacheLayout
+
+from . import settings_from
+from .cpu import check_supported, page_format, page_spec
+from .plan import StepPlan
+from .store import PageStore
+
+
+class VlmkvCudaBackend(TritonAttentionBackend):
+    """vLLM's TRITON_ATTN, storing keys and values in vlmkv's packed pages when `additional_config` asks for them."""
+
+    @classmethod
+    def customize_spec(cls, spec):
+        cfg = get_current_vllm_config_or_none()
+        settings = settings_from(cfg.additional_config) if cfg is not None else None
+        if settings is None:
+            return super().customize_spec(spec)
+        return page_spec(spec, settings)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return (KVCacheLayout.LBHNC,)  # a (block, head) region of N * C bytes is contiguous, as on the CPU
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return VlmkvCudaImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TritonAttentionMetadataBuilder
+
+
+class VlmkvCudaImpl(TritonAttentionImpl):
+    """TRITON_ATTN's implementation with packed pages; without settings, exactly TRITON_ATTN."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = get_current_vllm_config_or_none()
+        self.settings = settings_from(cfg.additional_config) if cfg is not None else None
+        self.store: PageStore | None = None
+        self.max_seqs = cfg.scheduler_config.max_num_seqs if cfg is not None else 256
+        if self.settings is None or self.attn_type != AttentionType.DECODER:
+            return
+        check_supported(self)
+        if self.alibi_slopes is not None or self.sinks is not None or (self.logits_soft_cap or 0) != 0:
+            raise ValueError("vlmkv pages on CUDA serve plain softmax attention (no ALiBi, sinks or soft cap)")
+        if cfg is not None and not cfg.model_config.enforce_eager:
+            raise ValueError("vlmkv pages on CUDA need enforce_eager=True (their staging runs on the host)")
+
+    @property
+    def active(self) -> bool:
+        return self.settings is not None and self.attn_type == AttentionType.DECODER
+
+    def _store(self, kv_cache) -> PageStore:
+        if self.store is None:
+            self.store = PageStore(page_format(self.settings, self.head_size, kv_cache), self.max_seqs)
+        return self.store
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if not self.active:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self._store(kv_cache).write(key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if not self.active or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported with vlmkv pages")
+        store = self._store(kv_cache)
+        n = attn_metadata.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        k, v = key[:n], value[:n]
+        if attn_metadata.max_query_len == 1:
+            out.copy_(decode_step(store, attn_metadata, q, k, v, kv_cache, self.scale))
+        else:
+            out.copy_(general_step(store, attn_metadata, q, k, v, kv_cache, self.scale))
+        store.settle()
+        return output
+
+
+def decode_step(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:
+    """One query a request: the fused Triton kernel over the pages in place. q `[R, Hq, d]` -> `[R, Hq, d]`."""
+    from ..kernels.triton_pages import paged_decode
+
+    fmt = store.fmt
+    N = fmt.block_size
+    seq = meta.seq_lens.to(torch.long)
+    R = seq.shape[0]
+    H = pages.shape[1]
+    raw = torch.zeros(R, 2, H, N, fmt.head_dim, dtype=q.dtype, device=q.device)
+    if fmt.staged:  # earlier blocks from the pages; the own block: staged tokens, then the new one
+        npage = (seq - 1) // N
+        valid = torch.full_like(seq, N)
+        raw_len = seq - npage * N
+        table = meta.block_table
+        for r, (blk_idx, held) in enumerate(zip(npage.tolist(), (raw_len - 1).tolist())):
+            blk = int(table[r, blk_idx])
+            if held:
+                st = store.staging.prefix(blk, held)
+                raw[r, 0, :, :held], raw[r, 1, :, :held] = st[0], st[1]
+            raw[r, 0, :, held], raw[r, 1, :, held] = key[r], value[r]
+    else:
+        npage = -(-seq // N)
+        valid = seq - (npage - 1) * N
+        raw_len = torch.zeros_like(seq)
+    return paged_decode(q, pages, meta.block_table, npage, valid, raw, raw_len, fmt, scale)
+
+
+def general_step(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:
+    """Any step: the referenced blocks dequantized, then PyTorch's attention per attention request (causal, the
+    queries at the end of each request's keys). q `[T, Hq, d]` -> `[T, Hq, d]`."""
+    fmt = store.fmt
+    plan = StepPlan(meta.seq_lens, meta.query_start_loc, meta.block_table, fmt.block_size, fmt.staged)
+    k, v = store.scratch(plan, pages, key, value, q.dtype)  # [S, H, N, d]
+    S, H, N, d = k.shape
+    out = torch.empty_like(q)
+    qsl, lens = plan.query_start_loc.tolist(), plan.seq_lens.tolist()
+    for i in range(plan.requests):
+        q0, q1, L = qsl[i], qsl[i + 1], lens[i]
+        if q1 == q0:
+            continue
+        nb = -(-L // N)
+        idx = plan.table[i, :nb].long().to(k.device)
+        kk = k[idx].permute(1, 0, 2, 3).reshape(H, nb * N, d)[:, :L]
+        vv = v[idx].permute(1, 0, 2, 3).reshape(H, nb * N, d)[:, :L]
+        qq = q[q0:q1].transpose(0, 1)  # [Hq, n, d]
+        n = q1 - q0
+        mask = torch.arange(L, device=q.device)[None, :] <= (L - n + torch.arange(n, device=q.device))[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(qq[None], kk[None], vv[None], attn_mask=mask,
+                                                             scale=scale, enable_gqa=True)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+__all__ = ["VlmkvCudaBackend", "VlmkvCudaImpl", "decode_step", "general_step"]
