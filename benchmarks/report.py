@@ -201,6 +201,33 @@ def peers_section() -> str:
                       "the harness yet."])
 
 
+def vllm_section() -> str:
+    vb = _module("vllm_bench")
+    result = json.loads((DOCS / "vllm" / "records.json").read_text())
+    recs = {r["format"]: r for r in result["records"]}
+    bf = recs["bf16"]
+
+    def line(fmt: str) -> str:
+        r = recs[fmt]
+        return (f"`{fmt}` holds {r['tokens'] / bf['tokens']:.2f}x bf16's tokens at perplexity "
+                f"{100 * (r['ppl'] / bf['ppl'] - 1):+.2f}%")
+
+    return "\n".join([
+        "## Serving with vLLM", "",
+        "vlmkv's pages inside vLLM's CPU build (the plugin, [VLLM.md](VLLM.md)): SmolLM2-135M in bf16, "
+        f"{result['kv_space_gib']} GiB of KV space, blocks of 128 tokens. Capacity is the tokens vLLM reports fit "
+        "(every byte of codes, scales and zero points counted; the `kivi` formats' full-precision room for each "
+        "running request's last block comes on top: 2.9 MB a request). Perplexity: the first "
+        f"{result['tokens']:,} tokens of {len(result['docs'])} license texts Debian ships ({', '.join(result['docs'])}), "
+        "each token attending to the cache as it would while decoding; the last column scores the same tokens "
+        "through vlmkv's transformers cache at the same format (one format, two engines). Throughput: "
+        f"{result['prompt']:,}-token prompts, {result['new']} new tokens, decode tokens/s with the prefill taken out.",
+        "", f"- At 8 bits: {line('kivi-8')}; {line('rtn-8')}.",
+        f"- At 4 bits: {line('kivi-4')}; {line('rtn-4+hadamard')}.",
+        f"- At 2 bits: {line('kivi-2')}; with Hadamard: {line('kivi-2+hadamard')}.",
+        "", vb.markdown(result), "", "```", result["command"], "```"])
+
+
 def summary() -> str:
     """The answers in a few lines, with their numbers read from the same records as the tables below."""
     runs = {n: rows_of(DOCS / "pocket" / f"table2_{n}v5") for n in LENGTHS}
@@ -224,7 +251,7 @@ def render(figures: bool = False) -> str:
             "What vlmkv's methods keep of full precision, at how many bits, on a vision-language model and on real text. "
             "Every table is made by `python benchmarks/report.py` from the committed records it names; bits per element "
             "are always counted from the bytes the cache holds. Speed and memory: [BENCHMARKS.md](BENCHMARKS.md).", ""]
-    body = [summary(), budget_section(figures), seed_section(), text_section(), peers_section()]
+    body = [summary(), budget_section(figures), seed_section(), text_section(), peers_section(), vllm_section()]
     text = "\n".join(head) + "\n" + "\n\n".join(body) + "\n"
     return text.replace("nan%", "-").replace(" nan ", " - ") if "nan" in text else text
 

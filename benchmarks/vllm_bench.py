@@ -91,8 +91,9 @@ def one_engine(fmt: str, args) -> dict:
     rec["ppl"] = round(math.exp(nll / count), 4)
     rec["ppl_docs"] = per_doc
     rec["scored_tokens"] = count
-    # throughput: prompts from distinct offsets of the texts
-    flat = [t for d in docs for t in d]
+    # throughput: prompts from distinct offsets of the texts (all of them, whole)
+    root = Path("/usr/share/common-licenses")
+    flat = tok("\n\n".join((root / name).read_text() for name in LICENSES))["input_ids"]
     for B in args.batches:
         prompts = [TokensPrompt(prompt_token_ids=flat[i * 97:i * 97 + args.prompt]) for i in range(B)]
         times = {}
@@ -117,15 +118,15 @@ def one_engine(fmt: str, args) -> dict:
     return rec
 
 
-def transformers_ppl(fmt: str, args) -> float:
-    """Perplexity of the same tokens through vlmkv's transformers cache at `fmt` (bf16 model)."""
+def transformers_ppl(fmt: str, args, dtype=None) -> float:
+    """Perplexity of the same tokens through vlmkv's transformers cache at `fmt` (a bf16 model, or `dtype`)."""
     import torch
 
     from vlmkv import QuantizedKVCache
     from vlmkv.models.loading import load_model
     from vlmkv.vllm.pages import PageFormat
 
-    model, tok = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model, tok = load_model("smollm2-135m", dtype=dtype or torch.bfloat16)
     docs = documents(tok, args.docs, args.tokens)
     nll, count = 0.0, 0
     for ids in docs:
@@ -155,6 +156,26 @@ def transformers_ppl(fmt: str, args) -> float:
     return round(math.exp(nll / count), 4)
 
 
+def markdown(result: dict) -> str:
+    """The records as the tables of docs/RESULTS.md: capacity and perplexity, then throughput."""
+    recs = result["records"]
+    bf = next(r for r in recs if r["format"] == "bf16")
+    head = ("| pages | bytes a token and head | tokens in {} GiB | vs bf16 | perplexity (vLLM) | vs bf16 | "
+            "vlmkv's transformers cache, same format: bf16 | float32 |".format(result["kv_space_gib"]))
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        tb = r.get("token_bytes", 2 * 64 * 2)
+        lines.append(f"| {r['format']} | {tb} | {r['tokens']:,} | {r['tokens'] / bf['tokens']:.2f}x | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / bf['ppl'] - 1):+.2f}% | {r['transformers_ppl']:.3f} | "
+                     f"{r.get('transformers_ppl_fp32', float('nan')):.3f} |")
+    lines += ["", "| pages | decode tokens/s, batch 1 | batch 8 | prefill of {} tokens, batch 1 (s) | what ran |".format(
+        result["prompt"]), "|---|---:|---:|---:|---|"]
+    for r in recs:
+        lines.append(f"| {r['format']} | {r.get('decode_tok_s_b1', '-')} | {r.get('decode_tok_s_b8', '-')} | "
+                     f"{r.get('prefill_s_b1', '-')} | {r['path']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default=FORMATS, help=f"comma-separated page formats (default {FORMATS})")
@@ -166,15 +187,23 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=128, help="vLLM block size (default 128, the CPU default)")
     ap.add_argument("--kv-space-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
     ap.add_argument("--out", default=None, help="write the records here (JSON)")
+    ap.add_argument("--markdown", default=None, metavar="RECORDS", help="print the tables of a records file and exit")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one format, print JSON
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_space_gib)
     if args.one:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the plugin's timings live in this process
         rec = one_engine(args.one, args)
         rec["transformers_ppl"] = transformers_ppl(args.one, args)
+        import torch
+
+        # the same engine in float32: how far bf16 arithmetic alone moves the number (the noise both engines share)
+        rec["transformers_ppl_fp32"] = transformers_ppl(args.one, args, torch.float32)
         print("RECORD " + json.dumps(rec), flush=True)
         return
     from tqdm import tqdm
@@ -196,7 +225,7 @@ def main(argv=None) -> None:
         for r in records:
             r["capacity_x"] = round(r["tokens"] / bf["tokens"], 2)
             r["ppl_vs_bf16"] = round(r["ppl"] / bf["ppl"] - 1, 4)
-    result = {"command": "python benchmarks/vllm_bench.py " + " ".join(argv or sys.argv[1:]),
+    result = {"command": ".venv-vllm/bin/python benchmarks/vllm_bench.py " + " ".join(argv or sys.argv[1:]),
               "model": "smollm2-135m", "dtype": "bfloat16", "kv_space_gib": args.kv_space_gib,
               "docs": LICENSES[:args.docs], "tokens": args.tokens, "prompt": args.prompt, "new": args.new,
               "records": records}

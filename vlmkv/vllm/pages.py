@@ -193,31 +193,40 @@ class PageFormat:
                             flat(vq.codes), flat(vq.scale), flat(vq.zero)], -1)
         return _pad(region, N * self.token_bytes).view(B, H, N, self.token_bytes)
 
-    def dequantize_pages(self, pages: torch.Tensor, dtype: torch.dtype = torch.float32):
-        """uint8 `[B, H, N, C]` (whole blocks) -> (keys, values) `[B, H, N, d]` in `dtype`, in the model's basis."""
-        B, H, N, C = pages.shape
+    def qtensors(self, regions: torch.Tensor) -> tuple[QTensor, QTensor]:
+        """The pages of R requests' blocks as vlmkv's QTensors, the layout its kernels read: regions uint8
+        `[R, nb, H, N, C]` (nb blocks each, in token order) -> (keys, values) `[R, H, nb * N, .]` (keys and values
+        rotated where the format is; `kivi` keys: one scale a channel a block, `[R, H, nb, d]`)."""
+        R, nb, H, N, C = regions.shape
         if C != self.token_bytes or N != self.block_size:
-            raise ValueError(f"pages must be [blocks, heads, {self.block_size}, {self.token_bytes}] for {self.name}, "
-                             f"got {tuple(pages.shape)!r}")
-        d, G = self.head_dim, self.groups
+            raise ValueError(f"pages must be [.., heads, {self.block_size}, {self.token_bytes}] for {self.name}, "
+                             f"got {tuple(regions.shape)!r}")
+        d, G, cb = self.head_dim, self.groups, self.code_bytes
         f = {name: (off, n) for name, off, n in self.fields()}
         if self.kind == "rtn":
-            rows = pages
-            get = lambda name, dt, last: _field(rows, f[name], dt).reshape(B * H * N, 1, last)  # noqa: E731
-            kq = QTensor(get("k_codes", torch.uint8, self.code_bytes), get("k_scale", torch.float16, G),
-                         get("k_zero", torch.int16, G), self.key_spec, d, torch.float32)
-            vq = QTensor(get("v_codes", torch.uint8, self.code_bytes), get("v_scale", torch.float16, G),
-                         get("v_zero", torch.int16, G), self.value_spec, d, torch.float32)
-            k, v = dequantize(kq), dequantize(vq)
-        else:
-            reg = pages.reshape(B, H, N * C)
-            get = lambda name, dt, shape: _field(reg, f[name], dt).reshape(B, H, *shape)  # noqa: E731
-            kq = QTensor(get("k_codes", torch.uint8, (N, self.code_bytes)), get("k_scale", torch.float16, (1, d)),
-                         get("k_zero", torch.int16, (1, d)), self.key_spec, d, torch.float32)
-            vq = QTensor(get("v_codes", torch.uint8, (N, self.code_bytes)), get("v_scale", torch.float16, (N, G)),
-                         get("v_zero", torch.int16, (N, G)), self.value_spec, d, torch.float32)
-            k, v = dequantize(kq), dequantize(vq)
-        k, v = self._unrotate(k.reshape(B, H, N, d)), self._unrotate(v.reshape(B, H, N, d))
+            rows = regions.permute(0, 2, 1, 3, 4).reshape(R, H, nb * N, C)
+            get = lambda name, dt: _field(rows, f[name], dt)  # noqa: E731
+            kq = QTensor(get("k_codes", torch.uint8), get("k_scale", torch.float16), get("k_zero", torch.int16),
+                         self.key_spec, d, torch.float32)
+            vq = QTensor(get("v_codes", torch.uint8), get("v_scale", torch.float16), get("v_zero", torch.int16),
+                         self.value_spec, d, torch.float32)
+            return kq, vq
+        reg = regions.reshape(R, nb, H, N * C)
+
+        def get(name, dt, shape):  # a field of every region, tokens of the nb blocks one after the other
+            x = _field(reg, f[name], dt).reshape(R, nb, H, *shape).transpose(1, 2)
+            return x.reshape(R, H, nb * shape[0], shape[1])
+
+        kq = QTensor(get("k_codes", torch.uint8, (N, cb)), get("k_scale", torch.float16, (1, d)),
+                     get("k_zero", torch.int16, (1, d)), self.key_spec, d, torch.float32)
+        vq = QTensor(get("v_codes", torch.uint8, (N, cb)), get("v_scale", torch.float16, (N, G)),
+                     get("v_zero", torch.int16, (N, G)), self.value_spec, d, torch.float32)
+        return kq, vq
+
+    def dequantize_pages(self, pages: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """uint8 `[B, H, N, C]` (whole blocks) -> (keys, values) `[B, H, N, d]` in `dtype`, in the model's basis."""
+        kq, vq = self.qtensors(pages.unsqueeze(1))  # B requests of one block each
+        k, v = self._unrotate(dequantize(kq)), self._unrotate(dequantize(vq))
         return _cast(k, dtype), _cast(v, dtype)
 
 

@@ -103,6 +103,11 @@ class Staging:
         self.block_of[slot] = None
         self.fill[slot] = 0
 
+    def slot_holding(self, block: int, n: int) -> int:
+        """The slot of `block`; StagingError unless it holds at least its first `n` tokens."""
+        self.prefix(block, n)
+        return self.slot_of[block]
+
     def prefix(self, block: int, n: int) -> torch.Tensor:
         """The first `n` staged tokens of `block`, `[2, H, n, d]` (a view); StagingError unless at least `n` are
         held."""
