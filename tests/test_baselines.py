@@ -84,6 +84,33 @@ def test_kivi_blocks_schedule_is_the_earlier_rule():
         get_policy("kivi", schedule="paper")
 
 
+@pytest.mark.parametrize("prompt", [0, 5, 16])
+def test_kivi_paged_schedule_reads_its_own_block_in_full_precision(prompt):
+    """`paged` (vlmkv's vLLM pages): blocks of R aligned from token 0, keys per channel and values per token quantized
+    together after the attention of the step that fills the block; every step reads earlier blocks quantized and its
+    own block as it is."""
+    torch.manual_seed(prompt)
+    B, H, D, R, bits, steps = 1, 2, 16, 8, 2, 27
+    pol = get_policy("kivi", bits=bits, group_size=R, residual_length=R, schedule="paged")
+    rule = pol.decode_rule()
+    assert rule.after_attention and rule.value_window is None and rule.flush_every == R
+    k = torch.randn(B, H, prompt + steps, D, dtype=torch.float16)
+    v = torch.randn(B, H, prompt + steps, D, dtype=torch.float16)
+    store = LayerStore(pol.spec, torch.float16, "cpu")
+    start = max(prompt, 1)
+    plan = pol.plan_prefill(type("Ctx", (), {"keys": k[:, :, :start], "seq_len": start, "batch_size": B})())
+    store.prefill(k[:, :, :start], v[:, :, :start], plan.bits, plan.residual)
+    for t in range(start, prompt + steps):
+        store.append(k[:, :, t:t + 1], v[:, :, t:t + 1], rule.bits, rule.keep_recent, rule.flush_every,
+                     rule.value_window, rule.after_attention)
+        own = (t // R) * R  # the first token of this step's own block
+        wk = torch.cat([_fake(k[:, :, :own], bits, R, "channel"), k[:, :, own:t + 1]], -2)
+        wv = torch.cat([_fake(v[:, :, :own], bits, R, "token"), v[:, :, own:t + 1]], -2)
+        sk, sv = store.materialize()
+        assert torch.equal(sk, wk) and torch.equal(sv, wv), f"step {t}"
+        store.settle()
+
+
 def test_kivi_reference_memory_holds_quantized_keys_beside_full_values(tiny_llama):
     """Through the model: after a 40-token prompt and 30 generated tokens with R = 32, keys of 64 tokens are
     quantized, values of the last 32 are held in full precision (and counted in the bytes)."""

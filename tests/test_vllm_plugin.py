@@ -363,6 +363,37 @@ def test_one_format_two_engines_score_the_text_alike(e2e):
     assert float((a - torch.tensor(e2e["hf_other"])).abs().mean()) > 2 * noise
 
 
+PREEMPT = r'''
+import json
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vlmkv.models.loading import embedded_path
+if __name__ == "__main__":
+    llm = LLM(model=str(embedded_path("smollm2-135m")), enforce_eager=True, dtype="bfloat16", max_model_len=1024,
+              num_gpu_blocks_override=12, max_num_seqs=4, enable_prefix_caching=False, seed=0,
+              additional_config={"vlmkv": {"format": "kivi-4"}})
+    tok = llm.get_tokenizer()
+    ids = tok(open("/usr/share/common-licenses/GPL-3").read())["input_ids"]
+    prompts = [TokensPrompt(prompt_token_ids=ids[i * 700:i * 700 + 300]) for i in range(4)]
+    greedy = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    alone = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    pre = sum(v for k, v in ((m.name, getattr(m, "value", 0)) for m in llm.get_metrics())
+              if "preemption" in k)
+    print("RESULT " + json.dumps({"alone": [list(x) for x in alone], "together": [list(x) for x in together],
+                                  "preemptions": pre}))
+'''
+
+
+@pytest.mark.slow
+def test_preempted_requests_recompute_to_the_same_answer():
+    """Twelve blocks for four requests of three blocks each: running them together preempts some (their blocks freed,
+    their staging reopened when recomputed); greedy answers equal those of each request run alone."""
+    out = _run(PREEMPT)
+    assert out["preemptions"] > 0
+    assert out["together"] == out["alone"]
+
+
 TP = r'''
 import json
 from vllm import LLM, SamplingParams
