@@ -22,11 +22,12 @@ def _kv(T, H=3, d=64, seed=0, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("hadamard", [False, True])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["kivi-2/16"])
 def test_pages_hold_exactly_what_vlmkvs_quantizer_gives(name, hadamard):
     """Written then read back, a page equals dequantize(quantize(x)) with the format's QuantSpecs, bit for bit."""
     N, d = 32, 64
-    f = PageFormat.parse(name, d, N, 0, hadamard)
+    name, _, kg = name.partition("/")
+    f = PageFormat.parse(name, d, N, 0, hadamard, int(kg or 0))
     k, v = _kv(2 * N)
     rot = (lambda x: fwht(x.float())) if hadamard else (lambda x: x)
     unrot = fwht_inverse if hadamard else (lambda x: x)
@@ -54,10 +55,12 @@ def test_page_bytes_are_the_layout_written_out():
     """C counts codes, fp16 scales, int16 zero points and padding; per-channel key metadata is spread over a block."""
     f = PageFormat.parse("rtn-4", 64, 128)
     assert f.token_bytes == 2 * (32 + 2 + 2)
-    f = PageFormat.parse("kivi-2", 64, 128)
-    region = 128 * 16 + 64 * 4 + 128 * 16 + 128 * 4  # K codes, K scale+zero per channel, V codes, V scale+zero
-    assert f.token_bytes == -(-region // 128) == 38
+    f = PageFormat.parse("kivi-2", 64, 128)  # key groups of 64 tokens: two rows of per-channel scales a block
+    region = 128 * 16 + 2 * 64 * 4 + 128 * 16 + 128 * 4  # K codes, K scale+zero a channel a group, V codes, V meta
+    assert f.token_bytes == -(-region // 128) == 40
     assert f.token_bytes * 128 >= f.used_bytes == region
+    assert PageFormat.parse("kivi-2", 64, 128, key_group=128).token_bytes == 38
+    assert PageFormat.parse("kivi-2", 64, 96).kgroup == 96  # 64 does not divide the block: one group a block
     f = PageFormat.parse("rtn-8", 64, 32, group_size=32)
     assert f.token_bytes == 2 * (64 + 2 * 2 + 2 * 2)
     # capacity against bf16 pages (2 * 64 * 2 bytes a token and head)
@@ -68,10 +71,11 @@ def test_page_bytes_are_the_layout_written_out():
 def test_a_page_format_names_the_vlmkv_policy_that_stores_it():
     assert PageFormat.parse("rtn-4", 64, 128).policy().describe().startswith("rtn(bits=4, group_size=64")
     p = PageFormat.parse("kivi-2", 64, 128, hadamard=True).policy()
-    assert p.hadamard_keys and p.inner.schedule == "paged" and p.inner.group_size == 128
+    assert p.hadamard_keys and p.inner.schedule == "paged" and p.inner.group_size == 64
     assert p.inner.residual_length == 128
-    with pytest.raises(ValueError, match="value groups"):
-        PageFormat.parse("kivi-4", 64, 128, group_size=32).policy()
+    f = PageFormat.parse("kivi-4", 64, 128, group_size=32, key_group=32)
+    p = f.policy()
+    assert p.spec(4, "key", 64) == f.key_spec and p.spec(4, "value", 64) == f.value_spec
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -81,6 +85,8 @@ def test_a_page_format_names_the_vlmkv_policy_that_stores_it():
     ({"vlmkv": {"format": "rtn-4", "group_size": 48}}, "group_size must divide"),
     ({"vlmkv": {"format": "rtn-4", "group_size": -1}}, "group_size"),
     ({"vlmkv": {"format": "rtn-4", "hadamard": "yes"}}, "hadamard"),
+    ({"vlmkv": {"format": "kivi-4", "key_group": 48}}, "key_group must divide"),
+    ({"vlmkv": {"format": "rtn-4", "key_group": 32}}, "key_group"),
 ])
 def test_settings_refuse_what_they_cannot_serve(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -144,19 +150,19 @@ def test_staging_grows_to_its_cap_then_reuses_the_oldest_slot_and_a_lost_block_r
     assert {20, 21} <= set(st.slot_of)
 
 
-TRITON_CASES = [("rtn-4", 0, False), ("rtn-2", 0, True), ("rtn-8", 32, False), ("kivi-4", 0, False),
-                ("kivi-2", 0, True), ("kivi-8", 0, False)]
+TRITON_CASES = [("rtn-4", 0, False, 0), ("rtn-2", 0, True, 0), ("rtn-8", 32, False, 0), ("kivi-4", 0, False, 0),
+                ("kivi-2", 0, True, 8), ("kivi-8", 0, False, 0)]
 
 
-@pytest.mark.parametrize("name, group, hadamard", TRITON_CASES)
-def test_triton_paged_decode_reads_every_page_format_as_the_reference(name, group, hadamard):
+@pytest.mark.parametrize("name, group, hadamard, key_group", TRITON_CASES)
+def test_triton_paged_decode_reads_every_page_format_as_the_reference(name, group, hadamard, key_group):
     """The CUDA side's kernel (Triton's interpreter here, compiled on a GPU) against `paged_decode_ref`, which reads
     the pages through `PageFormat.dequantize_pages`; both float32, so they differ by summation order only."""
     pytest.importorskip("triton")
     from vlmkv.kernels.triton_pages import paged_decode, paged_decode_ref
 
     N, d, H, Hq = 16, 64, 2, 6
-    f = PageFormat.parse(name, d, N, group, hadamard)
+    f = PageFormat.parse(name, d, N, group, hadamard, key_group)
     g = torch.Generator().manual_seed(1)
     k, v = _kv(6 * N, H, d, seed=2, dtype=torch.float32)
     kb, vb = k.view(6, N, H, d).permute(0, 2, 1, 3), v.view(6, N, H, d).permute(0, 2, 1, 3)

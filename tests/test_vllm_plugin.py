@@ -256,7 +256,7 @@ def test_unservable_combinations_refuse_to_start(model_config):
                                     sliding_window=64), Settings("kivi-4"))
     spec = page_spec(FullAttentionSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.bfloat16),
                      Settings("kivi-2"))
-    assert spec.dtype == torch.uint8 and spec.page_size_bytes == H * N * 38
+    assert spec.dtype == torch.uint8 and spec.page_size_bytes == H * N * 40
 
 
 def test_without_settings_the_plugin_is_vllms_own_backend(model_config):

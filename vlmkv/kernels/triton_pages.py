@@ -22,9 +22,10 @@ def page_table(fmt) -> dict:
     C, cb, G = fmt.token_bytes, fmt.code_bytes, fmt.groups
     if fmt.kind == "rtn":  # one row of C bytes a token
         return dict(KC=f["k_codes"], KS=f["k_scale"], KZ=f["k_zero"], VC=f["v_codes"], VS=f["v_scale"],
-                    VZ=f["v_zero"], KC_T=C, KS_T=C, VC_T=C, VS_T=C, KCH=0)
+                    VZ=f["v_zero"], KC_T=C, KS_T=C, VC_T=C, VS_T=C, KCH=0, KG=1, KS_G=0)
+    # kivi: a row of d key scales (and one of zero points) per key group of KG tokens
     return dict(KC=f["k_codes"], KS=f["k_scale"], KZ=f["k_zero"], VC=f["v_codes"], VS=f["v_scale"], VZ=f["v_zero"],
-                KC_T=cb, KS_T=0, VC_T=cb, VS_T=2 * G, KCH=1)
+                KC_T=cb, KS_T=0, VC_T=cb, VS_T=2 * G, KCH=1, KG=fmt.kgroup, KS_G=2 * fmt.head_dim)
 
 
 def paged_decode_ref(q, pages, table, page_blocks, valid, raw, raw_len, fmt, scale: float) -> torch.Tensor:
@@ -111,7 +112,7 @@ def _kernel(Q, PAGES, TABLE, NPAGE, VALID, RAW, NRAW, OUT, scale, M, H: tl.const
            N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
            BLOCK_N: tl.constexpr, KC: tl.constexpr, KS: tl.constexpr, KZ: tl.constexpr, VC: tl.constexpr,
            VS: tl.constexpr, VZ: tl.constexpr, KC_T: tl.constexpr, KS_T: tl.constexpr, VC_T: tl.constexpr,
-           VS_T: tl.constexpr, KCH: tl.constexpr):
+           VS_T: tl.constexpr, KCH: tl.constexpr, KG: tl.constexpr, KS_G: tl.constexpr):
     r = tl.program_id(0)
     h = tl.program_id(1)
     tn = tl.arange(0, BLOCK_N)  # token in block
@@ -133,8 +134,9 @@ def _kernel(Q, PAGES, TABLE, NPAGE, VALID, RAW, NRAW, OUT, scale, M, H: tl.const
             ok = t < n_ok
             tt = tl.where(ok, t, 0)
             kidx = c if KCH else c // G
-            ks = _half(PAGES, base + KS + tt * KS_T + 2 * kidx)
-            kz = _int16(PAGES, base + KZ + tt * KS_T + 2 * kidx)
+            krow = (tt // KG) * KS_G  # kivi: the key group's row of scales
+            ks = _half(PAGES, base + KS + tt * KS_T + krow + 2 * kidx)
+            kz = _int16(PAGES, base + KZ + tt * KS_T + krow + 2 * kidx)
             k = (_code(PAGES, base + KC + tt * KC_T, c, BITS) - kz) * ks  # [BLOCK_N, D]
             s = tl.sum(k * q, 1) * scale
             s = tl.where(tn < n_ok, s, float("-inf"))

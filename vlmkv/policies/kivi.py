@@ -38,6 +38,8 @@ class KIVIPolicy(Policy):
     residual_length: int = 128
     clip_ratio: float = 1.0
     schedule: str = "reference"
+    #: channels per per-token value group; 0: `group_size` (capped at the head dim), the paper's single group size
+    value_group_size: int = 0
 
     def __post_init__(self):
         if self.schedule not in ("reference", "blocks", "paged"):
@@ -46,6 +48,9 @@ class KIVIPolicy(Policy):
         check_positive(self.group_size, "group_size")
         check_positive(self.residual_length, "residual_length")
         check_clip(self.clip_ratio)
+        if not isinstance(self.value_group_size, int) or isinstance(self.value_group_size, bool) \
+                or self.value_group_size < 0:
+            raise ValueError(f"value_group_size must be an int >= 0, got {self.value_group_size!r}")
         if self.residual_length % self.group_size:
             raise ValueError(
                 f"residual_length must be a multiple of group_size={self.group_size}, got {self.residual_length!r}"
@@ -70,4 +75,5 @@ class KIVIPolicy(Policy):
     def spec(self, bits, kind, head_dim):
         if kind == "key":
             return QuantSpec(bits, self.group_size, self.clip_ratio, "channel")
-        return QuantSpec(bits, effective_group(self.group_size, head_dim), self.clip_ratio, "token")
+        return QuantSpec(bits, effective_group(self.value_group_size or self.group_size, head_dim), self.clip_ratio,
+                         "token")

@@ -9,7 +9,8 @@ for in vLLM's `additional_config`:
     vllm serve MODEL --additional-config '{"vlmkv": {"format": "kivi-4", "hadamard": true}}'
 
 Keys: `format` (`rtn-8`, `rtn-4`, `rtn-2`, `kivi-8`, `kivi-4`, `kivi-2`), `group_size` (channels per per-token
-group; 0, the default: the whole head), `hadamard` (rotate keys and values before quantizing; default false).
+group; 0, the default: the whole head), `hadamard` (rotate keys and values before quantizing; default false),
+`key_group` (kivi: tokens a per-channel key group spans; 0, the default: 64 where it divides the block).
 A combination the plugin cannot serve exactly (an fp8 `kv_cache_dtype`, sliding-window or MLA layers, another vLLM
 minor) refuses to start with a ValueError naming it.
 """
@@ -29,11 +30,12 @@ class Settings:
     format: str
     group_size: int = 0
     hadamard: bool = False
+    key_group: int = 0
 
     def page_format(self, head_dim: int, block_size: int):
         from .pages import PageFormat
 
-        return PageFormat.parse(self.format, head_dim, block_size, self.group_size, self.hadamard)
+        return PageFormat.parse(self.format, head_dim, block_size, self.group_size, self.hadamard, self.key_group)
 
 
 def settings_from(additional_config) -> Settings | None:
@@ -49,14 +51,15 @@ def settings_from(additional_config) -> Settings | None:
     known = {f.name for f in fields(Settings)}
     if not isinstance(raw, dict) or "format" not in raw or set(raw) - known:
         raise ValueError(f"additional_config['{SETTINGS_KEY}'] must be a dict with 'format' and optionally "
-                         f"'group_size', 'hadamard', got {raw!r}")
-    g, h = raw.get("group_size", 0), raw.get("hadamard", False)
-    if not isinstance(g, int) or isinstance(g, bool) or g < 0:
-        raise ValueError(f"additional_config['{SETTINGS_KEY}']['group_size'] must be an int >= 0, got {g!r}")
+                         f"'group_size', 'hadamard', 'key_group', got {raw!r}")
+    g, h, kg = raw.get("group_size", 0), raw.get("hadamard", False), raw.get("key_group", 0)
+    for name, x in (("group_size", g), ("key_group", kg)):
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+            raise ValueError(f"additional_config['{SETTINGS_KEY}']['{name}'] must be an int >= 0, got {x!r}")
     if not isinstance(h, bool):
         raise ValueError(f"additional_config['{SETTINGS_KEY}']['hadamard'] must be true or false, got {h!r}")
-    s = Settings(str(raw["format"]), g, h)
-    s.page_format(64, 128)  # the name and group checked now, before any model loads
+    s = Settings(str(raw["format"]), g, h, kg)
+    s.page_format(64, 128)  # the name and groups checked now, before any model loads
     return s
 
 

@@ -7,11 +7,11 @@ token and head). One (block, head) is a region of N * C bytes that a format lays
 * `rtn-<b>` (per-token groups, keys and values alike): row t of the region is token t,
   `[K codes | K scales fp16 | K zero points int16 | V codes | V scales | V zero points | pad]`; a token is
   quantized when it is written;
-* `kivi-<b>` (KIVI: keys per channel over the block's N tokens, values per token): the whole region is one
-  quantized block, `[K codes N x cb | K scales fp16 x d | K zero points int16 x d | V codes N x cb |
-  V scales N x G | V zero points N x G | pad]`. Per-channel key groups need all N tokens, so a block is quantized
-  once, when its last token is written; until then its tokens wait in full precision in a staging slot
-  (`Staging`), the room KIVI calls its residual.
+* `kivi-<b>` (KIVI: keys per channel over groups of `key_group` tokens, values per token): the whole region is
+  one quantized block, `[K codes N x cb | K scales fp16 x (N / key_group) x d | K zero points int16, same |
+  V codes N x cb | V scales N x G | V zero points N x G | pad]`. A block is quantized once, when its last token is
+  written; until then its tokens wait in full precision in a staging slot (`Staging`), the room KIVI calls its
+  residual.
 
 With `hadamard=True`, keys and values are rotated (`vlmkv.quant.fwht`) before quantizing and rotated back on
 reading: what is read is always in the model's basis. The codes, scales and zero points are exactly those of
@@ -35,9 +35,10 @@ BITS = (2, 4, 8)
 class PageFormat:
     """One packed page format for a head dim `head_dim` and `block_size` tokens a block.
 
-    kind: "rtn" (per-token groups for keys and values) or "kivi" (per-channel keys over a block, per-token values);
-    bits: 2, 4 or 8; group_size: channels per per-token group (0: the whole head, one scale a token and head);
-    hadamard: rotate keys and values before quantizing."""
+    kind: "rtn" (per-token groups for keys and values) or "kivi" (per-channel keys over groups of a block's tokens,
+    per-token values); bits: 2, 4 or 8; group_size: channels per per-token group (0: the whole head, one scale a
+    token and head); hadamard: rotate keys and values before quantizing; key_group (kivi): tokens a per-channel key
+    group spans, dividing the block (0: 64, or the block when smaller)."""
 
     kind: str
     bits: int
@@ -45,6 +46,7 @@ class PageFormat:
     block_size: int
     group_size: int = 0
     hadamard: bool = False
+    key_group: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -61,15 +63,21 @@ class PageFormat:
                              f"got {self.group_size!r}")
         if self.hadamard:
             hadamard_block_size(self.head_dim)  # raises for an odd head dim
+        kg = self.key_group
+        if not isinstance(kg, int) or isinstance(kg, bool) or kg < 0 or (kg and self.kind != "kivi") \
+                or (self.kind == "kivi" and self.block_size % self.kgroup):
+            raise ValueError(f"key_group must divide the block of {self.block_size} tokens (kivi formats; 0: 64 "
+                             f"where it divides the block, else the block), got {kg!r}")
 
     @classmethod
-    def parse(cls, name: str, head_dim: int, block_size: int, group_size: int = 0, hadamard: bool = False):
+    def parse(cls, name: str, head_dim: int, block_size: int, group_size: int = 0, hadamard: bool = False,
+              key_group: int = 0):
         """`kivi-2`, `rtn-4`, ... -> PageFormat; ValueError naming the accepted names otherwise."""
         kind, _, b = str(name).partition("-")
         accepted = ", ".join(f"{k}-{x}" for k in KINDS for x in BITS)
         if kind not in KINDS or b not in {str(x) for x in BITS}:
             raise ValueError(f"format must be one of {accepted}, got {name!r}")
-        return cls(kind, int(b), head_dim, block_size, group_size, hadamard)
+        return cls(kind, int(b), head_dim, block_size, group_size, hadamard, key_group)
 
     @property
     def name(self) -> str:
@@ -81,6 +89,11 @@ class PageFormat:
         return self.group_size or self.head_dim
 
     @property
+    def kgroup(self) -> int:
+        """Tokens a per-channel key group spans (kivi): 64 by default where 64 divides the block, else the block."""
+        return self.key_group or (64 if self.block_size % 64 == 0 else self.block_size)
+
+    @property
     def staged(self) -> bool:
         """Whether a block's tokens wait in full precision until the block is full (per-channel keys)."""
         return self.kind == "kivi"
@@ -88,7 +101,7 @@ class PageFormat:
     @property
     def key_spec(self) -> QuantSpec:
         if self.kind == "kivi":
-            return QuantSpec(self.bits, self.block_size, 1.0, "channel")
+            return QuantSpec(self.bits, self.kgroup, 1.0, "channel")
         return QuantSpec(self.bits, self.group, 1.0, "token")
 
     @property
@@ -105,11 +118,8 @@ class PageFormat:
         if self.kind == "rtn":
             p = get_policy("rtn", bits=self.bits, group_size=self.group)
         else:
-            if min(self.block_size, self.head_dim) != self.group:
-                raise ValueError(f"{self.name}: vlmkv's kivi policy takes value groups of min(block, head dim) = "
-                                 f"{min(self.block_size, self.head_dim)} channels, got group_size={self.group_size!r}")
-            p = get_policy("kivi", bits=self.bits, group_size=self.block_size, residual_length=self.block_size,
-                           schedule="paged")
+            p = get_policy("kivi", bits=self.bits, group_size=self.kgroup, residual_length=self.block_size,
+                           schedule="paged", value_group_size=self.group)
         return WithHadamard(p) if self.hadamard else p
 
     # ------------------------------------------------------------------ layout
@@ -129,7 +139,8 @@ class PageFormat:
             sizes = [("k_codes", cb), ("k_scale", 2 * G), ("k_zero", 2 * G),
                      ("v_codes", cb), ("v_scale", 2 * G), ("v_zero", 2 * G)]
         else:
-            sizes = [("k_codes", N * cb), ("k_scale", 2 * d), ("k_zero", 2 * d),
+            kr = N // self.kgroup  # rows of per-channel key scales a block
+            sizes = [("k_codes", N * cb), ("k_scale", 2 * kr * d), ("k_zero", 2 * kr * d),
                      ("v_codes", N * cb), ("v_scale", 2 * N * G), ("v_zero", 2 * N * G)]
         out, off = [], 0
         for name, n in sizes:
@@ -217,8 +228,9 @@ class PageFormat:
             x = _field(reg, f[name], dt).reshape(R, nb, H, *shape).transpose(1, 2)
             return x.reshape(R, H, nb * shape[0], shape[1])
 
-        kq = QTensor(get("k_codes", torch.uint8, (N, cb)), get("k_scale", torch.float16, (1, d)),
-                     get("k_zero", torch.int16, (1, d)), self.key_spec, d, torch.float32)
+        kr = N // self.kgroup
+        kq = QTensor(get("k_codes", torch.uint8, (N, cb)), get("k_scale", torch.float16, (kr, d)),
+                     get("k_zero", torch.int16, (kr, d)), self.key_spec, d, torch.float32)
         vq = QTensor(get("v_codes", torch.uint8, (N, cb)), get("v_scale", torch.float16, (N, G)),
                      get("v_zero", torch.int16, (N, G)), self.value_spec, d, torch.float32)
         return kq, vq
