@@ -217,14 +217,18 @@ def vllm_section() -> str:
         "vlmkv's pages inside vLLM's CPU build (the plugin, [VLLM.md](VLLM.md)): SmolLM2-135M in bf16, "
         f"{result['kv_space_gib']} GiB of KV space, blocks of 128 tokens. Capacity is the tokens vLLM reports fit "
         "(every byte of codes, scales and zero points counted; the `kivi` formats' full-precision room for each "
-        "running request's last block comes on top: 2.9 MB a request). Perplexity: the first "
+        "running request's last block comes on top: 2.9 MB a request; `kivi-2/32` is `kivi-2` with "
+        "`key_group` 32). Perplexity: the first "
         f"{result['tokens']:,} tokens of {len(result['docs'])} license texts Debian ships ({', '.join(result['docs'])}), "
-        "each token attending to the cache as it would while decoding; the last column scores the same tokens "
-        "through vlmkv's transformers cache at the same format (one format, two engines). Throughput: "
+        "each token attending to the cache as it would while decoding. The same tokens through vlmkv's transformers "
+        "cache at the same format (one format, two engines) land as far from vLLM's number as the transformers "
+        "engine's own bf16 and float32 runs land from each other: that is the noise of bf16 arithmetic through a "
+        "quantizer (a key a rounding step apart). Throughput: "
         f"{result['prompt']:,}-token prompts, {result['new']} new tokens, decode tokens/s with the prefill taken out.",
         "", f"- At 8 bits: {line('kivi-8')}; {line('rtn-8')}.",
         f"- At 4 bits: {line('kivi-4')}; {line('rtn-4+hadamard')}.",
-        f"- At 2 bits: {line('kivi-2')}; with Hadamard: {line('kivi-2+hadamard')}.",
+        f"- At 2 bits: {line('kivi-2')}; with key groups of 32 tokens, {line('kivi-2/32')}; with Hadamard, "
+        f"{line('kivi-2+hadamard')}. Per-token 2-bit keys, even rotated: {line('rtn-2+hadamard')}.",
         "", vb.markdown(result), "", "```", result["command"], "```"])
 
 

@@ -182,13 +182,15 @@ def markdown(result: dict) -> str:
     recs = result["records"]
     bf = next(r for r in recs if r["format"] == "bf16")
     head = ("| pages | bytes a token and head | tokens in {} GiB | vs bf16 | perplexity (vLLM) | vs bf16 | "
-            "vlmkv's transformers cache, same format: bf16 | float32 |".format(result["kv_space_gib"]))
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "vlmkv's transformers cache, same format | engines apart | bf16 against float32 (transformers) |"
+            .format(result["kv_space_gib"]))
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in recs:
         tb = r.get("token_bytes", 2 * 64 * 2)
+        hf, fp32 = r["transformers_ppl"], r.get("transformers_ppl_fp32", float("nan"))
         lines.append(f"| {r['format']} | {tb} | {r['tokens']:,} | {r['tokens'] / bf['tokens']:.2f}x | {r['ppl']:.3f} | "
-                     f"{100 * (r['ppl'] / bf['ppl'] - 1):+.2f}% | {r['transformers_ppl']:.3f} | "
-                     f"{r.get('transformers_ppl_fp32', float('nan')):.3f} |")
+                     f"{100 * (r['ppl'] / bf['ppl'] - 1):+.2f}% | {hf:.3f} | {100 * abs(r['ppl'] / hf - 1):.2f}% | "
+                     f"{100 * abs(hf / fp32 - 1):.2f}% |")
     lines += ["", "| pages | decode tokens/s, batch 1 | batch 8 | prefill of {} tokens, batch 1 (s) | what ran |".format(
         result["prompt"]), "|---|---:|---:|---:|---|"]
     for r in recs:

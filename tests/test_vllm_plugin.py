@@ -26,7 +26,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl, CPUAtt
                                                  _get_attn_isa)
 
 from vlmkv.quant import dequantize, fwht, fwht_inverse, quantize  # noqa: E402
-from vlmkv.vllm.cpu import VlmkvCPUImpl, page_spec  # noqa: E402
+from vlmkv.vllm.cpu import VlmkvCPUImpl  # noqa: E402
+from vlmkv.vllm.layer import page_spec  # noqa: E402
 from vlmkv.vllm.pages import PageFormat  # noqa: E402
 from vlmkv.vllm.staging import StagingError  # noqa: E402
 
@@ -237,7 +238,7 @@ def test_a_lost_staging_slot_raises_instead_of_reading_garbage(model_config):
     meta = _meta(seq1, ql1, TABLE, [_slot(TABLE[r], p) for r, p in zip(reqs, pos1)])
     impl.do_kv_cache_update(_Layer, k[rows], v[rows], pages, meta.slot_mapping)
     impl.forward(_Layer, q[rows], k[rows], v[rows], pages, meta, torch.zeros(len(rows), H_Q, D, dtype=torch.bfloat16))
-    impl.store.staging.release(impl.store.staging.slot_of[2])  # A's last block, as if reclaimed while A still runs
+    impl.pages._store.staging.release(impl.pages._store.staging.slot_of[2])  # A's last block, as if reclaimed while A still runs
     rows = [_index(0, pos2[0]), _index(1, pos2[1])]
     meta = _meta(seq2, ql2, TABLE, [_slot(TABLE[0], pos2[0]), _slot(TABLE[1], pos2[1])])
     with pytest.raises(StagingError, match="not staged"):
@@ -261,7 +262,7 @@ def test_unservable_combinations_refuse_to_start(model_config):
 
 def test_without_settings_the_plugin_is_vllms_own_backend(model_config):
     impl, _ = _impls(model_config, None)
-    assert not impl.active
+    assert not impl.pages.active
     from vlmkv.vllm.cpu import VlmkvCPUBackend
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 

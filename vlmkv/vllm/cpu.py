@@ -14,26 +14,19 @@ Nothing is requantized: a full block is quantized once and read as it is, by eve
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 from vllm import _custom_ops as ops
-from vllm.config import get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadataBuilder)
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from .. import kernels
 from ..quant import fwht, fwht_inverse
-from . import Settings, check_vllm_version, settings_from
+from .layer import LayerPages, current_settings, page_spec
 from .pages import PageFormat
 from .plan import StepPlan
 from .store import PageStore
 
-# The settings of the engine this process serves: set when its attention layers are built (the config is current
-# then), read by `customize_spec`, which vLLM calls with the layer's spec alone.
-_ACTIVE: list = [None]
 #: seconds this process spent writing pages, building the scratch and in the attention kernel (benchmarks read it)
 TIMINGS = {"write_s": 0.0, "scratch_s": 0.0, "attention_s": 0.0, "fused_s": 0.0}
 #: layer steps each read path ran: "fused" (decode steps: vlmkv's C++ kernel over the packed pages in place),
@@ -41,31 +34,12 @@ TIMINGS = {"write_s": 0.0, "scratch_s": 0.0, "attention_s": 0.0, "fused_s": 0.0}
 PATHS = {"fused": 0, "scratch": 0}
 
 
-def _current_settings() -> Settings | None:
-    cfg = get_current_vllm_config_or_none()
-    if cfg is not None:
-        return settings_from(cfg.additional_config)
-    return _ACTIVE[0]
-
-
-def page_spec(spec, settings: Settings):
-    """The layer's KV spec with vlmkv's pages: uint8 cells of `PageFormat.token_bytes` a token and kv head."""
-    if not isinstance(spec, FullAttentionSpec) or getattr(spec, "sliding_window", None) is not None:
-        raise ValueError(f"vlmkv pages serve full-attention decoder layers only (no sliding window, no MLA), got a "
-                         f"{type(spec).__name__}")
-    if spec.head_size_v != spec.head_size:
-        raise ValueError(f"vlmkv pages need keys and values of one head size, got {spec.head_size} and "
-                         f"{spec.head_size_v}")
-    fmt = settings.page_format(spec.head_size, spec.block_size)
-    return replace(spec, dtype=torch.uint8, state_content_bytes=fmt.token_bytes)
-
-
 class VlmkvCPUBackend(CPUAttentionBackend):
     """vLLM's CPU_ATTN, storing keys and values in vlmkv's packed pages when `additional_config` asks for them."""
 
     @classmethod
     def customize_spec(cls, spec):
-        settings = _current_settings()
+        settings = current_settings()
         if settings is None:
             return super().customize_spec(spec)
         return page_spec(spec, settings)
@@ -84,42 +58,26 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        cfg = get_current_vllm_config_or_none()
-        self.settings = settings_from(cfg.additional_config) if cfg is not None else None
-        _ACTIVE[0] = self.settings
-        self.store: PageStore | None = None
-        self.max_seqs = cfg.scheduler_config.max_num_seqs if cfg is not None else 256
+        self.pages = LayerPages(self)
         self._plan_key = None
         self._plan = None
-        if self.settings is None or self.attn_type != AttentionType.DECODER:
-            return
-        check_supported(self)
-
-    @property
-    def active(self) -> bool:
-        return self.settings is not None and self.attn_type == AttentionType.DECODER
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if not self.active:
+        if not self.pages.active:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        store = self._store(kv_cache)
+        store = self.pages.store(kv_cache)
         t0 = time.perf_counter()
         store.write(key, value, kv_cache, slot_mapping)
         TIMINGS["write_s"] += time.perf_counter() - t0
 
-    def _store(self, kv_cache) -> PageStore:
-        if self.store is None:
-            self.store = PageStore(page_format(self.settings, self.head_size, kv_cache), self.max_seqs)
-        return self.store
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if not self.active or attn_metadata is None:
+        if not self.pages.active or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with vlmkv pages")
-        store = self._store(kv_cache)
+        store = self.pages.store(kv_cache)
         fmt = store.fmt
         n = attn_metadata.num_actual_tokens
         if attn_metadata.max_query_len == 1 and kernels.decode_layer_available(query):
@@ -192,31 +150,6 @@ def fused_decode(store: PageStore, meta, q, key, value, pages, scale: float) -> 
     return out.reshape(R, Hq, d)
 
 
-def check_supported(impl) -> None:
-    """ValueError for a layer vlmkv's pages cannot serve exactly (vLLM's impl attributes, both backends)."""
-    check_vllm_version()
-    if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", None):
-        raise ValueError(f"vlmkv pages replace the KV cache dtype: leave kv_cache_dtype at 'auto', got "
-                         f"{impl.kv_cache_dtype!r}")
-    if impl.sliding_window not in (-1, None, (-1, -1)):
-        raise ValueError(f"vlmkv pages serve full-attention layers only, got a sliding window of {impl.sliding_window}")
-    if impl.kv_sharing_target_layer_name is not None:
-        raise ValueError("vlmkv pages do not serve layers that share another layer's KV cache, got "
-                         f"kv_sharing_target_layer_name={impl.kv_sharing_target_layer_name!r}")
-
-
-def page_format(settings: Settings, head_size: int, kv_cache: torch.Tensor) -> PageFormat:
-    """The layer's format, checked against the cache vLLM allocated from `page_spec`."""
-    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4:
-        raise ValueError(f"vlmkv pages expect a uint8 [blocks, heads, block_size, bytes] cache, got "
-                         f"{kv_cache.dtype} {tuple(kv_cache.shape)}")
-    B, H, N, C = kv_cache.shape
-    fmt = settings.page_format(head_size, N)
-    if C != fmt.token_bytes:
-        raise ValueError(f"{fmt.name}: pages of {fmt.token_bytes} bytes a token and head expected, got {C}")
-    return fmt
-
-
 def cpu_plan(meta, fmt: PageFormat, impl, dtype, isa: str):
     """The step's `StepPlan` and the native kernel's scheduler metadata for its attention requests."""
     from vllm import envs
@@ -246,4 +179,4 @@ def native_cache(k: torch.Tensor, v: torch.Tensor, isa: str):
     return key_cache, value_cache
 
 
-__all__ = ["VlmkvCPUBackend", "VlmkvCPUImpl", "page_spec", "page_format", "check_supported", "native_cache"]
+__all__ = ["VlmkvCPUBackend", "VlmkvCPUImpl", "fused_decode", "cpu_plan", "native_cache"]

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from . import settings_from
-from .cpu import check_supported, page_format, page_spec
+from .layer import LayerPages, current_settings, page_spec
 from .plan import StepPlan
 from .store import PageStore
 
@@ -31,8 +29,7 @@ class VlmkvCudaBackend(TritonAttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec):
-        cfg = get_current_vllm_config_or_none()
-        settings = settings_from(cfg.additional_config) if cfg is not None else None
+        settings = current_settings()
         if settings is None:
             return super().customize_spec(spec)
         return page_spec(spec, settings)
@@ -59,40 +56,28 @@ class VlmkvCudaImpl(TritonAttentionImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        cfg = get_current_vllm_config_or_none()
-        self.settings = settings_from(cfg.additional_config) if cfg is not None else None
-        self.store: PageStore | None = None
-        self.max_seqs = cfg.scheduler_config.max_num_seqs if cfg is not None else 256
-        if self.settings is None or self.attn_type != AttentionType.DECODER:
+        self.pages = LayerPages(self)
+        if not self.pages.active:
             return
-        check_supported(self)
+        cfg = get_current_vllm_config_or_none()
         if self.alibi_slopes is not None or self.sinks is not None or (self.logits_soft_cap or 0) != 0:
             raise ValueError("vlmkv pages on CUDA serve plain softmax attention (no ALiBi, sinks or soft cap)")
         if cfg is not None and not cfg.model_config.enforce_eager:
             raise ValueError("vlmkv pages on CUDA need enforce_eager=True (their staging runs on the host)")
 
-    @property
-    def active(self) -> bool:
-        return self.settings is not None and self.attn_type == AttentionType.DECODER
-
-    def _store(self, kv_cache) -> PageStore:
-        if self.store is None:
-            self.store = PageStore(page_format(self.settings, self.head_size, kv_cache), self.max_seqs)
-        return self.store
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if not self.active:
+        if not self.pages.active:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._store(kv_cache).write(key, value, kv_cache, slot_mapping)
+        self.pages.store(kv_cache).write(key, value, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        if not self.active or attn_metadata is None:
+        if not self.pages.active or attn_metadata is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with vlmkv pages")
-        store = self._store(kv_cache)
+        store = self.pages.store(kv_cache)
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
