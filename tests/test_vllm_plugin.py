@@ -266,10 +266,18 @@ def test_without_settings_the_plugin_is_vllms_own_backend(model_config):
     from vlmkv.vllm.cpu import VlmkvCPUBackend
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+    from vlmkv.vllm.cuda import VlmkvCudaBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
     spec = FullAttentionSpec(block_size=N, num_kv_heads=H, head_size=D, dtype=torch.bfloat16)
     cfg = VllmConfig(model_config=model_config)
     with set_current_vllm_config(cfg):
         assert VlmkvCPUBackend.customize_spec(spec) == spec
+        assert VlmkvCudaBackend.customize_spec(spec) == spec
+        assert VlmkvCudaBackend.supported_kv_cache_layouts() == TritonAttentionBackend.supported_kv_cache_layouts()
+    with set_current_vllm_config(VllmConfig(model_config=model_config,
+                                            additional_config={"vlmkv": {"format": "kivi-4"}})):
+        assert VlmkvCudaBackend.customize_spec(spec).state_content_bytes == 72
 
 
 def test_the_entry_point_puts_the_backend_in_vllms_registry():

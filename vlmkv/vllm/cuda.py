@@ -36,6 +36,8 @@ class VlmkvCudaBackend(TritonAttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls):
+        if current_settings() is None:
+            return super().supported_kv_cache_layouts()
         return (KVCacheLayout.LBHNC,)  # a (block, head) region of N * C bytes is contiguous, as on the CPU
 
     @staticmethod
