@@ -121,6 +121,7 @@ def one_engine(fmt: str, args) -> dict:
         rec["staging_bytes_per_request"] = f.staging_bytes(cfg.num_key_value_heads) * cfg.num_hidden_layers
     rec["timings"] = {k: round(v, 3) for k, v in plugin_cpu.TIMINGS.items()}
     rec["paths"] = dict(plugin_cpu.PATHS)  # layer steps each read path ran
+    llm.llm_engine.engine_core.shutdown()
     return rec
 
 
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
         # the same engine in float32: how far bf16 arithmetic alone moves the number (the noise both engines share)
         rec["transformers_ppl_fp32"] = transformers_ppl(args.one, args, torch.float32)
         print("RECORD " + json.dumps(rec), flush=True)
-        return
+        os._exit(0)  # no interpreter teardown: a thread still running at exit can abort a finished run
     from tqdm import tqdm
 
     records = []

@@ -304,7 +304,7 @@ def _run(script: str, timeout: int = 600, **env_extra) -> dict:
 
 
 E2E = r'''
-import json, math, torch
+import json, os, sys, math, torch
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vlmkv import QuantizedKVCache
@@ -344,6 +344,10 @@ if __name__ == "__main__":
                       "branch": branch.outputs[0].text, "vllm_lp": vllm_lp, "hf_lp": hf_lp,
                       "hf_fp32": hf_fp32, "hf_other": hf_other,
                       "tokens": cc.num_gpu_blocks * cc.block_size}))
+
+    sys.stdout.flush()
+    llm.llm_engine.engine_core.shutdown()  # the engine's processes first, then no interpreter teardown (where a
+    os._exit(0)  # thread still running at exit can abort the process after its work is done)
 '''
 
 
@@ -373,7 +377,7 @@ def test_one_format_two_engines_score_the_text_alike(e2e):
 
 
 PREEMPT = r'''
-import json
+import json, os, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vlmkv.models.loading import embedded_path
@@ -396,6 +400,10 @@ if __name__ == "__main__":
                          use_tqdm=False)[0]
         forced.append([d[t].logprob for d, t in zip(s.prompt_logprobs[len(p):], gen)])
     print("RESULT " + json.dumps({"decoded": decoded, "forced": forced, "preemptions": pre}))
+
+    sys.stdout.flush()
+    llm.llm_engine.engine_core.shutdown()  # the engine's processes first, then no interpreter teardown (where a
+    os._exit(0)  # thread still running at exit can abort the process after its work is done)
 '''
 
 
@@ -416,7 +424,7 @@ def test_preempted_requests_recompute_what_they_held():
 
 
 TP = r'''
-import json
+import json, os, sys
 from vllm import LLM, SamplingParams
 from vlmkv.models.loading import embedded_path
 if __name__ == "__main__":
@@ -426,6 +434,10 @@ if __name__ == "__main__":
     out = llm.generate(["The Apache License is a permissive free software license"],
                        SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
     print("RESULT " + json.dumps({"text": out[0].outputs[0].text}))
+
+    sys.stdout.flush()
+    llm.llm_engine.engine_core.shutdown()  # the engine's processes first, then no interpreter teardown (where a
+    os._exit(0)  # thread still running at exit can abort the process after its work is done)
 '''
 
 
