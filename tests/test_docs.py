@@ -15,7 +15,8 @@ CLEAN_DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks"
 # the README's two commands and the setup they share: they are what CI itself runs (.ci/run), far over a minute; and
 # the vLLM section's (its own environment, a server): CI's vLLM tests run the same server and request
 LONG = ("bash scripts/demo.sh", "bash scripts/test.sh", "bash scripts/setup.sh", "bash scripts/setup-vllm.sh",
-        ".venv-vllm/bin/python -m vlmkv.vllm serve", "curl -s http://127.0.0.1:8000/v1/completions")
+        "VLLM_CPU_KVCACHE_SPACE=2 VLLM_HOST_IP=127.0.0.1 .venv-vllm/bin/python -m vlmkv.vllm serve",
+        "curl -s http://127.0.0.1:8000/v1/completions")
 
 
 def _blocks(text: str, lang: str) -> list[str]:
