@@ -74,9 +74,7 @@ def one_engine(fmt: str, args) -> dict:
     startup = time.perf_counter() - t0
     cc = llm.llm_engine.vllm_config.cache_config
     rec = {"format": fmt, "startup_s": round(startup, 1), "blocks": cc.num_gpu_blocks,
-           "block_size": cc.block_size, "tokens": cc.num_gpu_blocks * cc.block_size,
-           "path": "vLLM CPU_ATTN, bf16 pages" if fmt == "bf16" else
-           "vlmkv pages: referenced blocks dequantized into a scratch, vLLM's CPU attention kernel"}
+           "block_size": cc.block_size, "tokens": cc.num_gpu_blocks * cc.block_size}
     tok = llm.get_tokenizer()
     docs = documents(tok, args.docs, args.tokens)
     from vllm.inputs import TokensPrompt
@@ -130,6 +128,7 @@ def transformers_ppl(fmt: str, args, dtype=None) -> float:
     import torch
 
     from vlmkv import QuantizedKVCache
+    from vlmkv.cache import head_dim_of
     from vlmkv.models.loading import load_model
     from vlmkv.vllm.pages import PageFormat
 
@@ -145,9 +144,7 @@ def transformers_ppl(fmt: str, args, dtype=None) -> float:
             cache = DynamicCache()
         else:
             name, had, kg = split(fmt)
-            f = PageFormat.parse(name, model.config.head_dim if getattr(model.config, "head_dim", None) else
-                                 model.config.hidden_size // model.config.num_attention_heads, args.block_size, 0, had,
-                                 kg)
+            f = PageFormat.parse(name, head_dim_of(model.config), args.block_size, 0, had, kg)
             cache = QuantizedKVCache(model, f.policy(), prompt_reads_cache=not f.staged)
         # kivi: one block at a time, so that each block attends to itself in full precision and to the earlier
         # ones quantized (the `paged` schedule); rtn: one prefill attending to what the cache stores

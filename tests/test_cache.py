@@ -359,3 +359,19 @@ def test_load_model_never_fetches_hub_kernels(local_llava, smollm2, monkeypatch)
     with pytest.raises(LookupError, match="spied"):  # a caller's own choice still reaches transformers
         vlmkv.load_model(str(d), use_kernels=True)
     assert seen[-1] is True
+
+
+def test_prompt_reads_cache_makes_the_prompt_attend_to_what_is_stored(tiny_llama):
+    """prompt_reads_cache: the prefill attends to what the cache stores, as a paged engine that quantizes on write
+    does. Stored as it is (fp16 keeps the model's float32 tokens here), that is the prompt itself, bit for bit;
+    stored at 2 bits, the prompt's logits move away from the default prefill's, which attends unquantized."""
+    ids = torch.randint(5, 200, (1, 24))
+
+    def logits(policy, **kw):
+        with torch.no_grad(), QuantizedKVCache(tiny_llama, policy, residual_dtype=torch.float32, **kw) as cache:
+            return tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True).logits[0]
+
+    torch.testing.assert_close(logits("fp16", prompt_reads_cache=True), logits("fp16"), rtol=0, atol=0)
+    assert (logits("rtn-2", prompt_reads_cache=True) - logits("rtn-2")).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="prompt_reads_cache must be a bool"):
+        QuantizedKVCache(tiny_llama, "rtn-2", prompt_reads_cache=1)

@@ -238,10 +238,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._prefill(k, v)
             if not self.prompt_reads_cache:
                 return key_states, value_states  # the prompt attends to itself unquantized
-            kk, vv = store.materialize(torch.float32 if self.rotate else None)
-            if self.rotate:
-                return saturate(fwht_inverse(kk), self.dtype), saturate(fwht_inverse(vv), self.dtype)
-            return kk, vv
+            return self._stored()
         if self._pending:  # tokens the previous step's window no longer needed (see get_mask_sizes)
             self._drop(self._pending)
         rule = self.rule or self.policy.decode_rule(self.layer_idx)
@@ -253,9 +250,15 @@ class QuantizedKVLayer(CacheLayerMixin):
             attention.handoff(self.layer_idx, store, self.rotate)
             self._pending = self._excess()
             return saturate(store.res_k, self.dtype), saturate(store.res_v, self.dtype)
-        kk, vv = store.materialize(torch.float32 if self.rotate else None)
+        kk, vv = self._stored()
         store.settle()  # the floats returned are the step's view; what a rule defers until after attention is done
         self._drop(self._excess())
+        return kk, vv
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held key and value `[B, H, L, D]` in the model's dtype and basis: dequantized, rotated back where
+        they are stored rotated (in float32 first: a rotation's values may exceed float16)."""
+        kk, vv = self.store.materialize(torch.float32 if self.rotate else None)
         if self.rotate:
             return saturate(fwht_inverse(kk), self.dtype), saturate(fwht_inverse(vv), self.dtype)
         return kk, vv

@@ -56,7 +56,7 @@ def profile(name: str, R: int, L: int, H: int = 3, Hq: int = 9, d: int = 64, N: 
 
     def step():
         store.write(key, key, pages, new)
-        plugin.fused_decode(store, meta, q, key, key, pages, d ** -0.5)
+        plugin.fused_decode(store, meta, q, pages, d ** -0.5)
         store._release = []
 
     read = nb - (1 if fmt.staged else 0)

@@ -82,7 +82,7 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
         n = attn_metadata.num_actual_tokens
         if attn_metadata.max_query_len == 1 and kernels.decode_layer_available(query):
             t0 = time.perf_counter()
-            out = fused_decode(store, attn_metadata, query[:n], key[:n], value[:n], kv_cache, self.scale)
+            out = fused_decode(store, attn_metadata, query[:n], kv_cache, self.scale)
             output[:n] = out.reshape(output[:n].shape).to(output.dtype)
             store.settle()
             TIMINGS["fused_s"] += time.perf_counter() - t0
@@ -110,36 +110,25 @@ class VlmkvCPUImpl(CPUAttentionBackendImpl):
         return output
 
 
-def fused_decode(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:
+def fused_decode(store: PageStore, meta, q, pages, scale: float) -> torch.Tensor:
     """A step whose requests each bring one query: vlmkv's C++ decode kernel (`kernels.decode_layer`) over the packed
     pages in place, in one call for the layer: each request's page blocks (gathered as packed bytes, never
     dequantized into a copy) and, for `kivi`, its own block in full precision from staging (where the step's token
-    already is), merged by log-sum-exp. q `[R, Hq, d]`, key, value `[R, H, d]` -> float32 `[R, Hq, d]`."""
+    already is), merged by log-sum-exp. q `[R, Hq, d]` -> float32 `[R, Hq, d]`."""
     fmt = store.fmt
     N, d = fmt.block_size, fmt.head_dim
     R, Hq, _ = q.shape
     H = pages.shape[1]
-    seq = meta.seq_lens.to(torch.long)
-    table = meta.block_table.to(torch.long)
-    if fmt.staged:
-        npage = (seq - 1) // N  # the blocks before each request's own
-        from_pages = npage * N
-    else:
-        npage = -(-seq // N)
-        from_pages = seq
+    npage, from_pages, own, own_len = store.decode_view(meta.seq_lens, meta.block_table)
     parts = []
     nb = int(npage.max())
-    if nb:
-        kq, vq = fmt.qtensors(pages[table[:, :nb]])  # [R, H, nb * N, .]; columns past a request's blocks: masked
+    if nb:  # columns past a request's blocks: masked
+        kq, vq = fmt.qtensors(pages[meta.block_table.to(torch.long)[:, :nb]])  # [R, H, nb * N, .]
         parts.append((kq, vq, torch.arange(nb * N)[None, :] < from_pages[:, None]))
-    if fmt.staged:  # the own block: in staging, this step's token included (written before the attention)
-        held = seq - from_pages  # tokens of the own block, the new one included
-        slots = [store.staging.slot_holding(int(table[r, j]), h) for r, (j, h) in
-                 enumerate(zip(npage.tolist(), held.tolist()))]
-        raw = store.staging.buf[torch.tensor(slots)]  # [R, 2, H, N, d]; past `held`: masked, never read
+    if own is not None:  # past each request's tokens: masked, never read
         if fmt.hadamard:
-            raw = fwht(raw.float())
-        parts.append((raw[:, 0], raw[:, 1], torch.arange(N)[None, :] < held[:, None]))
+            own = fwht(own.float())
+        parts.append((own[:, 0], own[:, 1], torch.arange(N)[None, :] < own_len[:, None]))
     qq = q.float().view(R, H, Hq // H, d)
     if fmt.hadamard:
         qq = fwht(qq)

@@ -83,41 +83,26 @@ class VlmkvCudaImpl(TritonAttentionImpl):
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        k, v = key[:n], value[:n]
         if attn_metadata.max_query_len == 1:
-            out.copy_(decode_step(store, attn_metadata, q, k, v, kv_cache, self.scale))
+            out.copy_(decode_step(store, attn_metadata, q, kv_cache, self.scale))
         else:
-            out.copy_(general_step(store, attn_metadata, q, k, v, kv_cache, self.scale))
+            out.copy_(general_step(store, attn_metadata, q, key[:n], value[:n], kv_cache, self.scale))
         store.settle()
         return output
 
 
-def decode_step(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:
-    """One query a request: the fused Triton kernel over the pages in place. q `[R, Hq, d]` -> `[R, Hq, d]`."""
+def decode_step(store: PageStore, meta, q, pages, scale: float) -> torch.Tensor:
+    """One query a request: the fused Triton kernel over the pages in place and each request's own block from
+    staging. q `[R, Hq, d]` -> `[R, Hq, d]`."""
     from ..kernels.triton_pages import paged_decode
 
     fmt = store.fmt
     N = fmt.block_size
-    seq = meta.seq_lens.to(torch.long)
-    R = seq.shape[0]
-    H = pages.shape[1]
-    raw = torch.zeros(R, 2, H, N, fmt.head_dim, dtype=q.dtype, device=q.device)
-    if fmt.staged:  # earlier blocks from the pages; the own block: staged tokens, then the new one
-        npage = (seq - 1) // N
-        valid = torch.full_like(seq, N)
-        raw_len = seq - npage * N
-        table = meta.block_table
-        for r, (blk_idx, held) in enumerate(zip(npage.tolist(), (raw_len - 1).tolist())):
-            blk = int(table[r, blk_idx])
-            if held:
-                st = store.staging.prefix(blk, held)
-                raw[r, 0, :, :held], raw[r, 1, :, :held] = st[0], st[1]
-            raw[r, 0, :, held], raw[r, 1, :, held] = key[r], value[r]
-    else:
-        npage = -(-seq // N)
-        valid = seq - (npage - 1) * N
-        raw_len = torch.zeros_like(seq)
-    return paged_decode(q, pages, meta.block_table, npage, valid, raw, raw_len, fmt, scale)
+    npage, from_pages, own, own_len = store.decode_view(meta.seq_lens, meta.block_table)
+    valid = from_pages - (npage - 1) * N  # tokens read from the last page block
+    if own is None:  # rtn: nothing outside the pages
+        own = torch.zeros(npage.shape[0], 2, pages.shape[1], N, fmt.head_dim, dtype=q.dtype, device=q.device)
+    return paged_decode(q, pages, meta.block_table, npage, valid, own, own_len, fmt, scale)
 
 
 def general_step(store: PageStore, meta, q, key, value, pages, scale: float) -> torch.Tensor:

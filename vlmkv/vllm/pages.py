@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import QTensor, QuantSpec, dequantize, fwht, fwht_inverse
+from ..quant import QTensor, QuantSpec, dequantize, fwht, fwht_inverse, saturate
 from ..quant.hadamard import hadamard_block_size
 
 KINDS = ("rtn", "kivi")
@@ -239,7 +239,7 @@ class PageFormat:
         """uint8 `[B, H, N, C]` (whole blocks) -> (keys, values) `[B, H, N, d]` in `dtype`, in the model's basis."""
         kq, vq = self.qtensors(pages.unsqueeze(1))  # B requests of one block each
         k, v = self._unrotate(dequantize(kq)), self._unrotate(dequantize(vq))
-        return _cast(k, dtype), _cast(v, dtype)
+        return saturate(k, dtype), saturate(v, dtype)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -254,12 +254,6 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
 def _field(x: torch.Tensor, where: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     off, n = where
     return x[..., off:off + n].contiguous().view(dtype)
-
-
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from ..quant import saturate
-
-    return saturate(x, dtype)
 
 
 __all__ = ["PageFormat", "KINDS", "BITS"]

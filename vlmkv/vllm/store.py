@@ -47,13 +47,30 @@ class PageStore:
             self.staging.release(slot)
         self._release = []
 
+    def decode_view(self, seq_lens, block_table):
+        """What a decode step (one query a request, its token already written) reads: (npage long `[R]`, the
+        blocks of the table read from the pages; from_pages long `[R]`, the tokens they hold for the request; own,
+        for `kivi`, the staged `[R, 2, H, N, d]` of each request's own block, this step's token included, and
+        own_len long `[R]` its tokens; for `rtn` None and zeros)."""
+        N = self.fmt.block_size
+        seq = seq_lens.to(torch.long)
+        if not self.fmt.staged:
+            npage = -(-seq // N)
+            return npage, seq, None, torch.zeros_like(seq)
+        npage = (seq - 1) // N  # the blocks before each request's own
+        from_pages = npage * N
+        own_len = seq - from_pages
+        table = block_table.to("cpu", torch.long)
+        slots = [self.staging.slot_holding(int(table[r, j]), h)
+                 for r, (j, h) in enumerate(zip(npage.tolist(), own_len.tolist()))]
+        return npage, from_pages, self.staging.buf[torch.tensor(slots, device=self.staging.buf.device)], own_len
+
     def scratch(self, plan: StepPlan, pages, key, value, dtype):
         """(keys, values) `[plan.blocks, H, N, d]` in `dtype`: the page blocks dequantized, then (`kivi`) each
         attention request's own block in full precision: its staged tokens, then the step's new ones (`key`,
         `value` `[T, H, d]`, in the step's order)."""
         fmt = self.fmt
-        B, H, N, C = pages.shape
-        d = fmt.head_dim
+        H, N, d = pages.shape[1], fmt.block_size, fmt.head_dim
         k, v = fmt.dequantize_pages(pages[plan.page_blocks.to(pages.device)], dtype)  # [U, H, N, d]
         for j, p in plan.tails:  # past the request's length: whatever the page held
             k[j, :, p:] = 0
