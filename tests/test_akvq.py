@@ -73,7 +73,7 @@ def test_planted_massive_activations_become_pivots():
     m = _planted_llama([40, 41])
     ids = torch.tensor([[3, 4, 40, 5, 6, 7, 41, 8, 9, 10, 11, 12]])
     pol = get_policy("akvq-vl", recent=0, wht=False)
-    with QuantizedKVCache(m, pol) as cache, torch.no_grad():
+    with QuantizedKVCache(m, pol, inspect=True) as cache, torch.no_grad():
         m(input_ids=ids, past_key_values=cache)
         ratio = cache.layer_stats[0]["massive_activation"]
         assert ratio[0, 2] > 100 and ratio[0, 6] > 100
@@ -85,7 +85,7 @@ def test_planted_massive_activations_become_pivots():
 def test_no_pivots_invented_on_flat_stream():
     m = _planted_llama([], flat=True)
     ids = torch.randint(3, 60, (2, 30), generator=torch.Generator().manual_seed(0))
-    with QuantizedKVCache(m, get_policy("akvq-vl", recent=0, wht=False)) as cache, torch.no_grad():
+    with QuantizedKVCache(m, get_policy("akvq-vl", recent=0, wht=False), inspect=True) as cache, torch.no_grad():
         m(input_ids=ids, past_key_values=cache)
         assert not (cache.plans[0]["bits"] == 16).any()
 
@@ -108,7 +108,7 @@ def test_smollm2_pivots_are_not_only_the_first_token(smollm2):
     on other positions too."""
     model, tok = smollm2
     x = tok(["Here is a table.\nAlice: Lisbon\nBruno: Oslo\nChen: Oslo\n\nCopy the table."], return_tensors="pt")
-    with QuantizedKVCache(model, get_policy("akvq-vl", recent=0)) as cache:
+    with QuantizedKVCache(model, get_policy("akvq-vl", recent=0), inspect=True) as cache:
         model(**x, past_key_values=cache)
         piv = {l: (cache.plans[l]["bits"][0] == 16).nonzero().flatten().tolist() for l in range(30)}
         ratios = [float(cache.layer_stats[l]["massive_activation"].max()) for l in range(30)]
@@ -190,7 +190,7 @@ def test_keys_and_values_are_stored_rotated(tiny_llama):
 def test_akvq_generate_on_every_family(name, family):
     model, inputs, types, _ = family(name)
     pol = get_policy("akvq-vl", recent=4, flush_every=2, num_pivots=2)
-    with QuantizedKVCache(model, pol) as cache:
+    with QuantizedKVCache(model, pol, inspect=True) as cache:
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
         assert out.shape[0] == 2
         plan = cache.plans[0]["bits"]
@@ -208,7 +208,7 @@ def test_ablation_switches_change_stored_bits(tiny_llama, padded_batch):
 
     def run(**opts):
         pol = get_policy("akvq-vl", recent=8, num_pivots=3, pivot_threshold=1.5, **opts)
-        with QuantizedKVCache(tiny_llama, pol) as cache:
+        with QuantizedKVCache(tiny_llama, pol, inspect=True) as cache:
             tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
             widths = {l: set(cache.plans[l]["bits"].unique().tolist()) for l in range(2)}
             return cache, widths, cache.layers[0].store

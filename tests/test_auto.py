@@ -14,7 +14,7 @@ def _run(model, inputs, bits, steps):
     and after every step."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    with QuantizedKVCache(model, "auto", bits=bits) as cache:
+    with QuantizedKVCache(model, "auto", bits=bits, inspect=True) as cache:
         seen = []
 
         class Record(LogitsProcessor):

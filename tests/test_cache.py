@@ -207,7 +207,7 @@ def test_two_bit_cache_is_six_times_smaller(smollm2):
 @torch.no_grad()
 def test_hooks_removed_on_close(tiny_llama):
     n0 = len(tiny_llama._forward_pre_hooks)
-    with QuantizedKVCache(tiny_llama, "kivi") as cache:
+    with QuantizedKVCache(tiny_llama, "kivi", inspect=True) as cache:
         assert len(tiny_llama._forward_pre_hooks) == n0 + 1
         tiny_llama(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1]]), past_key_values=cache)
         assert cache.inputs["attention_mask"].tolist() == [[0, 1, 1]]

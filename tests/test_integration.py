@@ -45,7 +45,7 @@ def test_labels_reach_the_policy_whatever_the_spelling_and_entry_point(name, spe
     model, inputs, types, _ = family(name)
     for policy in ("akvq-vl", "windowquant"):
         pol = get_policy(policy, recent=2, **({"num_pivots": 2} if policy == "akvq-vl" else {"budget": 6.0}))
-        with QuantizedKVCache(model, pol) as cache:
+        with QuantizedKVCache(model, pol, inspect=True) as cache:
             if entry == "generate":
                 model.generate(**inputs, **{spelling: cache}, max_new_tokens=3, do_sample=False)
             else:
@@ -73,7 +73,7 @@ def test_vision_aware_policy_without_labels_raises(family):
                 model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                                            past_key_values=cache)
     # labels given by hand make embeddings work
-    with QuantizedKVCache(model, "akvq-vl", recent=2, num_pivots=2) as cache:
+    with QuantizedKVCache(model, "akvq-vl", recent=2, num_pivots=2, inspect=True) as cache:
         cache.set_spans(types, frames)
         model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], past_key_values=cache)
         _check_akvq_plan(cache, types)

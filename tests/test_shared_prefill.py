@@ -19,12 +19,12 @@ def _filled_pair(model, inputs, policy):
     """(cache prefilled through the model, its last logits), (cache filled from a recording, the recording's logits)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    direct = QuantizedKVCache(model, policy)
+    direct = QuantizedKVCache(model, policy, inspect=True)
     a = prefill_logits(model, ids, mask, direct, **extra)
     rec = QuantizedKVCache(model, "fp16", record_prompt=True)
     first = prefill_logits(model, ids, mask, rec, **extra)
     rec.close()
-    shared = QuantizedKVCache(model, policy)
+    shared = QuantizedKVCache(model, policy, inspect=True)
     shared.prefill_from(rec)
     return (direct, a), (shared, first), rec
 
@@ -62,7 +62,7 @@ def test_greedy_from_a_shared_prefill_equals_generate(family, fam):
 
     model, inputs, types, _ = family(fam)
     pol = get_policy("akvq-vl", recent=2, num_pivots=1, group_size=16)
-    with QuantizedKVCache(model, pol) as c:
+    with QuantizedKVCache(model, pol, inspect=True) as c:
         out = model.generate(**inputs, **cache_kwargs(c), max_new_tokens=5, min_new_tokens=3, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         ref_new = out.sequences[:, inputs["input_ids"].shape[1]:]

@@ -36,7 +36,7 @@ def test_smoothing_flattens_channel_outliers_and_helps_quantization():
 @torch.no_grad()
 def test_smoothquant_bytes_include_the_divisors(tiny_llama, padded_batch):
     ids, mask = padded_batch
-    with QuantizedKVCache(tiny_llama, get_policy("smoothquant", bits=4)) as cache:
+    with QuantizedKVCache(tiny_llama, get_policy("smoothquant", bits=4), inspect=True) as cache:
         tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
         st = cache.layers[0].store
         assert st.channel_scales[0].shape == (2, 2, 1, 32)
@@ -64,7 +64,7 @@ def test_skvq_reordering_is_a_permutation_undone_exactly():
 @torch.no_grad()
 def test_skvq_groups_similar_ranges_and_keeps_sinks(tiny_llama):
     ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
-    with QuantizedKVCache(tiny_llama, get_policy("skvq", window=8, sinks=5)) as cache:
+    with QuantizedKVCache(tiny_llama, get_policy("skvq", window=8, sinks=5), inspect=True) as cache:
         tiny_llama(input_ids=ids, past_key_values=cache)
         bits = cache.plans[0]["bits"][0]
         assert bits[:5].tolist() == [16] * 5 and set(bits[5:].tolist()) == {2}

@@ -86,7 +86,7 @@ def test_infeasible_budget_rejected_at_cache_build(family):
 def test_budget_met_from_bytes(budget, family):
     model, inputs, types, _ = family("llava")
     pol = get_policy("windowquant", budget=budget, recent=0)
-    with QuantizedKVCache(model, pol) as cache:
+    with QuantizedKVCache(model, pol, inspect=True) as cache:
         model(**inputs, past_key_values=cache)
         assert cache.nbytes() == expected_bytes(cache)  # the byte model below is exact
         H, D = 2, cache.head_dim
@@ -129,7 +129,7 @@ def test_reordered_segments_equal_in_place_quantization_left_padded(candidates, 
     model, inputs, types, _ = family("llava")
     pol = get_policy("windowquant", budget=17.0 if candidates == (16,) else 6.0, candidates=candidates, recent=0)
     mask = inputs["attention_mask"]
-    with QuantizedKVCache(model, pol, residual_dtype=torch.float32) as cache:
+    with QuantizedKVCache(model, pol, residual_dtype=torch.float32, inspect=True) as cache:
         out = model(**inputs, past_key_values=cache)
         seg = cache.layers[0].store.segments
         assert seg[max(candidates)].index is not None  # stored out of position order
@@ -149,7 +149,7 @@ def test_reordered_segments_equal_in_place_quantization_left_padded(candidates, 
 def test_windowquant_generate_on_every_family(name, policy, family):
     model, inputs, types, _ = family(name)
     pol = get_policy(policy, budget=6.0, recent=2)
-    with QuantizedKVCache(model, pol) as cache:
+    with QuantizedKVCache(model, pol, inspect=True) as cache:
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, do_sample=False)
         assert out.shape[0] == 2
         bits = cache.plans[0]["bits"]

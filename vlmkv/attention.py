@@ -184,6 +184,24 @@ def segment_attention(query: torch.Tensor, store, mask, scaling: float, out_dtyp
     return out.transpose(1, 2).contiguous()
 
 
+def mask_evicted(mask: torch.Tensor | None, live: torch.Tensor, q: int) -> torch.Tensor:
+    """The model's attention mask for a `q`-token query over L cached slots with the evicted ones (`live` bool
+    `[B, L]` False) masked: bool (True: attend) or additive float `[B, 1, q, L]` as `mask` is; None (sdpa's causal
+    skip) becomes the causal mask of the query's slots L - q .. L - 1."""
+    B, L = live.shape
+    keep = live[:, None, None, :]
+    if mask is None:
+        pos = torch.arange(L, device=live.device)
+        causal = pos[None, :] <= pos[L - q:, None]  # [q, L]
+        return causal[None, None] & keep
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    m = mask[..., -L:]
+    if m.dtype == torch.bool:
+        return m & keep
+    return m.masked_fill(~keep, torch.finfo(m.dtype).min)
+
+
 def _one_call_parts(query, store, ok_for, allowed) -> list | None:
     """[(keys, values, ok)] for `kernels.decode_layer`: every segment of `store` (packed as QTensors, 16-bit ones and
     deferred values as float tensors) and the recent window, where the CPU kernel reads them all in one call; None
@@ -237,9 +255,17 @@ def handoff(layer_idx: int, store, rotated: bool) -> None:
     prev = getattr(_local, "pending", None)
     if prev is not None:
         _local.pending = None
-        raise RuntimeError(f"decode attention of layer {prev[0]} did not read the cache's segments: the model's "
-                           f"attention implementation was changed while a QuantizedKVCache was in use")
+        raise RuntimeError(f"attention of layer {prev[0]} did not take what the cache handed it (its segments or a "
+                           f"prompt's queries): the model's attention implementation was changed while a "
+                           f"QuantizedKVCache was in use")
     _local.pending = (layer_idx, store, rotated)
+
+
+def handoff_query(layer_idx: int, fn) -> None:
+    """Have the next attention call of decoder layer `layer_idx` on this thread call `fn(query)` (`[B, Hq, S, D]`,
+    after RoPE, as the model computed it) before it attends: how a prefill reads the prompt's queries (a policy
+    that plans from the question's attention, a recording cache). Raises as `handoff` does."""
+    handoff(layer_idx, fn, False)
 
 
 def _take(module):
@@ -287,6 +313,9 @@ def _make_attention(impl: str):
         if pending is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
         _, store, rotated = pending
+        if callable(store):  # a prefill that reads the prompt's queries (handoff_query), then attends as usual
+            store(query)
+            return base(module, query, key, value, attention_mask, *args, **kwargs)
         opts = _named(base, args, kwargs)
         plain = not any(opts.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
         if plain and query.shape[2] == 1 and (opts.get("dropout") or 0.0) == 0.0:
@@ -302,6 +331,8 @@ def _make_attention(impl: str):
         store.count_materialized("a decode step that segment attention does not take (softcap, sinks, dropout or "
                                  "a multi-token query)")
         key, value = store.materialize(torch.float32 if rotated else None)
+        if store.evicted:  # evicted slots hold zeros: masked, as if the keys were never there
+            attention_mask = mask_evicted(attention_mask, store.live(), query.shape[2])
         store.settle()
         if rotated:
             key, value = saturate(fwht_inverse(key), query.dtype), saturate(fwht_inverse(value), query.dtype)

@@ -81,6 +81,8 @@ def sliding_windows(cfg) -> list[int | None]:
     return out
 
 
+OBSERVATION = 64  # the prompt's last queries a recording cache keeps, the most a policy's query window may read
+
 COMPILE_REASON = ("vlmkv's cache plans, packs and reads variable-length quantized segments (data-dependent shapes): "
                   "it runs eagerly between compiled pieces; use torch.compile(model) without fullgraph=True")
 
@@ -102,12 +104,15 @@ class PromptSource:
     `PrefillContext`. A policy that reads modality labels on a vision-language model gets them or an error.
     """
 
-    def __init__(self, adapter, needs_modality: bool, needs_massive: bool):
+    def __init__(self, adapter, needs_modality: bool, needs_massive: bool, needs_queries: bool = False,
+                 inspect: bool = False):
         self.adapter = adapter
         self.needs_modality = needs_modality
         self.needs_massive = needs_massive
+        self.needs_queries = needs_queries
+        self.inspect = inspect  # keep the last prefill's inputs (QuantizedKVCache(inspect=True))
         self.span_override: tuple | None = None
-        self.inputs: dict = {}  # the last prefill's inputs and labels (token_types, frame_ids), for inspection
+        self.inputs: dict = {}  # the last prefill's inputs and labels (token_types, frame_ids), when inspecting
 
     @property
     def is_vlm(self) -> bool:
@@ -131,7 +136,8 @@ class PromptSource:
             got["frame_ids"] = spans.frame_ids.to(ids.device)
         if frame is not None:
             frame.memo[key] = got
-        self.inputs = got
+        if self.inspect:  # the call's tensors (pixel values too) outlive it only when asked for
+            self.inputs = got
         return got
 
     def context(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> PrefillContext:
@@ -171,6 +177,15 @@ class PromptSource:
         return PrefillContext(keys=keys, values=values, layer_idx=layer_idx, attention_mask=mask,
                               token_types=types, frame_ids=frames, massive_activation=massive)
 
+    @staticmethod
+    def recorded_queries(layer_idx: int):
+        """The queries the current forward call's attention left for `layer_idx` (a recorded prompt replayed by
+        `prefill_from`), or None."""
+        from .models.hooks import current_frame
+
+        frame = current_frame()
+        return None if frame is None else frame.stats.get(layer_idx, {}).get("queries")
+
 
 class QuantizedKVLayer(CacheLayerMixin):
     """One decoder layer's cache: an adapter from transformers' per-layer cache API to a `LayerStore`.
@@ -205,6 +220,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.record = False  # keep the prompt's raw keys, values and forward call (QuantizedKVCache(record_prompt=True))
         self.prompt_reads_cache = False  # the prompt attends to what is stored of it (QuantizedKVCache option)
         self.recorded: tuple | None = None
+        self.inspect = False  # keep the plan and statistics of each prefill (QuantizedKVCache(inspect=True))
+        #: the language model's config where vlmkv's attention function is installed (it hands prompts' queries to
+        #: a policy with a query window, or to a recording), else None
+        self.query_config = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -234,8 +253,25 @@ class QuantizedKVLayer(CacheLayerMixin):
             if self.record:
                 from .models.hooks import current_frame
 
-                self.recorded = (key_states, value_states, current_frame())
-            self._prefill(k, v)
+                frame = current_frame()
+                self.recorded = (key_states, value_states, frame)
+                if frame is not None and self._attends():  # what a policy with a query window reads on replay
+                    attention.handoff_query(self.layer_idx, lambda q: frame.stats.setdefault(self.layer_idx, {})
+                                            .__setitem__("queries", q[:, :, -OBSERVATION:].detach().float().clone()))
+            window = self.policy.query_window
+            if window and key_states.shape[-2] > 1:
+                got = self.source.recorded_queries(self.layer_idx)
+                if got is None:
+                    if self.record or not self._attends():
+                        raise ValueError(f"{self.policy.name} plans from the prompt's queries, got none for layer "
+                                         f"{self.layer_idx}: they are read in vlmkv's attention function (a cache with "
+                                         f"segment_attention=True, on the model that runs the prompt)")
+                    # planned when the attention call hands over the queries (the store is empty until then)
+                    attention.handoff_query(self.layer_idx, lambda q: self._prefill(k, v, q[:, :, -window:]))
+                    return key_states, value_states
+                self._prefill(k, v, got[:, :, -window:])
+            else:
+                self._prefill(k, v)
             if not self.prompt_reads_cache:
                 return key_states, value_states  # the prompt attends to itself unquantized
             return self._stored()
@@ -243,8 +279,12 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._drop(self._pending)
         rule = self.rule or self.policy.decode_rule(self.layer_idx)
         store.append(k, v, rule.bits, rule.keep_recent, rule.flush_every, rule.value_window, rule.after_attention)
-        if (self.attn_config is not None and key_states.shape[-2] == 1 and store.segments
-                and attention.active(self.attn_config)):
+        if store.evicted and (self.attn_config is None or not attention.active(self.attn_config)):
+            raise RuntimeError(f"layer {self.layer_idx} evicted {store.evicted} slots, which only vlmkv's attention "
+                               f"function masks: the model's attention implementation was changed while the cache "
+                               f"was in use")
+        if (self.attn_config is not None and (key_states.shape[-2] == 1 or store.evicted)
+                and (store.segments or store.evicted) and attention.active(self.attn_config)):
             # the registered attention reads the segments directly: hand it the store, not a float copy; tokens
             # out of the window are dropped at the next update (the attention still reads this store)
             attention.handoff(self.layer_idx, store, self.rotate)
@@ -263,9 +303,16 @@ class QuantizedKVLayer(CacheLayerMixin):
             return saturate(fwht_inverse(kk), self.dtype), saturate(fwht_inverse(vv), self.dtype)
         return kk, vv
 
-    def _prefill(self, k, v) -> None:
+    def _attends(self) -> bool:
+        """Whether the next attention call of this layer is vlmkv's (it takes handoffs)."""
+        return self.query_config is not None and attention.active(self.query_config)
+
+    def _prefill(self, k, v, queries: torch.Tensor | None = None) -> None:
         t0 = time.perf_counter()
         ctx = self.source.context(self.layer_idx, k, v)
+        if queries is not None:
+            queries = queries.detach().float()
+            ctx.queries = fwht(queries) if self.rotate else queries  # in the basis the keys are stored in
         plan = self.policy.plan_prefill(ctx)
         check_plan(self.policy, plan, ctx)
         seconds = time.perf_counter() - t0
@@ -277,8 +324,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         rule = plan.decode or self.policy.decode_rule(self.layer_idx)
         self.store.prefill(k[:, :, cut:], v[:, :, cut:], plan.bits[:, cut:], min(plan.residual, keep),
                            plan.channel_scales, plan.channel_perm, rule.value_window, plan.spec_fields)
-        self.plan = {"bits": plan.bits.detach().to("cpu"), "residual": plan.residual, "seconds": seconds}
-        self.stats = {} if ctx.massive_activation is None else {"massive_activation": ctx.massive_activation}
+        # the plan's summary stays; its per-token widths and the statistics it read only when inspecting (they
+        # are not part of the stored cache, whose bytes `nbytes()` counts)
+        self.plan = {"residual": plan.residual, "seconds": seconds,
+                     "widths": {int(b): int(n) for b, n in zip(*plan.bits.unique(return_counts=True))}}
+        if self.inspect:
+            self.plan["bits"] = plan.bits.detach().to("cpu")
+        self.stats = {} if ctx.massive_activation is None or not self.inspect else \
+            {"massive_activation": ctx.massive_activation}
 
     def _excess(self) -> int:
         """Sliding layers: tokens to drop, the window no longer seeing them: all of them once a few have gathered,
@@ -389,13 +442,17 @@ class QuantizedKVCache(Cache):
              policy quantizes them at prefill) instead of to itself unquantized (the default, as KIVI and AKVQ-VL
              do). It is what a paged engine that quantizes on write computes (vlmkv's vLLM pages), so one format
              gives the same numbers in both engines; not for layers with a sliding window.
+    inspect: keep what each prefill planned and read, for inspection: `plans[i]["bits"]` (int16 `[B, S]` per layer),
+             `layer_stats` (massive activations, float32 `[B, S]` per layer) and `inputs` (the prompt call's tensors).
+             They are not part of the stored cache and `nbytes()` does not count them; off (the default), a prefill
+             keeps only a summary (`plans[i]["widths"]`: tokens per width) and they are freed with the forward.
 
     Close the cache (`close()` or a `with` block) to release the hooks it shares on the model.
     """
 
     def __init__(self, model, policy: Policy | str = "fp16", tokenizer=None, residual_dtype: torch.dtype | None = None,
                  segment_attention: bool = True, record_prompt: bool = False, prompt_reads_cache: bool = False,
-                 **options):
+                 inspect: bool = False, **options):
         if options and not isinstance(policy, str):
             raise ValueError(f"options are only accepted with a policy name, got {sorted(options)!r}")
         self.policy = get_policy(policy, **options) if isinstance(policy, str) else policy
@@ -410,6 +467,17 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"record_prompt must be a bool, got {record_prompt!r}")
         if not isinstance(prompt_reads_cache, bool):
             raise ValueError(f"prompt_reads_cache must be a bool, got {prompt_reads_cache!r}")
+        if not isinstance(inspect, bool):
+            raise ValueError(f"inspect must be a bool, got {inspect!r}")
+        window = self.policy.query_window
+        if not isinstance(window, int) or not 0 <= window <= OBSERVATION:
+            raise ValueError(f"a policy's query_window must be an int in [0, {OBSERVATION}], got {window!r}")
+        if (window or self.policy.evicts) and not segment_attention:
+            raise ValueError(f"{self.policy.name} reads the prompt's queries or evicts tokens, which needs vlmkv's "
+                             f"attention function: got segment_attention=False")
+        if self.policy.evicts and prompt_reads_cache:
+            raise ValueError(f"prompt_reads_cache cannot show the prompt a cache that evicts part of it, got "
+                             f"{self.policy.describe()}")
         self.residual_dtype = residual_dtype
         cfg = text_config(model)
         self.config = cfg
@@ -423,7 +491,7 @@ class QuantizedKVCache(Cache):
         self.segment_attention = segment_attention
         # a recording cache gathers everything any policy may read, for the caches `prefill_from` fills
         needs_massive = bool(self.policy.needs_massive_activations) or record_prompt
-        if self.model is None and (needs_massive or self.policy.needs_modality):
+        if self.model is None and (needs_massive or self.policy.needs_modality or window):
             raise ValueError(f"model must be a torch module for {self.policy.name} (it reads the prompt through hooks "
                              f"on the model), got {type(model).__name__!r}")
         full_cfg = getattr(model, "config", model)
@@ -435,15 +503,18 @@ class QuantizedKVCache(Cache):
             if self.policy.needs_modality:
                 raise
             adapter = None
-        self.source = PromptSource(adapter, self.policy.needs_modality, needs_massive)
+        self.source = PromptSource(adapter, self.policy.needs_modality, needs_massive, bool(window), inspect)
         self._kinds = []
+        use_attn = False
         if self.model is not None:
             self._kinds.append(("inputs", hooks.ForwardRecorder))
             if needs_massive:
                 self._kinds.append(("massive", hooks.MassiveActivations))
-            if segment_attention and not self.policy.keep_model_dtype:
+            use_attn = segment_attention and not self.policy.keep_model_dtype
+            # a recording cache takes the prompt's queries in vlmkv's attention function (for policies that plan
+            # from them), whatever its own policy reads
+            if use_attn or record_prompt:
                 self._kinds.append(("attention", attention.AttentionSwitch))
-        use_attn = any(k == "attention" for k, _ in self._kinds)
         layers = [QuantizedKVLayer(i, self.policy, self.source, self.rotate_keys, residual_dtype,
                                    cfg if use_attn else None, windows[i]) for i in range(self.num_layers)]
         if prompt_reads_cache and any(w is not None for w in windows):
@@ -452,6 +523,8 @@ class QuantizedKVCache(Cache):
         for layer in layers:
             layer.record = record_prompt
             layer.prompt_reads_cache = prompt_reads_cache
+            layer.inspect = inspect
+            layer.query_config = cfg if any(k == "attention" for k, _ in self._kinds) else None
         super().__init__(layers=layers)
         self.closed = False
         self._leases = []
@@ -519,17 +592,20 @@ class QuantizedKVCache(Cache):
     # ---------------------------------------------------------------- prompt context
     @property
     def inputs(self) -> dict:
-        """The last prefill's recorded inputs and labels (`input_ids`, `attention_mask`, `token_types`, ...)."""
+        """The last prefill's inputs and labels (`input_ids`, `attention_mask`, `token_types`, ...): kept with
+        `inspect=True` only (else {})."""
         return self.source.inputs
 
     @property
     def plans(self) -> dict[int, dict]:
-        """Layer index -> what its last prefill planned: {"bits": int16 `[B, S]` (CPU), "residual", "seconds"}."""
+        """Layer index -> what its last prefill planned: {"widths": {width: tokens}, "residual", "seconds"}, and with
+        `inspect=True` "bits": int16 `[B, S]` (CPU)."""
         return {layer.layer_idx: layer.plan for layer in self.layers if layer.plan is not None}
 
     @property
     def layer_stats(self) -> dict[int, dict]:
-        """Layer index -> the prompt statistics its plan used (e.g. "massive_activation" float32 `[B, S]`)."""
+        """Layer index -> the prompt statistics its plan used (e.g. "massive_activation" float32 `[B, S]`); kept with
+        `inspect=True` only."""
         return {layer.layer_idx: layer.stats for layer in self.layers if layer.stats}
 
     def plan_seconds(self) -> list[float]:

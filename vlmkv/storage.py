@@ -16,6 +16,9 @@ Layout of one layer (B batch rows, H kv heads, D head channels, L cached slots):
   each will be stored at when it is flushed (int16 `[B, r]`).
 * deferred values (KIVI's reference rule): a segment's last tokens may have quantized keys but values still in
   full precision (`Segment.vpend`), until they leave the value window and are quantized one token at a time.
+* evicted slots (width 0): a token planned at 0 bits is stored nowhere. Its slot keeps its place (positions,
+  masks and `length` count it), no segment's slot map names it, so segment attention never reads it; a read of
+  the whole cache (`materialize`) returns zeros there and `live()` tells attention which slots to mask.
 
 "16 bits" (16-bit segments, the residual buffer and deferred values) is stored in `full_dtype`: the model's
 dtype when that is fp16/bf16, float16 for a float32 model (so 16 means 16 bits of memory); the `fp16` reference
@@ -502,6 +505,8 @@ class LayerStore:
         #: quantized key + value elements decode attention read, by path: "fused" (a kernel read the codes) or
         #: "reference" (the pure PyTorch path); see `count_read`
         self.reads = {"fused": 0, "reference": 0}
+        #: slots evicted (planned at 0 bits) in the most affected row: none of them is stored anywhere
+        self.evicted = 0
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -550,7 +555,23 @@ class LayerStore:
             hist[bits] = hist.get(bits, 0) + n
         if self.res_k is not None:
             hist[16] = hist.get(16, 0) + self.res_k.shape[0] * self.residual_len
+        if self.evicted:  # slots no row stores: every slot of every row, less those held
+            rows = self.res_k.shape[0] if self.res_k is not None else next(iter(self.segments.values())).kb.codes.shape[0]
+            hist[0] = rows * self.length - sum(hist.values())
         return hist
+
+    def live(self) -> torch.Tensor:
+        """bool `[B, L]`: the slots that hold a token (False where it was evicted, planned at 0 bits)."""
+        B = self.res_k.shape[0] if self.res_k is not None else next(iter(self.segments.values())).kb.codes.shape[0]
+        L = self.length
+        out = torch.zeros(B, L + 1, dtype=torch.bool, device=self.device)  # column L takes filler
+        for seg in self.segments.values():
+            if seg.index is None:
+                out[:, seg.start:seg.start + seg.n] = True
+            else:
+                out.scatter_(1, torch.where(seg.index >= 0, seg.index, L).long(), True)
+        out[:, L - self.residual_len:L] = True
+        return out[:, :L]
 
     def count_read(self, elements: int, backend: str, fmt: str | None = None) -> None:
         """Record that decode attention read `elements` quantized key + value elements on `backend` ("cpu" /
@@ -617,7 +638,13 @@ class LayerStore:
             self._commit_deferred(k, v, bits, start, defer)
             return
         uniform = isinstance(bits, int)
+        if not uniform and bool((bits == 0).any()):  # evicted: stored nowhere, their slots stay (see the module doc)
+            self.evicted = max(self.evicted, int((bits == 0).sum(1).max()))
+        elif uniform and bits == 0:
+            self.evicted += n
         for b in [bits] if uniform else sorted({int(x) for x in bits.unique().tolist()}, reverse=True):
+            if b == 0:
+                continue
             d_q = H * D if self.channel_perm is not None else D  # channels a quantized token carries
             specs = (self._spec(b, "key", d_q), self._spec(b, "value", d_q)) if b != 16 else (None, None)
             # per-channel groups (KIVI keys) take whole groups of tokens: a segment grows by multiples of them
@@ -797,16 +824,20 @@ class LayerStore:
         """All cached keys and values `[B, H, L, D]` in slot order, dequantized to `dtype` (default: the model's;
         float32 where they are still to be rotated back, whose intermediate values may exceed float16's range)."""
         dtype = dtype or self.dtype
-        if not self.segments:
+        if not self.segments and not self.evicted:
             return self.res_k.to(dtype), self.res_v.to(dtype)
         L = self.length
-        seg0 = next(iter(self.segments.values()))
-        ref = seg0.kb.codes
-        B, H = ref.shape[0], self.num_heads
-        D = seg0.kb.d * ref.shape[1] // H
-        dev = ref.device
-        kbuf = torch.empty(B, H, L + 1, D, dtype=dtype, device=dev)  # column L takes filler
-        vbuf = torch.empty_like(kbuf)
+        if self.segments:
+            seg0 = next(iter(self.segments.values()))
+            ref = seg0.kb.codes
+            B, H = ref.shape[0], self.num_heads
+            D = seg0.kb.d * ref.shape[1] // H
+        else:
+            B, H, _, D = self.res_k.shape
+        dev = self.device
+        # column L takes filler; evicted slots (stored nowhere) read as zeros, and attention masks them (`live`)
+        kbuf = (torch.zeros if self.evicted else torch.empty)(B, H, L + 1, D, dtype=dtype, device=dev)
+        vbuf = torch.zeros_like(kbuf) if self.evicted else torch.empty_like(kbuf)
         for seg in self.segments.values():
             dk, dv = self.read(seg, dtype=dtype)
             if seg.index is None:

@@ -94,7 +94,7 @@ def inspect_attention(model, inputs: dict, tokenizer=None, num_pivots: int = 15,
     _set_text_attn(model, "eager")
     try:
         # fp16 storage with the massive-activation hooks of the pivot wrapper: the ratios reach cache.layer_stats
-        with QuantizedKVCache(model, "fp16+pivots", tokenizer=tokenizer) as cache:
+        with QuantizedKVCache(model, "fp16+pivots", tokenizer=tokenizer, inspect=True) as cache:
             out = model(**inputs, **cache_kwargs(cache), output_attentions=True, use_cache=True)
             stats = {l: s["massive_activation"][:1] for l, s in cache.layer_stats.items()}
             types = cache.inputs.get("token_types")

@@ -31,6 +31,9 @@ class PrefillContext:
     frame_ids:        long `[B, S]`, image/frame index of visual tokens, -1 elsewhere (None: no images).
     massive_activation: float `[B, S]`, max |residual-stream activation| / its median entering this layer
                       (None unless the policy declared `needs_massive_activations`).
+    queries:          float32 `[B, Hq, W, D]`, the queries (after RoPE, Hadamard-rotated as the keys are) of the
+                      prompt's last W = `Policy.query_window` positions: the question's observation window (None
+                      unless the policy declared a query window).
     """
 
     keys: torch.Tensor
@@ -40,6 +43,7 @@ class PrefillContext:
     token_types: torch.Tensor | None = None
     frame_ids: torch.Tensor | None = None
     massive_activation: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -58,7 +62,8 @@ class PrefillContext:
 class BitPlan:
     """A policy's answer for one layer's prefill tokens.
 
-    bits:     int `[B, S]`, the bit-width (2, 4, 8 or 16) each token is stored at.
+    bits:     int `[B, S]`, the bit-width (2, 4, 8 or 16) each token is stored at; 0 evicts it (stored nowhere,
+              its slot masked), for policies whose `bit_widths` include 0.
     residual: the last `residual` tokens wait in the full-precision residual buffer and are quantized
               later (to their planned bits) by the decode rule's flushes; 0 commits everything now.
     channel_scales: see below; fixed at prefill for the layer's whole life.
@@ -121,7 +126,7 @@ class Policy:
 
             hadamard_block_size(head_dim)  # raises for odd head dims
         for bits in self.bit_widths():
-            if bits != 16:
+            if bits not in (0, 16):
                 for kind in ("key", "value"):
                     s = self.spec(bits, kind, head_dim)
                     if s.axis == "token" and head_dim % s.group_size:
@@ -155,6 +160,17 @@ class Policy:
         """Whether keys and values are stored Walsh-Hadamard-rotated (the cache rotates them, the attention
         rotates the query and the output)."""
         return False
+
+    @property
+    def query_window(self) -> int:
+        """How many of the prompt's last queries plan_prefill reads (`ctx.queries`; the cache captures them in its
+        attention function and raises where it cannot); 0: none."""
+        return 0
+
+    @property
+    def evicts(self) -> bool:
+        """Whether plans may hold width 0 (evicted: the token is stored nowhere, its slot is masked)."""
+        return 0 in self.bit_widths()
 
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr) \
