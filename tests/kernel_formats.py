@@ -32,4 +32,12 @@ def decode_pairs(d: int) -> list[tuple[str, QuantSpec, QuantSpec]]:
         ("kivi-4-ternary", QuantSpec(4, 16, axis="channel"), f["ternary"]),
         ("skvq", f["2b-uneven-clips"], f["ternary-uneven"]),
         ("mixed", f["4b-uneven-int8"], f[f"8b-g{g}-none"]),
+        # codebooks (auto's 2- and 4-bit tokens, the TurboQuant peer): a norm per head vector and Lloyd-Max levels
+        ("codebook-2", codebook(2, d), codebook(2, d)),
+        ("codebook-4-8", codebook(4, d), f[f"8b-g{g}-none"]),
+        ("codebook-8-g32", codebook(8, g), codebook(4, g)),
     ]
+
+
+def codebook(bits: int, group: int) -> QuantSpec:
+    return QuantSpec(bits, group, zero_point="none", codebook="lloyd-max")

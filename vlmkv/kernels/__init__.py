@@ -63,8 +63,9 @@ def _fits_token_groups(spec, d: int) -> bool:
 
 
 def fits_quantize(spec, d: int) -> bool:
-    """Whether the Triton `quantize_pack` takes this spec: every per-token format (`_fits_token_groups`)."""
-    return _fits_token_groups(spec, d)
+    """Whether the Triton `quantize_pack` takes this spec: every per-token format (`_fits_token_groups`) but codebooks,
+    which the reference quantizes (decode kernels read them: their levels are a table)."""
+    return _fits_token_groups(spec, d) and not spec.codebook
 
 
 def fits_decode(qt, d: int, key: bool = True) -> bool:
@@ -92,7 +93,8 @@ def describe_format(kq, vq=None, why: str = "") -> str:
         sp = qt.spec
         groups = (f"uneven groups {list(sp.bounds)}" if sp.bounds is not None
                   else f"{sp.axis} groups of {sp.group_size}")
-        extra = (", ternary" if sp.levels == 3 else "") + (", per-group clips" if sp.clips is not None else "")
+        extra = (", ternary" if sp.levels == 3 else "") + (", per-group clips" if sp.clips is not None else "") + \
+            (f", {sp.codebook} codebook" if sp.codebook else "")
         return f"{sp.bits}-bit {groups}, zero point {sp.zero_point}, {str(sp.meta_dtype).split('.')[-1]} scales" \
                f"{extra}, head dim {qt.d}"
     text = f"keys {one(kq)}" + (f"; values {one(vq)}" if vq is not None else "")

@@ -196,10 +196,11 @@ def _tables(spec: QuantSpec, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fits_quantize(spec: QuantSpec, d: int) -> bool:
     """Whether `quantize_pack` takes this spec: per-token groups (even ones dividing d, or uneven `bounds`) of
-    2/4/8-bit or ternary codes, any zero point (int16, int8, none) and clips, fp16 scales (as the Triton kernel)."""
+    2/4/8-bit or ternary codes, any zero point (int16, int8, none) and clips, fp16 scales (as the Triton kernel);
+    codebook formats are quantized by the reference (`quant.quantize`)."""
     from . import _fits_token_groups
 
-    return _fits_token_groups(spec, d)
+    return _fits_token_groups(spec, d) and not spec.codebook
 
 
 def quantize_into(x: torch.Tensor, out: QTensor) -> None:
@@ -245,7 +246,9 @@ def fits_decode(qt: QTensor, d: int, key: bool) -> bool:
         return False
     if spec.axis == "channel":
         return key
-    return fits_quantize(spec, d)
+    from . import _fits_token_groups
+
+    return _fits_token_groups(spec, d)  # codebooks too: their levels are a table the kernel reads
 
 
 def _check(qt: QTensor, name: str) -> None:
@@ -278,7 +281,7 @@ def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor |
     return torch.ops.vlmkv_cpu.decode_partial(
         q.float().contiguous(), kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero, okb, float(scaling),
         code_format(ks), _tables(ks, kq.d)[0], ks.group_size, ks.axis == "channel", code_format(vs),
-        _tables(vs, vq.d)[0])
+        _tables(vs, vq.d)[0], ks.code_levels(), vs.code_levels())
 
 
 _FLOAT_FORMATS = {torch.float16: 16, torch.bfloat16: 17, torch.float32: 32}
@@ -288,7 +291,7 @@ _NO_BOUNDS = torch.zeros(2, dtype=torch.int32)
 def decode_layer(q: torch.Tensor, parts: list, scaling: float):
     """Every segment of a layer in one call (`kernels.decode_layer`): parts are (keys, values, ok), keys and values
     QTensors or float tensors `[B, Hkv, n, D]`; returns the merged (m, l, o) as `decode_partial`'s."""
-    kv, scales, zeros, oks, fmts, bounds, kgroups = [], [], [], [], [], [], []
+    kv, scales, zeros, oks, fmts, bounds, kgroups, levels = [], [], [], [], [], [], [], []
     for k, v, ok in parts:
         for x in (k, v):
             if isinstance(x, QTensor):
@@ -297,6 +300,7 @@ def decode_layer(q: torch.Tensor, parts: list, scaling: float):
                 zeros.append(x.zero)
                 fmts.append(code_format(x.spec))
                 bounds.append(_tables(x.spec, x.d)[0])
+                levels.append(x.spec.code_levels())
             else:
                 if x.dtype not in _FLOAT_FORMATS:
                     raise ValueError(f"a float segment must be fp16, bf16 or float32, got {x.dtype!r}")
@@ -305,10 +309,11 @@ def decode_layer(q: torch.Tensor, parts: list, scaling: float):
                 zeros.append(None)
                 fmts.append(_FLOAT_FORMATS[x.dtype])
                 bounds.append(_NO_BOUNDS)
+                levels.append(None)
         kgroups.append(k.spec.group_size if isinstance(k, QTensor) and k.spec.axis == "channel" else 0)
         oks.append(None if ok is None else ok.to(torch.int8).contiguous())
-    return torch.ops.vlmkv_cpu.decode_layer(q.float().contiguous(), kv, scales, zeros, oks, fmts, bounds, kgroups,
-                                            float(scaling))
+    return torch.ops.vlmkv_cpu.decode_layer(q.float().contiguous(), kv, scales, zeros, oks, fmts, bounds, levels,
+                                            kgroups, float(scaling))
 
 
 __all__ = ["available", "build_dir", "code_format", "decode_layer", "decode_partial", "error", "fits_decode", "fits_quantize", "load",

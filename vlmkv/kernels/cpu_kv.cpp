@@ -8,7 +8,9 @@
 // * the groups: per-token groups given by their channel bounds (even groups of any size dividing D, or SKVQ's
 //   uneven ones), or per-channel groups of G tokens (KIVI keys); runtime data;
 // * the zero point: int16, int8 or none (symmetric groups: the implied zero is 2^(bits-1) and the scale carries
-//   the sign); runtime data.
+//   the sign); runtime data;
+// * the levels: uniform (a code is its own value) or a codebook (code c stands for levels[c], a float32 table of
+//   2^bits entries: Lloyd-Max levels, with the group's norm as its scale and no zero point); runtime data.
 // codes uint8 [B, H, n, bytes]; scale fp16 and zero [B, H, n, groups] (per-channel: [B, H, n / G, D]);
 // value = scale * (code - zero). Strides are followed on the token, head and batch dimensions (views into a
 // segment's spare-capacity buffers); the last dimension must be contiguous.
@@ -77,9 +79,10 @@ inline int64_t code_bytes(int fmt, int64_t D) {
   return (D + per - 1) / per;
 }
 
-// D codes of one token as floats (dst has room for D rounded up to a whole byte's codes, plus 8)
+// D codes of one token as floats (dst has room for D rounded up to a whole byte's codes, plus 8); lv: a codebook's
+// levels (each code replaced by its level), or null
 template <int FMT>
-inline void unpack(const uint8_t* src, int D, float* dst) {
+inline void unpack(const uint8_t* src, int D, float* dst, const float* lv = nullptr) {
   if constexpr (FMT == 32) {
     std::memcpy(dst, src, sizeof(float) * D);
   } else if constexpr (FMT == 16) {
@@ -89,7 +92,10 @@ inline void unpack(const uint8_t* src, int D, float* dst) {
     const at::BFloat16* h = reinterpret_cast<const at::BFloat16*>(src);
     for (int d = 0; d < D; ++d) dst[d] = float(h[d]);
   } else if constexpr (FMT == 8) {
-    for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
+    if (lv)
+      for (int d = 0; d < D; ++d) dst[d] = lv[src[d]];
+    else
+      for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
   } else if constexpr (FMT == 3) {
     const TritLut& L = trit_lut();
     for (int j = 0; j < (D + 4) / 5; ++j) std::memcpy(dst + j * 5, L.v[src[j]], sizeof(float) * 8);
@@ -97,6 +103,8 @@ inline void unpack(const uint8_t* src, int D, float* dst) {
     constexpr int PER = 8 / FMT;
     const Lut<FMT>& L = lut<FMT>();
     for (int j = 0; j < (D + PER - 1) / PER; ++j) std::memcpy(dst + j * PER, L.v[src[j]], sizeof(float) * PER);
+    if (lv)
+      for (int d = 0; d < D; ++d) dst[d] = lv[int(dst[d])];
   }
 }
 
@@ -115,6 +123,7 @@ struct Packed {  // one QTensor (or a float segment), pointers at (b, h) = (0, 0
   std::vector<int> gb;  // per-token groups: channel bounds, 0 = gb[0] < ... < gb[ng] = D
   int ng;
   bool bytes_aligned;  // every group bound falls on a byte (the score tables apply)
+  const float* lv = nullptr;  // a codebook's levels [2^bits] (zero point 0), or null: uniform codes
 };
 
 inline float scale_at(const Packed& P, int64_t off) { return P.s ? float(P.s[off]) : 1.f; }
@@ -136,7 +145,8 @@ int zero_kind(const std::optional<Tensor>& z) {
 
 // bits: the code's width (2/4/8; ternary codes are 2-bit wide); bounds: int32 [ng + 1] for per-token groups
 Packed packed(const Tensor& c, const Tensor& s, const std::optional<Tensor>& z, int fmt, int bits,
-              const Tensor& bounds, int64_t D, int64_t G = 0, bool channel = false) {
+              const Tensor& bounds, int64_t D, int64_t G = 0, bool channel = false,
+              const std::optional<Tensor>& lv = std::nullopt) {
   TORCH_CHECK(c.dim() == 4 && c.scalar_type() == at::kByte && c.stride(3) == 1, "codes: uint8 [B, H, n, bytes], rows contiguous");
   TORCH_CHECK(s.scalar_type() == at::kHalf && s.dim() == 4 && s.stride(3) == 1, "scale: fp16 [B, H, n, groups], rows contiguous");
   TORCH_CHECK(!z.has_value() || (z->strides() == s.strides() && z->sizes() == s.sizes()),
@@ -159,6 +169,13 @@ Packed packed(const Tensor& c, const Tensor& s, const std::optional<Tensor>& z, 
     }
   }
   TORCH_CHECK(c.size(3) == code_bytes(fmt, D), "codes must hold D channels a token");
+  if (lv.has_value()) {
+    TORCH_CHECK(lv->scalar_type() == at::kFloat && lv->dim() == 1 && lv->is_contiguous() && lv->numel() == (1 << bits) &&
+                    fmt != 3 && !channel && !z.has_value(),
+                "levels: float32 [2^bits] for per-token groups of 2/4/8-bit codes with no zero point");
+    P.lv = lv->data_ptr<float>();
+    P.zconst = 0.f;
+  }
   return P;
 }
 
@@ -300,7 +317,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       continue;
     }
     if (K.channel) {
-      unpack<KF>(kc + t * K.ct, D, c);
+      unpack<KF>(kc + t * K.ct, D, c, K.lv);
       for (int r = 0; r < R; ++r) sc[size_t(r) * TP + i] = (dot(qs.data() + size_t(r) * D, c, D) - kbias[r]) * scaling;
       continue;
     }
@@ -319,7 +336,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
       }
       continue;
     }
-    unpack<KF>(kc + t * K.ct, D, c);
+    unpack<KF>(kc + t * K.ct, D, c, K.lv);
     for (int r = 0; r < R; ++r) {
       const float* qr = q + size_t(r) * D;
       float acc = 0.f;
@@ -359,7 +376,7 @@ void partial(const float* __restrict q, const float* __restrict qsum, const Pack
     int nt = 0;
     for (int64_t t = tt; t < std::min(t1, tt + TT); ++t) {
       if (ok && !ok[t]) continue;
-      unpack<VF>(vc + t * V.ct, D, tile.data() + size_t(nt) * DP);
+      unpack<VF>(vc + t * V.ct, D, tile.data() + size_t(nt) * DP, V.lv);
       const int64_t zo = vso + t * V.st;
       for (int g = 0; g < nvg; ++g) {
         const float sg = scale_at(V, zo + g);
@@ -479,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor> decode_core(const Tensor& q, const std::vecto
           for (int64_t d = S.K.gb[g]; d < S.K.gb[g + 1]; ++d) qsum[i * nkg + g] += qp[i * D + d];
     // score tables (2-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
     // tokens' products; 4-bit keys read faster unpacked)
-    if (S.kf == 2 && n >= 256 && !S.K.channel && S.K.bytes_aligned && D % 4 == 0) {
+    if (S.kf == 2 && n >= 256 && !S.K.channel && S.K.bytes_aligned && D % 4 == 0 && !S.K.lv) {
       tab_of[si] = 1;
       tabs[si].resize(size_t(B * H * R * (D / 4) * 256));
     }
@@ -550,7 +567,8 @@ const int8_t* ok_ptr(const std::optional<Tensor>& ok, int64_t B, int64_t n, int6
 // points or None for symmetric groups), or a float segment (formats 16, 17, 32: kc / vc hold the values).
 Seg make_seg(const Tensor& q, const Tensor& kc, const Tensor& ks, const std::optional<Tensor>& kz, const Tensor& vc,
              const Tensor& vs, const std::optional<Tensor>& vz, const std::optional<Tensor>& ok, int64_t kfmt,
-             const Tensor& kbounds, int64_t kgroup, bool kchannel, int64_t vfmt, const Tensor& vbounds) {
+             const Tensor& kbounds, int64_t kgroup, bool kchannel, int64_t vfmt, const Tensor& vbounds,
+             const std::optional<Tensor>& klv, const std::optional<Tensor>& vlv) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), n = kc.size(2);
   TORCH_CHECK(kc.dim() == 4 && kc.size(0) == B && kc.size(1) == H && vc.dim() == 4 && vc.size(0) == B &&
               vc.size(1) == H && vc.size(2) == n, "K, V and q must agree on B, H, n");
@@ -562,8 +580,8 @@ Seg make_seg(const Tensor& q, const Tensor& kc, const Tensor& ks, const std::opt
     TORCH_CHECK(!kchannel || (kgroup > 0 && ks.size(2) * kgroup >= n && ks.size(3) == D), "per-channel key scales: [B, H, n / G, D]");
     TORCH_CHECK(kchannel || ks.size(2) == n, "per-token key scales: [B, H, n, groups]");
     TORCH_CHECK(vs.size(2) == n, "value scales: [B, H, n, groups]");
-    S.K = packed(kc, ks, kz, int(kfmt), code_bits(kfmt), kbounds, D, kgroup, kchannel);
-    S.V = packed(vc, vs, vz, int(vfmt), code_bits(vfmt), vbounds, D);
+    S.K = packed(kc, ks, kz, int(kfmt), code_bits(kfmt), kbounds, D, kgroup, kchannel, klv);
+    S.V = packed(vc, vs, vz, int(vfmt), code_bits(vfmt), vbounds, D, 0, false, vlv);
   }
   S.kf = int(kfmt);
   S.vf = int(vfmt);
@@ -583,30 +601,33 @@ std::tuple<Tensor, Tensor, Tensor> decode_partial(const Tensor& q, const Tensor&
                                                   const std::optional<Tensor>& kz, const Tensor& vc, const Tensor& vs,
                                                   const std::optional<Tensor>& vz, const std::optional<Tensor>& ok,
                                                   double scaling, int64_t kfmt, const Tensor& kbounds, int64_t kgroup,
-                                                  bool kchannel, int64_t vfmt, const Tensor& vbounds) {
+                                                  bool kchannel, int64_t vfmt, const Tensor& vbounds,
+                                                  const std::optional<Tensor>& klv, const std::optional<Tensor>& vlv) {
   check_q(q);
-  return decode_core(q, {make_seg(q, kc, ks, kz, vc, vs, vz, ok, kfmt, kbounds, kgroup, kchannel, vfmt, vbounds)},
-                     scaling);
+  return decode_core(q, {make_seg(q, kc, ks, kz, vc, vs, vz, ok, kfmt, kbounds, kgroup, kchannel, vfmt, vbounds, klv,
+                                  vlv)}, scaling);
 }
 
 // Every segment of a layer in one call, merged: segment i is kv[2i] / kv[2i+1] with scales[2i] / scales[2i+1],
-// zeros, formats fmts[2i] / fmts[2i+1], bounds, kgroups[i] (per-channel key group size, 0: per-token keys) and
-// oks[i]; float segments (formats 16, 17, 32) ignore scales, zeros and bounds.
+// zeros, formats fmts[2i] / fmts[2i+1], bounds, levels (codebooks, or None), kgroups[i] (per-channel key group
+// size, 0: per-token keys) and oks[i]; float segments (formats 16, 17, 32) ignore scales, zeros, bounds and levels.
 std::tuple<Tensor, Tensor, Tensor> decode_layer(const Tensor& q, const std::vector<Tensor>& kv,
                                                 const std::vector<Tensor>& scales,
                                                 const std::vector<std::optional<Tensor>>& zeros,
                                                 const std::vector<std::optional<Tensor>>& oks,
                                                 const std::vector<int64_t>& fmts, const std::vector<Tensor>& bounds,
+                                                const std::vector<std::optional<Tensor>>& levels,
                                                 const std::vector<int64_t>& kgroups, double scaling) {
   check_q(q);
   const size_t ns = oks.size();
   TORCH_CHECK(kv.size() == 2 * ns && scales.size() == 2 * ns && zeros.size() == 2 * ns && fmts.size() == 2 * ns &&
-              bounds.size() == 2 * ns && kgroups.size() == ns, "two entries a segment (keys, values), one ok each");
+              bounds.size() == 2 * ns && levels.size() == 2 * ns && kgroups.size() == ns,
+              "two entries a segment (keys, values), one ok each");
   std::vector<Seg> segs;
   for (size_t i = 0; i < ns; ++i)
     segs.push_back(make_seg(q, kv[2 * i], scales[2 * i], zeros[2 * i], kv[2 * i + 1], scales[2 * i + 1],
                             zeros[2 * i + 1], oks[i], fmts[2 * i], bounds[2 * i], kgroups[i], kgroups[i] > 0,
-                            fmts[2 * i + 1], bounds[2 * i + 1]));
+                            fmts[2 * i + 1], bounds[2 * i + 1], levels[2 * i], levels[2 * i + 1]));
   return decode_core(q, segs, scaling);
 }
 
@@ -712,10 +733,10 @@ void quantize_pack_(const Tensor& x, const Tensor& codes, const Tensor& scale, c
 
 TORCH_LIBRARY(vlmkv_cpu, m) {
   m.def("decode_partial(Tensor q, Tensor kc, Tensor ks, Tensor? kz, Tensor vc, Tensor vs, Tensor? vz, Tensor? ok, "
-        "float scaling, int kfmt, Tensor kbounds, int kgroup, bool kchannel, int vfmt, Tensor vbounds) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float scaling, int kfmt, Tensor kbounds, int kgroup, bool kchannel, int vfmt, Tensor vbounds, Tensor? klv, "
+        "Tensor? vlv) -> (Tensor, Tensor, Tensor)");
   m.def("decode_layer(Tensor q, Tensor[] kv, Tensor[] scales, Tensor?[] zeros, Tensor?[] oks, int[] fmts, "
-        "Tensor[] bounds, int[] kgroups, float scaling) -> (Tensor, Tensor, Tensor)");
+        "Tensor[] bounds, Tensor?[] levels, int[] kgroups, float scaling) -> (Tensor, Tensor, Tensor)");
   m.def("quantize_pack_(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int fmt, Tensor bounds, "
         "Tensor clips) -> ()");
 }

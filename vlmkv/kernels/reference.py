@@ -20,8 +20,10 @@ def quantize_pack_ref(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
 
 def _codes(qt: QTensor) -> torch.Tensor:
-    """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied)."""
+    """float32 codes `[..., n, d]` of a QTensor (table lookup, no scale applied; a codebook's codes as their levels)."""
     lut = _code_lut(qt.spec.bits, qt.codes.device, qt.spec.levels)
+    if qt.spec.codebook:
+        lut = qt.spec.code_levels(qt.codes.device)[lut.long()]
     c = lut.index_select(0, qt.codes.reshape(-1).long()).view(*qt.codes.shape[:-1], -1)
     return c if c.shape[-1] == qt.d else c[..., :qt.d]
 

@@ -4,7 +4,8 @@ One kernel a direction for every stored format, as the C++ kernels (`cpu_kv.cpp`
 ternary: five 3-level codes a byte), the zero point (int16, int8, or none: symmetric groups with the implied zero
 2^(bits-1)) and the axis (per-channel key groups, KIVI) are compile-time constants; per-token groups, even or
 uneven (SKVQ), are a group id per channel (runtime data). codes uint8 `[B, H, n, bytes]`; scale fp16 and zero
-`[B, H, n, groups]` (per-channel: `[B, H, n / G, D]`); value = scale * (code - zero).
+`[B, H, n, groups]` (per-channel: `[B, H, n / G, D]`); value = scale * (code - zero), or scale * levels[code] for a
+codebook format (the zero-point kind 3: a float32 table of 2^bits levels, runtime data).
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec) -> QTensor:
 
 
 @triton.jit
-def _dequant_tile(Cp, Sp, Zp, GID, t, tmask, d, FMT: tl.constexpr, ZK: tl.constexpr, HALF: tl.constexpr,
+def _dequant_tile(Cp, Sp, Zp, GID, LV, t, tmask, d, FMT: tl.constexpr, ZK: tl.constexpr, HALF: tl.constexpr,
                   CHAN: tl.constexpr, G: tl.constexpr, c_row, s_row):
     """[BLOCK_N, D] float32 values of tokens `t` from packed codes: (c - z) * s per group (per-token groups through
     the channels' group ids; per-channel groups of G tokens when CHAN)."""
@@ -168,6 +169,8 @@ def _dequant_tile(Cp, Sp, Zp, GID, t, tmask, d, FMT: tl.constexpr, ZK: tl.conste
     else:
         off = t[:, None] * s_row + tl.load(GID + d)[None, :]
     s = tl.load(Sp + off, mask=tmask[:, None], other=0.0).to(tl.float32)
+    if ZK == 3:  # a codebook: the code's level times the group's norm
+        return tl.load(LV + c.to(tl.int32)) * s
     if ZK == 2:
         z = HALF + 0.0
     else:
@@ -176,7 +179,7 @@ def _dequant_tile(Cp, Sp, Zp, GID, t, tmask, d, FMT: tl.constexpr, ZK: tl.conste
 
 
 @triton.jit
-def _decode_partial_kernel(Q, KC, KS, KZ, KGID, VC, VS, VZ, VGID, OK, M, L, O,
+def _decode_partial_kernel(Q, KC, KS, KZ, KGID, KLV, VC, VS, VZ, VGID, VLV, OK, M, L, O,
                            n, per_split, scaling, Hkv,
                            kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
                            R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, KF: tl.constexpr,
@@ -201,7 +204,7 @@ def _decode_partial_kernel(Q, KC, KS, KZ, KGID, VC, VS, VZ, VGID, OK, M, L, O,
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < end
-        k = _dequant_tile(KC + b * kc_b + h * kc_h, KS + b * ks_b + h * ks_h, KZ + b * ks_b + h * ks_h, KGID,
+        k = _dequant_tile(KC + b * kc_b + h * kc_h, KS + b * ks_b + h * ks_h, KZ + b * ks_b + h * ks_h, KGID, KLV,
                           t, tmask, d, KF, KZK, KHALF, KCHAN, KG, kc_t, ks_t)
         s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scaling
         ok = tl.load(OK + b * n + t, mask=tmask, other=0) != 0
@@ -209,7 +212,7 @@ def _decode_partial_kernel(Q, KC, KS, KZ, KGID, VC, VS, VZ, VGID, OK, M, L, O,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        v = _dequant_tile(VC + b * vc_b + h * vc_h, VS + b * vs_b + h * vs_h, VZ + b * vs_b + h * vs_h, VGID,
+        v = _dequant_tile(VC + b * vc_b + h * vc_h, VS + b * vs_b + h * vs_h, VZ + b * vs_b + h * vs_h, VGID, VLV,
                           t, tmask, d, VF, VZK, VHALF, False, 1, vc_t, vs_t)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -218,6 +221,23 @@ def _decode_partial_kernel(Q, KC, KS, KZ, KGID, VC, VS, VZ, VGID, OK, M, L, O,
     tl.store(M + out, m_i, mask=rmask)
     tl.store(L + out, l_i, mask=rmask)
     tl.store(O + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+
+
+def _zero_kind(spec: QuantSpec) -> int:
+    """The kernel's zero-point kind: 0 int16, 1 int8, 2 none (symmetric groups), 3 a codebook (levels, no zero)."""
+    return 3 if spec.codebook else _ZERO[spec.zero_point][0]
+
+
+_LEVELS: dict = {}
+
+
+def _levels(spec: QuantSpec, device) -> torch.Tensor:
+    """A codebook's float32 levels on `device` (a one-element placeholder, never read, for uniform codes)."""
+    key = (spec.bits, spec.group_size, spec.codebook, str(device))
+    if key not in _LEVELS:
+        lv = spec.code_levels(device)
+        _LEVELS[key] = lv.contiguous() if lv is not None else torch.zeros(1, device=device)
+    return _LEVELS[key]
 
 
 def _check(qt: QTensor, name: str) -> None:
@@ -257,12 +277,13 @@ def decode_partial(q: torch.Tensor, kq: QTensor, vq: QTensor, ok: torch.Tensor, 
     kz = ks if kq.zero is None else kq.zero  # symmetric groups: never read
     vz = vs if vq.zero is None else vq.zero
     kgid, vgid = _tables(ks_, D, q.device)[2], _tables(vs_, D, q.device)[2]
+    klv, vlv = _levels(ks_, q.device), _levels(vs_, q.device)
     _decode_partial_kernel[(B * Hkv, splits)](
-        qc, kc, ks, kz, kgid, vc, vs, vz, vgid, okb, m, l, o, n, per_split, float(scaling), Hkv,
+        qc, kc, ks, kz, kgid, klv, vc, vs, vz, vgid, vlv, okb, m, l, o, n, per_split, float(scaling), Hkv,
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        R=R, RP=max(2, triton.next_power_of_2(R)), D=D, KF=_fmt(ks_), VF=_fmt(vs_), KZK=_ZERO[ks_.zero_point][0],
-        VZK=_ZERO[vs_.zero_point][0], KHALF=float(1 << (ks_.bits - 1)), VHALF=float(1 << (vs_.bits - 1)),
+        R=R, RP=max(2, triton.next_power_of_2(R)), D=D, KF=_fmt(ks_), VF=_fmt(vs_), KZK=_zero_kind(ks_),
+        VZK=_zero_kind(vs_), KHALF=float(1 << (ks_.bits - 1)), VHALF=float(1 << (vs_.bits - 1)),
         KCHAN=ks_.axis == "channel", KG=ks_.group_size if ks_.axis == "channel" else 1, BLOCK_N=block_n)
     # merge the splits (log-sum-exp)
     mm = m.amax(-1, keepdim=True)

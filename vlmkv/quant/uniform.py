@@ -65,6 +65,11 @@ class QuantSpec:
     #: symmetric groups as llama.cpp's q4_0, no zero point stored (x = (q - 2^(bits-1)) * scale, where the
     #: group's largest-magnitude value maps to code 0 exactly and the scale carries its sign)
     zero_point: str = "int16"
+    #: "lloyd-max": a codebook format (TurboQuant's scalar quantizer): each per-token group is stored as its fp16
+    #: L2 norm (the scale) and, per channel, the code of the nearest of 2^bits Lloyd-Max levels for a coordinate of
+    #: a unit vector of `group_size` channels (`quant.codebook.levels`): x = scale * levels[q]. For rotated tokens;
+    #: no zero point ("none"), even groups, no clipping. "": uniform levels (the equations above)
+    codebook: str = ""
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -88,6 +93,12 @@ class QuantSpec:
             raise ValueError(f"symmetric groups need 2^bits levels, got levels={self.levels!r}")
         if self.levels not in (0, 3) or (self.levels == 3 and self.bits != 2):
             raise ValueError(f"levels must be 0 (2^bits) or 3 with bits=2, got {self.levels!r} with bits={self.bits!r}")
+        if self.codebook not in ("", "lloyd-max"):
+            raise ValueError(f"codebook must be '' or 'lloyd-max', got {self.codebook!r}")
+        if self.codebook and (self.axis != "token" or self.zero_point != "none" or self.bounds is not None
+                              or self.clips is not None or self.levels or self.clip_ratio != 1.0):
+            raise ValueError(f"a codebook format takes even per-token groups with no zero point, clipping or uneven "
+                             f"bounds, got {self!r}")
 
     @property
     def qmax(self) -> int:
@@ -98,12 +109,21 @@ class QuantSpec:
     def even(self) -> bool:
         """Even groups, 2^bits levels, int16 zero points: what the fused decode kernels read (clips only matter
         when quantizing)."""
-        return self.bounds is None and self.levels == 0 and self.zero_point == "int16"
+        return self.bounds is None and self.levels == 0 and self.zero_point == "int16" and not self.codebook
 
     @property
     def plain(self) -> bool:
         """Even groups, one clip ratio, 2^bits levels, int16 zero points: what the fused kernels take."""
-        return self.bounds is None and self.clips is None and self.levels == 0 and self.zero_point == "int16"
+        return (self.bounds is None and self.clips is None and self.levels == 0 and self.zero_point == "int16"
+                and not self.codebook)
+
+    def code_levels(self, device=None) -> torch.Tensor | None:
+        """float32 `[2^bits]`: the value of each code before scaling, for a codebook format (None: uniform)."""
+        if not self.codebook:
+            return None
+        from .codebook import levels
+
+        return levels(self.bits, self.group_size).to(device)
 
     def code_bytes(self, d: int) -> int:
         """Bytes the packed codes of one row of d channels take: ceil(d * bits / 8), or ceil(d / 5) for ternary codes."""
@@ -173,7 +193,9 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
 
     def zeros(self) -> torch.Tensor:
-        """float32 zero points, shaped as `scale` (the implied 2^(bits-1) of symmetric groups)."""
+        """float32 zero points, shaped as `scale` (the implied 2^(bits-1) of symmetric groups, 0 of a codebook)."""
+        if self.spec.codebook:
+            return torch.zeros(self.scale.shape, device=self.scale.device)
         if self.zero is None:
             return torch.full(self.scale.shape, float(1 << (self.spec.bits - 1)), device=self.scale.device)
         return self.zero.float()
@@ -241,6 +263,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     if not x.is_floating_point():
         raise ValueError(f"x must be a float tensor, got dtype {x.dtype!r}")
     *lead, n, d = x.shape
+    if spec.codebook:
+        return _quantize_codebook(x, spec)
     if not spec.plain:
         return _quantize_general(x, spec)
     xg, rdim = _grouped(x.float(), spec)
@@ -301,6 +325,26 @@ def _quantize_general(x: torch.Tensor, spec: QuantSpec) -> QTensor:
     return QTensor(codes, scale_s, stored, spec, d, x.dtype)
 
 
+def _quantize_codebook(x: torch.Tensor, spec: QuantSpec) -> QTensor:
+    """quantize() for a codebook format: per group of g channels, the fp16 L2 norm (rounded to nearest, saturating at
+    the largest finite fp16) and the nearest level of x / norm (ties to the lower level). An all-zero group has norm
+    0 and reads back 0; a group holding NaN or inf gets a NaN norm and codes 0 (it reads back NaN)."""
+    *lead, n, d = x.shape
+    spec.check_shape(n, d)
+    g = spec.group_size
+    xg = x.float().reshape(*lead, n, d // g, g)
+    norm = xg.square().sum(-1, keepdim=True).sqrt()
+    bad = ~torch.isfinite(norm)
+    scale_s = torch.where(bad, float("nan"), norm.clamp_max(torch.finfo(spec.meta_dtype).max)).to(spec.meta_dtype)
+    s = scale_s.float()
+    u = torch.where(bad | (s == 0), 0.0, xg / torch.where(s == 0, 1.0, s))
+    lv = spec.code_levels(x.device)
+    q = torch.bucketize(u, (lv[1:] + lv[:-1]) / 2)
+    q = torch.where(bad, 0, q)
+    codes = pack_bits(q.to(torch.uint8).reshape(*lead, n, d), spec.bits)
+    return QTensor(codes, scale_s.squeeze(-1), None, spec, d, x.dtype)
+
+
 def _symmetric_scale(mn: torch.Tensor, mx: torch.Tensor, bits: int, meta_dtype) -> tuple:
     """Symmetric groups (llama.cpp's q4_0 rule): the value of largest magnitude m maps to code 0, so the scale is
     m / -2^(bits-1) (signed) and the implied zero point 2^(bits-1); the opposite end may clip by one step.
@@ -341,6 +385,8 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     g = spec.group_size
     lead, n, d = qt.codes.shape[:-2], qt.codes.shape[-2], qt.d
     lut = _code_lut(spec.bits, qt.codes.device, spec.levels)
+    if spec.codebook:  # each code's level: x = scale * levels[q], no zero point
+        lut = spec.code_levels(qt.codes.device)[lut.long()]
     # index_select on flat indices: ~3x faster on CPU than advanced indexing lut[codes]
     q = lut.index_select(0, qt.codes.reshape(-1).long()).view(*lead, n, qt.codes.shape[-1] * lut.shape[-1])  # [..., n, bytes * per]
     if q.shape[-1] != d:
