@@ -9,12 +9,12 @@ from vlmkv import QuantizedKVCache, cache_kwargs, get_policy
 from vlmkv.policies import IMAGE, PAD
 
 
-def _run(model, inputs, bits, steps):
+def _run(model, inputs, bits, steps, evict=False):
     """Prefill and `steps` greedy decode steps through generate(); the cache's bits per element after the prefill
     and after every step."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    with QuantizedKVCache(model, "auto", bits=bits, inspect=True) as cache:
+    with QuantizedKVCache(model, "auto", bits=bits, evict=evict, inspect=True) as cache:
         seen = []
 
         class Record(LogitsProcessor):
@@ -30,29 +30,25 @@ def _run(model, inputs, bits, steps):
 
 @torch.no_grad()
 @pytest.mark.parametrize("length", [48, 300, 1100])
-@pytest.mark.parametrize("bits", [3.5, 6.0])
-def test_auto_holds_its_budget_on_a_text_model(tiny_llama, length, bits):
+@pytest.mark.parametrize("bits,evict", [(3.5, False), (6.0, False), (2.0, True), (3.5, True)])
+def test_auto_holds_its_budget_on_a_text_model(tiny_llama, length, bits, evict):
     ids = torch.randint(5, 250, (2, length), generator=torch.Generator().manual_seed(length))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # padding counts like any slot
-    seen, plan, rule = _run(tiny_llama, {"input_ids": ids, "attention_mask": mask}, bits, 24)
+    seen, plan, rule = _run(tiny_llama, {"input_ids": ids, "attention_mask": mask}, bits, 24, evict)
     assert max(seen) <= bits * 1.02, seen
     if length >= 300:  # short prompts spend less: the window's flush block and whole windows are indivisible
-        assert seen[0] >= bits * 0.95, seen
+        assert seen[0] >= bits * 0.94, seen
     assert rule.keep_recent == plan["residual"]
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
-def test_auto_holds_its_budget_on_a_vlm_and_ranks_text_first(family, name):
+@pytest.mark.parametrize("evict", [False, True])
+def test_auto_holds_its_budget_on_a_vlm(family, name, evict):
     model, inputs, types, _ = family(name)
-    seen, plan, _ = _run(model, inputs, 6.0, 12)
+    seen, plan, _ = _run(model, inputs, 6.0, 12, evict)
     assert max(seen) <= 6.0 * 1.02, seen
-    bits = plan["bits"][:, :types.shape[1] - plan["residual"]]
-    t = types[:, :bits.shape[1]]
-    text = bits[(t != IMAGE) & (t != PAD)].float().mean()
-    image = bits[t == IMAGE].float().mean()
-    assert text >= image, (text, image)  # TSA: text windows are served first
 
 
 def test_auto_refuses_a_budget_it_cannot_hold(tiny_llama):
@@ -64,47 +60,145 @@ def test_auto_refuses_a_budget_it_cannot_hold(tiny_llama):
     assert get_policy("auto", bits=4).bits == 4.0
 
 
+def test_auto_stores_2_and_4_bit_tokens_as_codebooks():
+    """2- and 4-bit tokens: Lloyd-Max codes with one norm per head vector (groups of at most 128 channels); 8-bit
+    tokens: symmetric groups of 32."""
+    pol = get_policy("auto", bits=3.0)
+    for bits in (2, 4):
+        for d, g in ((64, 64), (128, 128), (256, 128)):
+            spec = pol.spec(bits, "key", d)
+            assert spec.codebook == "lloyd-max" and spec.group_size == g and spec.zero_point == "none"
+    assert pol.spec(8, "value", 64).codebook == "" and pol.spec(8, "value", 64).group_size == 32
+
+
+def _ctx(S=400, B=1, seed=0, W=32):
+    from vlmkv.policies import PrefillContext
+
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, 2, S, 64, generator=g)
+    return PrefillContext(keys, torch.randn(B, 2, S, 64, generator=g), queries=torch.randn(B, 4, W, 64, generator=g))
+
+
+def test_auto_gives_the_tokens_the_question_reads_the_most_bits():
+    """Widths never decrease with the attention the observation window pays a token, and evicted tokens are the
+    least read; without evict the floor is 2 bits."""
+    from vlmkv.policies.auto import attention_received
+
+    ctx = _ctx()
+    ctx.keys[0, :, 50:60] += 12 * ctx.queries[0, :2].mean(1, keepdim=True)  # tokens 50..59: what the queries read
+    score = attention_received(ctx.queries, ctx.keys, None)[0]
+    for evict, bits in ((False, 3.0), (True, 3.0), (True, 1.5)):
+        plan = get_policy("auto", bits=bits, evict=evict).plan_prefill(ctx)
+        body = torch.arange(ctx.seq_len) < ctx.seq_len - plan.residual
+        w, s = plan.bits[0][body], score[body]
+        order = torch.argsort(s, descending=True)
+        assert bool((w[order][1:] <= w[order][:-1]).all()), "a less-read token got more bits"
+        assert int(w.min()) == (0 if evict else 2) and bool((w[50:60] >= (4 if bits >= 3 else 2)).all()), w[45:65]
+        if evict:
+            assert float(s[w == 0].max()) <= float(s[w > 0].min())
+
+
+def test_auto_evicts_only_when_asked():
+    with pytest.raises(ValueError, match="evict=True goes lower"):
+        get_policy("auto", bits=1.5).validate(64, 2)
+    get_policy("auto", bits=1.5, evict=True).validate(64, 2)
+    assert 0 not in get_policy("auto", bits=3.0).bit_widths() and 0 in get_policy("auto", evict=True).bit_widths()
+    with pytest.raises(ValueError, match="evict must be bool"):
+        get_policy("auto", evict=1)
+
+
 @torch.no_grad()
-def test_auto_takes_wider_2_bit_groups_on_a_tight_budget():
-    """At 2.5 bits on head dimension 64 (3 kv heads, as SmolLM2), 2-bit codes in groups of 32 (2.5 bits with their scale) leave nothing to
-    spend: 2-bit tokens take groups of 64 (2.25) and the budget still holds, prefill and decode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_evicted_positions_are_masked_and_rope_positions_unchanged(tiny_llama):
+    """A cache that evicts slots keeps the prompt's length: the next tokens take positions 300, 301, ... and the
+    evicted slots are masked. A multi-token continuation (a second question) and the decode steps after it give the
+    logits of a DynamicCache holding every token with the evicted ones' attention-mask entries at 0."""
+    from dataclasses import dataclass
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=1,
-                                         num_attention_heads=3, num_key_value_heads=3)).eval()
-    assert get_policy("auto", bits=3.0).spec(2, "key", 64).group_size == 32
-    assert get_policy("auto", bits=2.5).spec(2, "key", 64).group_size == 64
-    assert get_policy("auto", bits=2.5).spec(4, "key", 64).group_size == 32
-    ids = torch.randint(5, 250, (1, 600), generator=torch.Generator().manual_seed(1))
-    seen, _, _ = _run(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 2.5, 12)
-    assert max(seen) <= 2.5 * 1.02 and seen[0] >= 2.5 * 0.95, seen
+    from transformers import DynamicCache
+
+    from vlmkv.policies import BitPlan, Policy
+
+    holes = torch.zeros(300, dtype=torch.bool)
+    holes[10:200:3] = True
+    holes[250:260] = True
+
+    @dataclass
+    class Holes(Policy):  # the same slots evicted in every layer, the rest kept as they are
+        name = "holes"
+
+        def bit_widths(self):
+            return (0, 16)
+
+        def plan_prefill(self, ctx):
+            bits = torch.full((ctx.batch_size, ctx.seq_len), 16, dtype=torch.int16)
+            bits[:, holes] = 0
+            return BitPlan(bits)
+
+    ids = torch.randint(5, 250, (1, 300), generator=torch.Generator().manual_seed(3))
+    follow = torch.randint(5, 250, (1, 7), generator=torch.Generator().manual_seed(4))
+    steps = torch.randint(5, 250, (1, 3), generator=torch.Generator().manual_seed(5))
+    ref = DynamicCache(config=tiny_llama.config)
+    tiny_llama(input_ids=ids, **cache_kwargs(ref), use_cache=True)
+    mask = torch.cat([(~holes).long(), torch.ones(10, dtype=torch.long)])[None]
+    with QuantizedKVCache(tiny_llama, Holes(), residual_dtype=torch.float32) as cache:
+        tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        assert cache.get_seq_length() == 300 and cache.bits_histogram()[0] == int(holes.sum()) * 2  # 2 layers
+        assert torch.equal(cache.layers[0].store.live()[0], ~holes)
+        got = [tiny_llama(input_ids=follow, **cache_kwargs(cache), use_cache=True).logits]
+        want = [tiny_llama(input_ids=follow, attention_mask=mask[:, :307], **cache_kwargs(ref), use_cache=True).logits]
+        for t in range(3):  # decode steps: segment attention over the evicting store
+            n = 308 + t
+            got.append(tiny_llama(input_ids=steps[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits)
+            want.append(tiny_llama(input_ids=steps[:, t:t + 1], attention_mask=mask[:, :n], **cache_kwargs(ref),
+                                   use_cache=True).logits)
+        assert cache.get_seq_length() == 310
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_serves_the_question_first():
-    """The question (text after the last frame) rises to 8 bits before any other text or visual window rises; on a
-    budget too tight for that, its windows are still the first to rise."""
-    from vlmkv.policies import PrefillContext, TEXT
-    from vlmkv.policies.windows import prompt_mask
+@torch.no_grad()
+def test_auto_evicts_per_layer_what_its_plan_gives_0_bits(tiny_llama):
+    ids = torch.randint(5, 250, (1, 300), generator=torch.Generator().manual_seed(3))
+    with QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True, inspect=True) as cache:
+        tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        assert cache.get_seq_length() == 300 and cache.bits_histogram().get(0, 0) > 0
+        for i, layer in enumerate(cache.layers):
+            assert torch.equal(~layer.store.live()[0], cache.plans[i]["bits"][0] == 0)
+        out = tiny_llama(input_ids=ids[:, :5], **cache_kwargs(cache), use_cache=True).logits
+        assert torch.isfinite(out).all() and cache.get_seq_length() == 305
 
-    torch.manual_seed(0)
-    frames, per, q = 48, 16, 40
-    types, fids = [TEXT] * 6, [-1] * 6
-    for f in range(frames):  # "Frame n:" then the frame's visual tokens
-        types += [TEXT] * 4 + [IMAGE] * per
-        fids += [-1] * 4 + [f] * per
-    types += [TEXT] * q
-    fids += [-1] * q
-    types, fids = torch.tensor([types], dtype=torch.int8), torch.tensor([fids])
-    S = types.shape[1]
-    ctx = PrefillContext(torch.randn(1, 3, S, 64), torch.randn(1, 3, S, 64), token_types=types, frame_ids=fids)
-    question = prompt_mask(types)[0]
-    for bits in (3.0, 2.7):
-        plan = get_policy("auto", bits=bits).plan_prefill(ctx)
-        body = torch.arange(S) < S - plan.residual
-        b = plan.bits[0]
-        asked, other = b[question & body].float(), b[(types[0] == TEXT) & ~question & body].float()
-        assert asked.numel() >= 20 and asked.mean() > other.mean(), (bits, asked, other.mean())
-        if bits == 3.0:
-            assert (asked == 8).all(), asked
-        assert b[types[0] == IMAGE].float().mean() <= other.mean()
+
+@torch.no_grad()
+def test_an_evicting_cache_masks_like_a_dynamic_cache_with_the_same_holes(tiny_llama):
+    """Per layer: vlmkv's attention over an evicting store (decode step and multi-token query) equals the model's own
+    sdpa over the dequantized keys and values with the evicted slots masked."""
+    from vlmkv.attention import mask_evicted, segment_attention
+    from vlmkv.quant import fwht
+
+    ids = torch.randint(5, 250, (1, 260), generator=torch.Generator().manual_seed(5))
+    with QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True) as cache:
+        tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        store = cache.layers[1].store
+        live = store.live()
+        assert not bool(live.all()) and bool(live.any())
+        k, v = store.materialize(torch.float32)
+        H, D = k.shape[1], k.shape[-1]
+        q = torch.randn(1, H * 2, 1, D)
+        out = segment_attention(fwht(q), store, None, D ** -0.5, torch.float32)  # rotated basis, as the cache stores
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = (fwht(q) @ kk.transpose(-1, -2)) * D ** -0.5
+        s = s.masked_fill(~live[:, None, None, :], float("-inf"))
+        want = (s.softmax(-1) @ vv).transpose(1, 2)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        m = mask_evicted(None, live, 3)
+        assert m.shape == (1, 1, 3, live.shape[1]) and not bool(m[0, 0, :, ~live[0]].any())
+        assert bool(m[0, 0, 0, -2:].logical_not().all()) and bool(m[0, 0, 2, -3:].all())  # causal over the query
+        add = mask_evicted(torch.zeros(1, 1, 3, live.shape[1]), live, 3)
+        assert bool((add[0, 0, :, ~live[0]] < -1e30).all()) and bool((add[0, 0, :, live[0]] == 0).all())
+
+
+def test_eviction_needs_vlmkv_attention(tiny_llama):
+    with pytest.raises(ValueError, match="segment_attention=False"):
+        QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True, segment_attention=False)
+    with pytest.raises(ValueError, match="prompt_reads_cache"):
+        QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True, prompt_reads_cache=True)

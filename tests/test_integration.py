@@ -64,7 +64,7 @@ def test_labels_reach_the_policy_whatever_the_spelling_and_entry_point(name, spe
 def test_vision_aware_policy_without_labels_raises(family):
     model, inputs, types, frames = family("llava")
     embeds = model.get_input_embeddings()(inputs["input_ids"].clamp_max(298))
-    for policy in (get_policy("akvq-vl"), get_policy("windowquant", budget=6.0), get_policy("auto", bits=6.0)):
+    for policy in (get_policy("akvq-vl"), get_policy("windowquant", budget=6.0)):
         with QuantizedKVCache(model, policy) as cache:
             with pytest.raises(ValueError, match="modality labels"):
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], past_key_values=cache)
@@ -72,6 +72,10 @@ def test_vision_aware_policy_without_labels_raises(family):
             with pytest.raises(ValueError, match="modality labels"):
                 model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                                            past_key_values=cache)
+    # auto ranks tokens by the question's queries, not by labels: embeddings need none
+    with QuantizedKVCache(model, get_policy("auto", bits=6.0)) as cache:
+        model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], past_key_values=cache)
+        assert cache.get_seq_length() == embeds.shape[1]
     # labels given by hand make embeddings work
     with QuantizedKVCache(model, "akvq-vl", recent=2, num_pivots=2, inspect=True) as cache:
         cache.set_spans(types, frames)
