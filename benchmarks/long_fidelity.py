@@ -27,8 +27,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py, decode_bench.py
 import vlmkv  # noqa: E402
 from vlmkv.cli import _feasible, _method_entry  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from vlmkv.cache import cache_kwargs  # noqa: E402
 from vlmkv.eval.fidelity import PromptPrefill, next_token_kl, top1_agreement  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2.1", "MPL-1.1"]
@@ -46,7 +50,18 @@ def corpus(path: str | None) -> str:
 
 
 @torch.no_grad()
-def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_method_prefill: bool = False) -> list[dict]:
+def probe_logits(model, cache, probe: torch.Tensor, held: int, positional: bool = False) -> torch.Tensor:
+    """float32 `[K, V]`: the logits of a K-token second question `probe` `[1, K]` fed in one forward to a cache that
+    holds `held` slots, at positions held .. held + K - 1 (with a mask over them all, or none where the cache keeps
+    fewer slots than the sequence: `positional`, kvpress's caches)."""
+    pos = torch.arange(held, held + probe.shape[1])[None]
+    extra = {} if positional else {"attention_mask": torch.ones(1, held + probe.shape[1], dtype=torch.long)}
+    return model(input_ids=probe, **cache_kwargs(cache), use_cache=True, position_ids=pos, **extra).logits[0].float()
+
+
+@torch.no_grad()
+def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_method_prefill: bool = False,
+                 probe: torch.Tensor | None = None) -> list[dict]:
     """One row per (label, policy) of `methods`: teacher-forced KL and top-1 against full precision over the
     continuation `cont` `[1, T]` of `prompt` `[1, N]` (int64 ids), and bits per element from the cache's bytes.
 
@@ -56,20 +71,43 @@ def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_m
     n = prompt.shape[1]
     t0 = time.perf_counter()
     src = PromptPrefill(model, prompt, torch.ones_like(prompt), shared=not per_method_prefill)
-    ref = src.reference(cont)
+    ref_cache = DynamicCache(config=model.config)
+    if src.shared:  # what a prefill through the model stores: the recorded raw keys and values
+        for i, layer in enumerate(src.recorded.layers):
+            ref_cache.update(layer.recorded[0], layer.recorded[1], i)
+    ref = src.forced(ref_cache, cont)
+    held = n + cont.shape[1] - 1  # slots after the continuation: where the second question starts
+    ref_probe = None if probe is None else probe_logits(model, ref_cache, probe, held)
     t_ref = time.perf_counter() - t0
     rows = []
     for method, policy in tqdm(methods, desc=f"{n} tokens", file=sys.stderr):
         t0 = time.perf_counter()
-        with src.cache(policy) as cache:
-            got = src.forced(cache, cont)
-            bits = cache.bits_per_element()
+        if hasattr(policy, "forced"):  # a peer (benchmarks/peers.py): its own cache, its bytes counted as ours
+            from peers import PeerError
+
+            try:
+                got, bits, cache = policy.forced(model, prompt, cont, src)
+                second = None if probe is None else probe_logits(model, cache, probe, held, policy.positional)
+            except PeerError as e:  # reported, never dropped
+                rows.append({"context": n, "method": method, "error": str(e), "describe": policy.describe()})
+                print(f"{method}: {e}", file=sys.stderr)
+                continue
+        else:
+            with src.cache(policy) as cache:
+                got = src.forced(cache, cont)
+                bits = cache.bits_per_element()  # before the second question: the continuation's bytes
+                second = None if probe is None else probe_logits(model, cache, probe, held)
+        if second is not None:
+            extra = {"probe_kl": round(float(next_token_kl(ref_probe, second).mean()), 5),
+                     "probe_top1": round(float(top1_agreement(ref_probe, second).mean()), 4)}
+        else:
+            extra = {}
         kl = next_token_kl(ref, got)
         rows.append({"context": n, "method": method, "bits_per_element": round(bits, 3),
                      "kl": round(float(kl.mean()), 5), "kl_max": round(float(kl.max()), 4),
                      "top1": round(float(top1_agreement(ref, got).mean()), 4),
                      "seconds": round(time.perf_counter() - t0, 1), "reference_seconds": round(t_ref, 1),
-                     "shared_prefill": src.shared, "describe": _describe(policy)})
+                     "shared_prefill": src.shared, "describe": _describe(policy), **extra})
     return rows
 
 
@@ -112,26 +150,48 @@ def run(args, keep: list[dict] | None = None) -> list[dict]:
     for n in [int(c) for c in args.contexts.split(",")]:
         if ids_all.shape[1] < n + args.steps:
             raise SystemExit(f"the text holds {ids_all.shape[1]} tokens, fewer than {n} + {args.steps}")
-        new = context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps], _feasible(model, entries(args)),
-                           args.per_method_prefill)
+        pairs = entries(args)
+        policies = _feasible(model, [(m, p) for m, p in pairs if not hasattr(p, "forced")])
+        new = context_rows(model, ids_all[:, :n], ids_all[:, n:n + args.steps],
+                           policies + [(m, p) for m, p in pairs if hasattr(p, "forced")], args.per_method_prefill,
+                           second_question(tok, ids_all, args.probe) if args.probe else None)
         rows += [{**r, **setup(args)} for r in new]
         if args.out:  # each finished context is kept, should a later (longer) one be stopped
             Path(args.out).write_text(json.dumps(rows if keep is None else replace_rows(keep, rows), indent=1))
     return rows
 
 
+PROBE_START = 16  # the second question repeats the document from this token (past its first, always-kept tokens)
+
+
+def second_question(tok, ids_all: torch.Tensor, k: int) -> torch.Tensor:
+    """long `[1, 2 + k]`: a paragraph break, then the document's tokens PROBE_START .. PROBE_START + k again: asked
+    after the cache was built, it can only be predicted by reading the beginning of the prompt (a copy; induction
+    heads), which is what an evicting cache cannot promise to keep."""
+    sep = tok("\n\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return torch.cat([sep, ids_all[:, PROBE_START:PROBE_START + k]], 1)
+
+
 def entries(args) -> list[tuple[str, object]]:
-    """(label, method) pairs: the --pareto points, or --methods ("rtn-4:group_size=32" is a method with options)."""
+    """(label, method) pairs: the --pareto points, or --methods ("rtn-4:group_size=32" is a method with options),
+    then the --peers (benchmarks/peers.py)."""
     if args.pareto is not None:
         from vlmkv.eval.presets import pareto_methods
 
-        return pareto_methods([f for f in args.pareto.split(",") if f] or None)
-    return [(m, vlmkv.get_policy(e) if isinstance(e, str) else e[1]) for m in args.methods.split(",") for e in [_method_entry(m)]]
+        out = pareto_methods([f for f in args.pareto.split(",") if f] or None)
+    else:
+        out = [(m, vlmkv.get_policy(e) if isinstance(e, str) else e[1]) for m in args.methods.split(",") if m
+               for e in [_method_entry(m)]]
+    if getattr(args, "peers", None):
+        from peers import peer_entries
+
+        out += peer_entries(args.peers)
+    return out
 
 
 def _context_points(rows: list[dict], n: int) -> dict:
     """label -> (bits from bytes, KL, top-1) of context `n`."""
-    return {r["method"]: (r["bits_per_element"], r["kl"], r["top1"]) for r in rows if r["context"] == n}
+    return {r["method"]: (r["bits_per_element"], r["kl"], r["top1"]) for r in rows if r["context"] == n and "error" not in r}
 
 
 def fewest_bits(rows: list[dict], max_kl: float = 0.05) -> str:
@@ -175,7 +235,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def markdown(rows: list[dict]) -> str:
     lines = ["| context | method | bits/element | next-token KL | top-1 vs full precision |", "|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['method']} | {r['bits_per_element']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
+        lines.append(f"| {r['context']} | {r['method']} | - | did not run: {r['error']} | |" if "error" in r else
+                     f"| {r['context']} | {r['method']} | {r['bits_per_element']:.2f} | {r['kl']:.4f} | {r['top1']:.3f} |")
     return "\n".join(lines)
 
 
@@ -187,6 +248,14 @@ def main():
     p.add_argument("--methods", default=METHODS, help="comma-separated names, or name:option=value:... (as vlmkv eval)")
     p.add_argument("--pareto", nargs="?", const="", default=None, metavar="FAMILIES",
                    help="the points of `vlmkv eval --pareto` (optionally only these comma-separated families)")
+    p.add_argument("--peers", default=None, metavar="NAMES",
+                   help="peers in the same run (benchmarks/peers.py): kvpress (its presses at several ratios and SnapKV "
+                        "over quanto-4), snapkv, expected_attention, knorm, snapkv+quanto, turboquant, or points "
+                        "such as snapkv@0.75, turboquant@3")
+    p.add_argument("--probe", type=int, default=64, metavar="K",
+                   help="after the continuation, a second question: the document's first K tokens again, fed in one "
+                        "forward; its KL and top-1 against full precision are the rows' probe_kl / probe_top1 "
+                        "(0: no probe)")
     p.add_argument("--per-method-prefill", action="store_true",
                    help="prefill the prompt once per method (default: once, every cache filled from it, as vlmkv eval)")
     p.add_argument("--text", default=None, help="a text file (default: the Debian license texts)")

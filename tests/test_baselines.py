@@ -128,6 +128,28 @@ def test_kivi_reference_memory_holds_quantized_keys_beside_full_values(tiny_llam
         assert seg.nbytes() >= seg.vpend.numel() * 2 + (64 - 26) * H * D // 4  # full values + 2-bit codes
 
 
+@torch.no_grad()
+def test_kivi_reference_takes_a_multi_token_append_after_decode_steps(tiny_llama):
+    """A second question on a KIVI cache (a multi-token append after generated tokens, whose values wait in the
+    value window): blocks flush in slot order, older deferred values quantized first; afterwards exactly the last
+    R values are in full precision, as after the same tokens one at a time."""
+    from vlmkv import QuantizedKVCache, cache_kwargs
+
+    ids = torch.randint(5, 200, (1, 300), generator=torch.Generator().manual_seed(2))
+    for steps in (5, 31):
+        with QuantizedKVCache(tiny_llama, "kivi", bits=2, residual_length=32) as cache:
+            tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+            for t in range(steps):
+                tiny_llama(input_ids=ids[:, t:t + 1], **cache_kwargs(cache), use_cache=True)
+            out = tiny_llama(input_ids=ids[:, :66], **cache_kwargs(cache), use_cache=True).logits
+            store = cache.layers[0].store
+            assert torch.isfinite(out).all() and store.length == 300 + steps + 66
+            store.settle()
+            seg = store.segments[2]
+            full = (0 if seg.vpend is None else seg.vpend.shape[-2]) + store.residual_len
+            assert full == 32 and seg.n % 32 == 0 and seg.n + store.residual_len == store.length
+
+
 # ---------------------------------------------------------------------------------------------------- SKVQ
 from vlmkv.policies.skvq import CLIP_GRID, calibrate_clips, cluster_channels  # noqa: E402
 from vlmkv.quant.packing import pack_trits, unpack_trits  # noqa: E402

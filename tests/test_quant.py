@@ -194,3 +194,84 @@ def test_zero_point_formats_through_a_cache(tiny_llama):
     assert sizes["int16"] > sizes["int8"] > sizes["none"]
     with pytest.raises(ValueError, match="zero_point"):
         get_policy("rtn", zero_point="uint4")
+
+
+# --------------------------------------------------------------------------------------------- codebooks
+def _lloyd_max_by_hand(g: int, n: int) -> torch.Tensor:
+    """Lloyd-Max levels of a coordinate of a random unit vector in R^g, from samples: points drawn on the sphere,
+    Lloyd's iteration on their first coordinates (a reference independent of quant.codebook's density grid)."""
+    torch.manual_seed(0)  # x0 / |x| for x ~ N(0, I_g): x0 ~ N(0, 1), |x|^2 = x0^2 + chi2(g - 1)
+    x0 = torch.randn(400_000, dtype=torch.float64)
+    rest = torch.distributions.Chi2(torch.tensor(float(g - 1), dtype=torch.float64)).sample((400_000,))
+    t = (x0 / (x0 * x0 + rest).sqrt()).sort().values
+    c = torch.quantile(t[::10], (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    for _ in range(100):
+        idx = torch.bucketize(t, (c[1:] + c[:-1]) / 2)
+        c = torch.bincount(idx, weights=t, minlength=n) / torch.bincount(idx, minlength=n)
+    return c
+
+
+@pytest.mark.parametrize("bits,g", [(2, 64), (4, 64), (2, 128), (4, 32)])
+def test_codebook_levels_are_the_lloyd_max_levels_of_a_sphere_coordinate(bits, g):
+    from vlmkv.quant.codebook import expected_error, levels
+
+    got = levels(bits, g).double()
+    want = _lloyd_max_by_hand(g, 1 << bits)
+    # the sample estimate's own error: about 1 / sqrt(samples per level) of the spread of a cell
+    torch.testing.assert_close(got * g ** 0.5, want * g ** 0.5, atol=0.01 * (1 << bits) ** 0.5, rtol=0.01)
+    assert torch.equal(got, -got.flip(0))  # symmetric
+    gauss = {2: 0.1175, 4: 0.009497}[bits]  # Lloyd-Max on a Gaussian (Max 1960): the large-g limit
+    assert abs(expected_error(bits, g) - gauss) < 0.05 * gauss + 0.004
+
+
+def _codebook_by_hand(x: torch.Tensor, bits: int, g: int):
+    """Per group of g channels: the fp16 norm, then each channel's nearest level (ties to the lower one), read back
+    as norm * level; loops, not vectorized (the test's own reference)."""
+    from vlmkv.quant.codebook import levels
+
+    lv = levels(bits, g).double()
+    out = torch.empty_like(x, dtype=torch.float64)
+    rows = x.reshape(-1, x.shape[-1]).double()
+    flat = out.view(-1, x.shape[-1])
+    for i in range(rows.shape[0]):
+        for a in range(0, x.shape[-1], g):
+            v = rows[i, a:a + g]
+            norm = float(torch.tensor(float(v.float().square().sum().sqrt())).to(torch.float16))
+            for j in range(g):
+                u = float(v[j]) / norm if norm else 0.0
+                k = min(range(len(lv)), key=lambda k: (abs(u - float(lv[k])), k))
+                flat[i, a + j] = norm * float(lv[k])
+    return out
+
+
+@pytest.mark.parametrize("bits,g,d", [(2, 64, 64), (4, 64, 128), (8, 32, 64)])
+def test_codebook_quantizer_matches_a_reference_written_here(bits, g, d):
+    gen = torch.Generator().manual_seed(bits + d)
+    x = torch.randn(2, 3, d, generator=gen) * torch.rand(d, generator=gen) * 3
+    x[0, 1] = 0  # an all-zero vector reads back zeros
+    spec = QuantSpec(bits, g, zero_point="none", codebook="lloyd-max")
+    q = quantize(x, spec)
+    assert q.zero is None and q.scale.dtype == torch.float16 and q.scale.shape == (2, 3, d // g)
+    assert q.nbytes() == x.numel() * bits // 8 + 2 * x.numel() // g  # codes, one fp16 norm a group
+    got = dequantize(q, torch.float32).double()
+    want = _codebook_by_hand(x, bits, g)
+    # the same codes; the values differ only by float32 rounding of norm * level
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[0, 1], torch.zeros(d, dtype=torch.float64))
+
+
+def test_codebook_edges_and_bad_specs():
+    spec = QuantSpec(2, 32, zero_point="none", codebook="lloyd-max")
+    x = torch.randn(1, 4, 64)
+    x[0, 0, 3] = float("nan")
+    x[0, 1, 40] = float("inf")
+    x[0, 2] = 6e4  # a norm beyond float16: saturates, reads back finite
+    y = dequantize(quantize(x, spec), torch.float32)
+    assert y[0, 0, :32].isnan().all() and y[0, 0, 32:].isfinite().all()
+    assert y[0, 1, 32:].isnan().all() and y[0, 1, :32].isfinite().all()
+    assert y[0, 2].isfinite().all()
+    for bad in ({"zero_point": "int16"}, {"zero_point": "none", "clip_ratio": 0.9}, {"zero_point": "none", "axis": "channel"}):
+        with pytest.raises(ValueError):
+            QuantSpec(2, 32, codebook="lloyd-max", **bad)
+    with pytest.raises(ValueError, match="codebook"):
+        QuantSpec(2, 32, zero_point="none", codebook="uniform")

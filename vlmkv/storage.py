@@ -801,6 +801,8 @@ class LayerStore:
                 f = flush_every
                 # one width for the whole block (every decode-time token): no per-token bookkeeping in commit
                 fbits = self.residual.block_bits(f)
+                if window is not None:  # deferred values older than this block's coded ones first: values are
+                    self._age_values(self.length - window)  # quantized in slot order (a multi-token append)
                 defer = 0 if window is None else min(f, max(0, start + f - (self.length - window)))
                 self.commit(self.res_k[:, :, :f], self.res_v[:, :, :f], fbits, start, defer)
                 self.residual.pop(f)

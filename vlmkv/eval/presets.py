@@ -172,6 +172,7 @@ PARETO = (
     + [("windowquant", f"windowquant budget={b}", "windowquant", {"budget": b}) for b in (2.5, 3.0, 4.0, 6.0)]
     + [("skvq", f"skvq window={w} V{v}", "skvq", {"window": w, "value_bits": v}) for w in (32, 128) for v in (1.5, 2)]
     + [("auto", f"auto bits={b}", "auto", {"bits": b}) for b in (2.5, 3.0, 4.0, 5.0, 6.0)]
+    + [("auto evict", f"auto evict bits={b}", "auto", {"bits": b, "evict": True}) for b in (2.0, 2.5, 3.0, 4.0, 5.0)]
 )
 
 
@@ -191,7 +192,7 @@ def _family(label: str) -> str:
     hit = next((f for f, lab, *_ in PARETO if lab == label), None)
     if hit is not None:
         return hit
-    name = dict(TABLE2).get(label, label).split()[0].split(":")[0].lower()
+    name = dict(TABLE2).get(label, label).split()[0].split(":")[0].split("@")[0].lower()  # "snapkv@0.75": snapkv
     return re.sub(r"-\d+$", "", name)
 
 
