@@ -25,8 +25,25 @@ from vlmkv.eval.runner import Row, load_records  # noqa: E402
 
 LENGTHS = (32, 64, 128)
 TOKENS = {32: "~790", 64: "~1,530", 128: "~3,030"}
-TEXT_PARETO = {2048: "pareto_smollm2", 4096: "pareto_smollm2_4096", 8192: "pareto_smollm2_8192"}
+TEXT_PARETO = {1024: "pareto_smollm2_1024", 2048: "pareto_smollm2", 4096: "pareto_smollm2_4096",
+               8192: "pareto_smollm2_8192"}
 FAMILY_ORDER = ("auto", "akvq-vl", "kivi", "rtn", "skvq", "windowquant", "smoothquant")
+PEER_FAMILIES = ("snapkv", "expected_attention", "knorm", "snapkv+quanto", "turboquant")  # benchmarks/peers.py
+OURS = ("auto", "auto evict", "akvq-vl", "kivi", "rtn", "skvq", "windowquant")
+BUDGETS = (2.5, 3.0, 3.5, 4.0)
+AUTO_V3 = {n: f"auto_v3_L{n}" for n in LENGTHS}  # pocket-long, auto's current plan beside FP16 on the same clips
+AUTO_V3_COMMAND = """vlmkv make-data --out out/L{n} --frames {n} --samples 100 --tasks ObjectExistence,FrameColour,WhichFrame,Counting
+OMP_NUM_THREADS=1 vlmkv eval --model pocket-long --dtype bfloat16 --linears fp32 --max-new-tokens 6 --data out/L{n} \\
+  --tasks ObjectExistence,FrameColour,WhichFrame,Counting --limit {limit} \\
+  --methods fp16,auto:bits=2.5,auto:bits=3.0,auto:bits=2.5:evict=True --out docs/pocket/auto_v3_L{n}"""
+TEXT_COMMAND = ("bash scripts/setup-peers.sh   # .venv-peers: kvpress pins transformers < 5.3\n"
+                ".venv-peers/bin/python benchmarks/long_fidelity.py --contexts 1024 --pareto --peers kvpress,turboquant "
+                "--out docs/pareto_smollm2_1024.json\n"
+                "for n in 2048 4096 8192; do  # the other families' rows of these files come from --pareto runs at n\n"
+                "  f=docs/pareto_smollm2_$n.json; [ $n = 2048 ] && f=docs/pareto_smollm2.json\n"
+                "  .venv-peers/bin/python benchmarks/long_fidelity.py --contexts $n --pareto \"auto,auto evict\" "
+                "--peers kvpress,turboquant --replace-in $f --out $f\n"
+                "done")
 
 # The seed's Table II, LLaVA-v1.5-7B, 12 MileBench tasks (OE OI MA EN SC ST SU WQA TQA MQA SQA DQA): its numbers, not
 # ours, to set beside our share of FP16's accuracy
@@ -79,13 +96,14 @@ def budget_section(figures: bool) -> str:
         best[n], ref[n] = _fewest(rows)
         if figures:
             presets.plot_pareto(rows, folder / "pareto.png", title=f"pocket-long, {n} frames ({TOKENS[n]} tokens)")
-    fams = [f for f in FAMILY_ORDER if any(f in best[n] for n in LENGTHS)]
+    fams = [f for f in FAMILY_ORDER if f != "auto" and any(f in best[n] for n in LENGTHS)]  # auto: next section
     out = ["## Which method at which budget", "",
            "### A vision-language model on long clips: pocket-long", "",
            "The fewest bits per element (counted from bytes) at which each method keeps 99% of FP16's mean accuracy, "
            "on the seed's Table II clips: four tasks, 100 synthetic clips each, of 32, 64 and 128 frames of 16 visual "
            "tokens, asked of pocket-long (the demo VLM, `vlmkv/models/pocket/MODEL_CARD.md`). `-`: none of the "
-           "method's points keeps 99%. In brackets: the point, its accuracy and its next-token KL against FP16.", "",
+           "method's points keeps 99%. In brackets: the point, its accuracy and its next-token KL against FP16. "
+           "`auto`, whose plan these records predate, is measured on its own clips in the next section.", "",
            "| method | " + " | ".join(f"{n} frames ({TOKENS[n]} tokens)" for n in LENGTHS) + " |",
            "|---|" + "---:|" * len(LENGTHS)]
     for f in fams:
@@ -100,24 +118,117 @@ def budget_section(figures: bool) -> str:
             TABLE2_COMMAND.format(n="{32,64,128}"), "```", ""]
     for n in LENGTHS:
         out.append(f"![accuracy and KL against bits, {n} frames]({_rel(runs[n] / 'pareto.png')})")
-    out += ["", "### Real text: SmolLM2-135M at 2k, 4k and 8k tokens", "",
-            "The fewest bits per element at which each method keeps the teacher-forced next-token KL against the "
-            "full-precision cache at or below 0.05, on the Debian licence texts, over every point of "
-            "`vlmkv eval --pareto`'s grid.", ""]
+    out += ["", auto_v3_section(), "", text_budget_section(figures)]
+    return "\n".join(out)
+
+
+def _text_rows() -> dict:
+    return {n: json.loads((DOCS / f"{name}.json").read_text()) for n, name in TEXT_PARETO.items()}
+
+
+def _best_under(points: dict, budget: float) -> dict:
+    """{family: (bits, label, KL, top-1)}: each family's point of least KL at most 2% over `budget` bits."""
+    out = {}
+    for fam, pts in presets.by_family(points).items():
+        ok = [p for p in pts if p[0] <= budget * 1.02]
+        if ok:
+            out[fam] = min(ok, key=lambda p: p[2])
+    return out
+
+
+def text_budget_section(figures: bool) -> str:
     lf = _module("long_fidelity")
+    data = _text_rows()
+    out = ["### Real text: SmolLM2-135M at 1k, 2k, 4k and 8k tokens, with the peers", "",
+           "Teacher-forced next-token KL against the full-precision cache on the Debian licence texts, every point of "
+           "`vlmkv eval --pareto`'s grid and, in the same run, the peers (`benchmarks/peers.py`): NVIDIA kvpress's "
+           "SnapKV, ExpectedAttention and Knorm presses at five compression ratios and SnapKV over transformers' "
+           "4-bit quanto cache, and a TurboQuant MSE port (random rotation, Lloyd-Max levels, a norm per head "
+           "vector) at 2, 3 and 4 bits. Bytes are counted alike: everything a cache holds after the last step, over "
+           "every slot (an evicting cache's kept fp16 elements spread over all tokens).", "",
+           "**At equal bytes.** The least KL each method reaches at or under each budget (2% over allowed, as `auto`'s "
+           "own contract); bold: the least of the row.", "",
+           "| context | budget | " + " | ".join(OURS[:2] + ("best other vlmkv method",) + PEER_FAMILIES) + " |",
+           "|---:|---:|" + "---:|" * (3 + len(PEER_FAMILIES))]
+    for n, rows in data.items():
+        pts = lf._context_points(rows, n)
+        for b in BUDGETS:
+            best = _best_under(pts, b)
+            other = min((best[f] + (f,) for f in OURS[2:] if f in best), key=lambda p: p[2], default=None)
+            cells = [best.get(f) for f in OURS[:2]] + [other] + [best.get(f) for f in PEER_FAMILIES]
+            low = min((c[2] for c in cells if c is not None), default=None)
+
+            def cell(c, named=False):
+                if c is None:
+                    return "-"
+                text = f"{c[2]:.3f} ({c[0]:.2f} b" + (f", {c[-1]}" if named else "") + ")"
+                return f"**{text}**" if c[2] == low else text
+            out.append(f"| {n} | {b} | " + " | ".join(cell(c, named=i == 2) for i, c in enumerate(cells)) + " |")
+    out += ["", "**Fewest bits for KL <= 0.05**, per method and context:", ""]
     tables, pngs = [], []
     for n, name in TEXT_PARETO.items():
-        rows = json.loads((DOCS / f"{name}.json").read_text())
-        tables.append(lf.fewest_bits(rows).split("\n"))
+        tables.append(lf.fewest_bits(data[n]).split("\n"))
         if figures:
-            lf.plot(rows, DOCS / f"{name}.png")
+            lf.plot(data[n], DOCS / f"{name}.png")
         pngs.append(DOCS / f"{name}.png")
     out += tables[0] + [line for t in tables[1:] for line in t[2:]]
-    out += ["", "```", "python benchmarks/long_fidelity.py --contexts 2048 --steps 32 --pareto --out docs/pareto_smollm2.json",
-            "python benchmarks/long_fidelity.py --contexts 4096 --steps 32 --pareto --out docs/pareto_smollm2_4096.json",
-            "python benchmarks/long_fidelity.py --contexts 8192 --steps 32 --pareto --out docs/pareto_smollm2_8192.json",
-            "```", ""]
+    errors = sorted({(r["method"], r["error"]) for rows in data.values() for r in rows if "error" in r})
+    if errors:
+        out += ["", "Peers that did not run: " + "; ".join(f"{m}: {e}" for m, e in errors) + "."]
+    out += ["", second_question_section(data), "", "```", TEXT_COMMAND, "```", ""]
     out += [f"![KL and top-1 against bits, {n} tokens]({_rel(p)})" for n, p in zip(TEXT_PARETO, pngs)]
+    return "\n".join(out)
+
+
+PROBE_POINTS = ("FP16", "auto bits=3.0", "auto bits=4.0", "auto evict bits=3.0", "auto evict bits=4.0",
+                "kivi-4 r32", "rtn-4 g32 none", "akvq-vl recent=128 clip=0.8", "snapkv@0.75", "snapkv@0.8",
+                "snapkv+quanto-4@0.25", "turboquant-3", "turboquant-4")
+
+
+def second_question_section(data: dict) -> str:
+    out = ["### Second question: what eviction costs", "",
+           "After the 32 teacher-forced tokens, a second question is asked of the same cache: a paragraph break, then "
+           "the document's tokens 16-80 again, fed in one forward. Predicting them means reading the beginning of the "
+           "prompt, which the first question (the prompt's last tokens) hardly attended to: what an evicting cache "
+           "dropped is gone, and a cache that spent its bits where the first question read has little left there. "
+           "KL and top-1 over the 66 tokens against the full-precision cache (`probe_kl`, `probe_top1` in the "
+           "records; `-`: a row measured before the probe existed).", "",
+           "| context | method | bits/element | KL, first question | KL, second question | top-1, second question |",
+           "|---:|---|---:|---:|---:|---:|"]
+    for n, rows in data.items():
+        by = {r["method"]: r for r in rows if "error" not in r}
+        for label in PROBE_POINTS:
+            r = by.get(label)
+            if r is None or "probe_kl" not in r:
+                continue
+            out.append(f"| {n} | {label} | {r['bits_per_element']:.2f} | {r['kl']:.4f} | {r['probe_kl']:.4f} | "
+                       f"{r['probe_top1']:.3f} |")
+    return "\n".join(out)
+
+
+def auto_v3_section() -> str:
+    out = ["### `auto` on pocket-long, as it plans now", "",
+           "`auto` ranks tokens by the question's queries, stores 2- and 4-bit tokens as codebooks and, with "
+           "`evict=True`, drops what the question does not read (the table above holds its earlier plan, measured on "
+           "other clips). FP16 and `auto` on the same clips; share of FP16's mean accuracy, and next-token KL.", "",
+           "| frames | clips | FP16 accuracy | " + " | ".join(("auto bits=2.5", "auto bits=3.0", "auto bits=2.5 evict"))
+           + " |", "|---:|---:|---:|---:|---:|---:|"]
+    limits = {}
+    for n in LENGTHS:
+        folder = DOCS / "pocket" / AUTO_V3[n]
+        if not (folder / "results.json").exists():
+            continue
+        rows = rows_of(folder)
+        pts = presets._points(rows)
+        ref = presets._reference(pts)
+        clips = sum(r.n for r in rows if r.method == "fp16")
+        limits[n] = clips // 4
+        cells = []
+        for label in ("auto:bits=2.5", "auto:bits=3.0", "auto:bits=2.5:evict=True"):
+            p = pts.get(label)
+            cells.append("-" if p is None else f"{100 * p[1] / ref[1]:.1f}% ({p[0]:.2f} b, KL {p[2]:.4f})")
+        out.append(f"| {n} | {clips} | {ref[1]:.3f} | " + " | ".join(cells) + " |")
+    out += ["", "```"] + [AUTO_V3_COMMAND.format(n=n, limit=lim) for n, lim in limits.items()] + ["```"]
     return "\n".join(out)
 
 
@@ -197,8 +308,8 @@ def peers_section() -> str:
                       "python benchmarks/baseline_fidelity.py --context 1024 --steps 64 --out docs/baseline_fidelity.json",
                       "```", "",
                       "transformers' own quantized caches (optimum-quanto, HQQ) are timed beside vlmkv's in "
-                      "[BENCHMARKS.md](BENCHMARKS.md). Token-eviction presses (kvpress) and a TurboQuant port are not in "
-                      "the harness yet."])
+                      "[BENCHMARKS.md](BENCHMARKS.md). Token eviction (kvpress's presses) and a TurboQuant port run in "
+                      "the long-context harness beside every method: see \"Real text\" above."])
 
 
 def vllm_section() -> str:

@@ -188,3 +188,27 @@ def test_decode_layer_merges_every_segment_as_the_reference_does(float_dtype):
     m2, den2, o2 = cpu.decode_layer(q, parts, 0.125)
     torch.testing.assert_close(m2, m, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(o2 / den2, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [96, 400])  # 400: long enough for the 2-bit score tables
+@pytest.mark.parametrize("kbits,vbits", [(2, 2), (4, 2), (2, 8)])
+def test_codebook_segments_decode_as_the_reference(n, kbits, vbits):
+    """Codebook keys and values (a norm a head vector, Lloyd-Max levels): the C++ kernel, through its score tables
+    and its unpacking, equals the reference within the reference's own float error."""
+    from vlmkv.kernels.reference import decode_partial_ref
+    from vlmkv.quant import QuantSpec, quantize
+
+    assert cpu.load(), cpu.error()
+    g = torch.Generator().manual_seed(n + kbits)
+    d = 64
+    ks = QuantSpec(kbits, d, zero_point="none", codebook="lloyd-max")
+    vs = QuantSpec(vbits, d, zero_point="none", codebook="lloyd-max")
+    kq = quantize(torch.randn(2, 2, n, d, generator=g) * 2, ks)
+    vq = quantize(torch.randn(2, 2, n, d, generator=g), vs)
+    q = torch.randn(2, 2, 3, d, generator=g)
+    ok = torch.rand(2, n, generator=g) > 0.1
+    m, den, o = decode_partial_ref(q.double(), kq, vq, ok, d ** -0.5)
+    m2, den2, o2 = cpu.decode_partial(q, kq, vq, ok, d ** -0.5)
+    torch.testing.assert_close((o2 / den2).double(), (o / den).double(), rtol=2e-5, atol=2e-5)
+    layer = cpu.decode_layer(q, [(kq, vq, ok)], d ** -0.5)
+    torch.testing.assert_close((layer[2] / layer[1]).double(), (o / den).double(), rtol=2e-5, atol=2e-5)

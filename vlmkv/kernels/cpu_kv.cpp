@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -80,7 +81,7 @@ inline int64_t code_bytes(int fmt, int64_t D) {
 }
 
 // D codes of one token as floats (dst has room for D rounded up to a whole byte's codes, plus 8); lv: a codebook's
-// levels (each code replaced by its level), or null
+// byte table (`byte_levels`: the levels of the codes each byte holds), or null: the codes themselves
 template <int FMT>
 inline void unpack(const uint8_t* src, int D, float* dst, const float* lv = nullptr) {
   if constexpr (FMT == 32) {
@@ -93,7 +94,7 @@ inline void unpack(const uint8_t* src, int D, float* dst, const float* lv = null
     for (int d = 0; d < D; ++d) dst[d] = float(h[d]);
   } else if constexpr (FMT == 8) {
     if (lv)
-      for (int d = 0; d < D; ++d) dst[d] = lv[src[d]];
+      for (int d = 0; d < D; ++d) dst[d] = lv[src[d]];  // one level a byte
     else
       for (int d = 0; d < D; ++d) dst[d] = float(src[d]);
   } else if constexpr (FMT == 3) {
@@ -101,11 +102,19 @@ inline void unpack(const uint8_t* src, int D, float* dst, const float* lv = null
     for (int j = 0; j < (D + 4) / 5; ++j) std::memcpy(dst + j * 5, L.v[src[j]], sizeof(float) * 8);
   } else {
     constexpr int PER = 8 / FMT;
-    const Lut<FMT>& L = lut<FMT>();
-    for (int j = 0; j < (D + PER - 1) / PER; ++j) std::memcpy(dst + j * PER, L.v[src[j]], sizeof(float) * PER);
-    if (lv)
-      for (int d = 0; d < D; ++d) dst[d] = lv[int(dst[d])];
+    const float* table = lv ? lv : &lut<FMT>().v[0][0];  // a codebook's levels, or the codes: one copy a byte
+    for (int j = 0; j < (D + PER - 1) / PER; ++j) std::memcpy(dst + j * PER, table + src[j] * PER, sizeof(float) * PER);
   }
+}
+
+// a codebook's byte table: for each byte, the levels of the codes it holds ([256][8 / bits] floats), so that
+// unpacking a codebook is the same one copy a byte as unpacking codes
+std::vector<float> byte_levels(const float* levels, int bits) {
+  const int per = 8 / bits;
+  std::vector<float> t(size_t(256) * per);
+  for (int b = 0; b < 256; ++b)
+    for (int j = 0; j < per; ++j) t[size_t(b) * per + j] = levels[(b >> (bits * j)) & ((1 << bits) - 1)];
+  return t;
 }
 
 enum ZeroKind { Z_INT16 = 0, Z_INT8 = 1, Z_NONE = 2 };
@@ -123,7 +132,8 @@ struct Packed {  // one QTensor (or a float segment), pointers at (b, h) = (0, 0
   std::vector<int> gb;  // per-token groups: channel bounds, 0 = gb[0] < ... < gb[ng] = D
   int ng;
   bool bytes_aligned;  // every group bound falls on a byte (the score tables apply)
-  const float* lv = nullptr;  // a codebook's levels [2^bits] (zero point 0), or null: uniform codes
+  const float* lv = nullptr;  // a codebook's byte table (`byte_levels`, zero point 0), or null: uniform codes
+  std::shared_ptr<std::vector<float>> lv_table;  // owns lv
 };
 
 inline float scale_at(const Packed& P, int64_t off) { return P.s ? float(P.s[off]) : 1.f; }
@@ -173,7 +183,8 @@ Packed packed(const Tensor& c, const Tensor& s, const std::optional<Tensor>& z, 
     TORCH_CHECK(lv->scalar_type() == at::kFloat && lv->dim() == 1 && lv->is_contiguous() && lv->numel() == (1 << bits) &&
                     fmt != 3 && !channel && !z.has_value(),
                 "levels: float32 [2^bits] for per-token groups of 2/4/8-bit codes with no zero point");
-    P.lv = lv->data_ptr<float>();
+    P.lv_table = std::make_shared<std::vector<float>>(byte_levels(lv->data_ptr<float>(), bits));
+    P.lv = P.lv_table->data();
     P.zconst = 0.f;
   }
   return P;
@@ -247,9 +258,22 @@ constexpr int SCRATCH = MAX_D + 16;  // unpacked codes: D rounded up to whole by
 // q[r] . c_t over a group = the sum of one table entry per byte of the token: NB lookups instead of D
 // unpacked codes and products, and the R query heads of a kv head each read the token's bytes directly.
 template <int BITS>
-void build_tables(const float* q, int R, int D, float* tab) {
+void build_tables(const float* q, int R, int D, float* tab, const float* lv = nullptr) {
   constexpr int PER = 8 / BITS;
   const int NB = D / PER;
+  if (lv) {  // a codebook: each byte's levels (`byte_levels`) instead of its codes
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) {
+        float* t = tab + (size_t(r) * NB + j) * 256;
+        const float* qj = q + size_t(r) * D + j * PER;
+        for (int b = 0; b < 256; ++b) {
+          float acc = 0.f;
+          for (int k = 0; k < PER; ++k) acc += qj[k] * lv[b * PER + k];
+          t[b] = acc;
+        }
+      }
+    return;
+  }
   alignas(64) static const auto codes = [] {  // codes[k][byte]: code k of `byte`, as float (SoA: vectorizes)
     std::array<std::array<float, 256>, PER> a{};
     for (int k = 0; k < PER; ++k)
@@ -496,7 +520,7 @@ std::tuple<Tensor, Tensor, Tensor> decode_core(const Tensor& q, const std::vecto
           for (int64_t d = S.K.gb[g]; d < S.K.gb[g + 1]; ++d) qsum[i * nkg + g] += qp[i * D + d];
     // score tables (2-bit keys in byte-aligned groups, long enough segments: a table costs about as much as 256
     // tokens' products; 4-bit keys read faster unpacked)
-    if (S.kf == 2 && n >= 256 && !S.K.channel && S.K.bytes_aligned && D % 4 == 0 && !S.K.lv) {
+    if (S.kf == 2 && n >= 256 && !S.K.channel && S.K.bytes_aligned && D % 4 == 0) {
       tab_of[si] = 1;
       tabs[si].resize(size_t(B * H * R * (D / 4) * 256));
     }
@@ -505,7 +529,7 @@ std::tuple<Tensor, Tensor, Tensor> decode_core(const Tensor& q, const std::vecto
     if (tab_of[si])
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh)
-          build_tables<2>(qp + bh * R * D, int(R), int(D), tabs[si].data() + bh * R * (D / 4) * 256);
+          build_tables<2>(qp + bh * R * D, int(R), int(D), tabs[si].data() + bh * R * (D / 4) * 256, segs[si].K.lv);
       });
   const int64_t T = int64_t(tasks.size());
   std::vector<float> pm(size_t(T * R)), pl(pm.size()), po(pm.size() * D);
