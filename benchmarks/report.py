@@ -175,6 +175,14 @@ def text_budget_section(figures: bool) -> str:
     errors = sorted({(r["method"], r["error"]) for rows in data.values() for r in rows if "error" in r})
     if errors:
         out += ["", "Peers that did not run: " + "; ".join(f"{m}: {e}" for m, e in errors) + "."]
+    pinned = json.loads((DOCS / "peers_pinned_transformers.json").read_text())
+    why = sorted({r["error"].split(" failed: ")[-1] for r in pinned if "error" in r})
+    out += ["", "kvpress 0.5.5 requires transformers < 5.3, so it does not install beside the transformers vlmkv's "
+            "environment pins (pip: `kvpress 0.5.5 depends on transformers<5.3`); the runs above use "
+            "`.venv-peers` (transformers 5.2, inside vlmkv's supported range). Forced onto transformers 5.25 "
+            "(`docs/peers_pinned_transformers.json`), every press fails: " + "; ".join(f"`{w}`" for w in why) +
+            " (transformers 5.24 renamed the attention modules' cache argument to `cache`; kvpress's hooks read "
+            "`past_key_values`)."]
     out += ["", second_question_section(data), "", "```", TEXT_COMMAND, "```", ""]
     out += [f"![KL and top-1 against bits, {n} tokens]({_rel(p)})" for n, p in zip(TEXT_PARETO, pngs)]
     return "\n".join(out)

@@ -202,3 +202,8 @@ def test_eviction_needs_vlmkv_attention(tiny_llama):
         QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True, segment_attention=False)
     with pytest.raises(ValueError, match="prompt_reads_cache"):
         QuantizedKVCache(tiny_llama, "auto", bits=2.0, evict=True, prompt_reads_cache=True)
+    # auto plans from the prompt's queries, which vlmkv's attention function hands over: both options refused
+    with pytest.raises(ValueError, match="segment_attention=False"):
+        QuantizedKVCache(tiny_llama, "auto", bits=4.0, segment_attention=False)
+    with pytest.raises(ValueError, match="prompt_reads_cache"):
+        QuantizedKVCache(tiny_llama, "auto", bits=4.0, prompt_reads_cache=True)

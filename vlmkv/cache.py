@@ -475,9 +475,9 @@ class QuantizedKVCache(Cache):
         if (window or self.policy.evicts) and not segment_attention:
             raise ValueError(f"{self.policy.name} reads the prompt's queries or evicts tokens, which needs vlmkv's "
                              f"attention function: got segment_attention=False")
-        if self.policy.evicts and prompt_reads_cache:
-            raise ValueError(f"prompt_reads_cache cannot show the prompt a cache that evicts part of it, got "
-                             f"{self.policy.describe()}")
+        if (self.policy.evicts or window) and prompt_reads_cache:
+            raise ValueError(f"prompt_reads_cache cannot show the prompt a cache planned from the prompt's own "
+                             f"attention (or one that evicts part of it), got {self.policy.describe()}")
         self.residual_dtype = residual_dtype
         cfg = text_config(model)
         self.config = cfg
