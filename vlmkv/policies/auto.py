@@ -17,7 +17,9 @@ vector about Gaussian):
 
 Plan, per layer, at prefill:
 1. pivots go to 16 bits; the recent window (with its flush block) takes up to a quarter of the spare budget, at most
-   128 tokens, sized to the budget (3 bits over 2,048 tokens of SmolLM2 afford about 10 tokens, 4.5 bits 64);
+   128 tokens, sized to the budget (3 bits over 2,048 tokens of SmolLM2 afford about 10 tokens, 4.5 bits 64). Its
+   tokens stay in full precision until decoding pushes them out, then take their planned width: the decode width
+   (the widest whose cost fits the budget) or, where the question reads them, wider (paid from the budget);
 2. every other token starts at the floor (2 bits, or 0 with `evict=True`) and rises one width at a time, by the
    error each step removes per bit it costs: token t at width w contributes a_t * e(w) to the attention output's
    error, where a_t is the attention the question pays it and e(w) the format's relative error (e(0) = 1: the token
@@ -33,7 +35,9 @@ Rows of a batch plan the same number of tokens at each width (a segment is as lo
 tokens join the recent window and leave it at the widest width whose cost fits the budget, so the average never
 rises above it while decoding (it drifts down toward that width's cost over long generations).
 
-The plan aims 0.5% below the budget and sets aside the decode segment's first growth (`storage.GROW_MIN` tokens);
+The window is paid for at its peak (the window and a flush block at 16 bits, then the decode width), so a cache holds
+less than the budget until decoding has pushed the prompt's window out (about 0.1-0.2 bits less at prefill on 1k-4k
+tokens of SmolLM2). The plan aims 0.5% below the budget and sets aside the decode segment's first growth (`storage.GROW_MIN` tokens);
 its 1/64 growth on long prompts can go about 1.5% over, briefly. `bits_per_element()` of a cache is the measurement;
 tests hold it within 2% of `bits`. The fused C++ and Triton kernels read every format it stores.
 """
@@ -106,23 +110,28 @@ def attention_received(queries: torch.Tensor, keys: torch.Tensor, real: torch.Te
     return out
 
 
-def allocate(score: torch.Tensor, spare: float, cost: dict, floor: int) -> torch.Tensor:
+def allocate(score: torch.Tensor, spare: float, cost: dict, floor: int, start: torch.Tensor | None = None) -> torch.Tensor:
     """int16 `[n]` widths for n tokens of attention `score` (float `[n]`) starting at `floor` (0 or 2), raised one
-    width at a time by decreasing error removed per bit, while `spare` bit-elements (beyond the floor) last."""
+    width at a time by decreasing error removed per bit, while `spare` bit-elements (beyond what the starting widths
+    cost) last. start: int `[n]` widths some tokens start from instead (already paid for; the recent window's)."""
     ladder = [w for w in (0, 2, 4, 8, 16) if w >= floor]
     n = score.numel()
-    out = torch.full((n,), floor, dtype=torch.int16)
-    if n == 0 or spare <= 0:
+    out = torch.full((n,), floor, dtype=torch.int16) if start is None else start.to(torch.int16).cpu().clone()
+    if n == 0:
         return out
     steps = list(zip(ladder, ladder[1:]))
     # value of each (token, step): score * error removed / bits added; steps of one token come in order, as the
-    # errors are convex in the cost
+    # errors are convex in the cost. Steps up to a token's start are taken first and cost nothing.
     rate = torch.tensor([(ERROR[lo] - ERROR[hi]) / (cost[hi] - cost[lo]) for lo, hi in steps])
-    price = torch.tensor([cost[hi] - cost[lo] for lo, hi in steps])
+    price = torch.tensor([cost[hi] - cost[lo] for lo, hi in steps]).repeat(n, 1)
     value = score.float().cpu().clamp_min(0)[:, None] * rate[None, :]  # [n, steps]
+    his = torch.tensor([hi for _, hi in steps])
+    paid_for = his[None, :] <= out[:, None]
+    value = torch.where(paid_for, float("inf"), value)
+    price = torch.where(paid_for, 0.0, price)
     order = torch.argsort(value.flatten(), descending=True, stable=True)
-    paid = price.repeat(n)[order].double().cumsum(0)
-    take = order[paid <= spare]
+    paid = price.flatten()[order].double().cumsum(0)
+    take = order[paid <= max(spare, 0.0)]
     # a token's width is the highest step it took (steps of one token are taken in order: see above)
     tok, step = take // len(steps), take % len(steps)
     top = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, tok, step, "amax")
@@ -201,15 +210,14 @@ class AutoPolicy(Policy):
         W, F = self._window(target - S * cost[floor] - n_piv * (cost[16] - cost[floor]), cost, dec)
         W = min(W, S)
         bits = torch.full((B, S), floor, dtype=torch.int16, device=dev)
-        bits[:, S - W:] = dec  # the window: full precision now, `dec` bits once it leaves
+        window = torch.arange(S, device=dev) >= S - W  # full precision now; once it leaves, `dec` bits or more
         ratio[:, S - W:] = 0
         n_piv = int((ratio >= PIVOT_THRESHOLD).sum(1).clamp(max=PIVOTS).min())
         piv = torch.zeros(B, S, dtype=torch.bool, device=dev)
         if n_piv:
             piv.scatter_(1, ratio.topk(n_piv, dim=1).indices.to(dev), True)
         bits[piv] = 16
-        body = torch.arange(S, device=dev)[None] < S - W
-        body = body & ~piv
+        body = ~window[None] & ~piv
         # pivots, the window at its peak, and the decode segment's first growth (GROW_MIN tokens: a few % of
         # a short prompt; its 1/64 growth on long ones stays within the 2% the plan is measured against)
         fixed = n_piv * cost[16] + (W + F) * 16.0 + GROW_MIN * cost[dec]
@@ -220,16 +228,23 @@ class AutoPolicy(Policy):
         ladder = [w for w in (0, 2, 4, 8, 16) if w >= floor]
         counts, orders = None, []
         for b in range(B):
-            pos = body[b].nonzero().flatten()
+            # the window's tokens too: they leave it at `dec` (paid for above) or, where the question reads them,
+            # wider (paid from the spare)
+            pos = (~piv[b]).nonzero().flatten()
             s = score[b, pos]
-            w = allocate(s, spare, cost, floor)
-            order = torch.argsort(s.cpu(), descending=True, stable=True)
-            orders.append(pos[order.to(pos.device)])
+            start = torch.where(window[pos], dec, floor).cpu()
+            w = allocate(s, spare, cost, floor, start)
+            # this row's tokens by width, then attention: the poorer rows' counts keep each row's own best
+            order = torch.argsort(w.float() * 1e6 + s.cpu().clamp(-1, 1e5) / 1e5 * 0.5, descending=True, stable=True)
+            orders.append((pos[order.to(pos.device)], w[order]))
             row = torch.stack([(w >= lvl).sum() for lvl in ladder[1:]])  # tokens at each width or wider
             counts = row if counts is None else torch.minimum(counts, row)
         for b in range(B):  # every row: its best-ranked tokens at the widths the poorest row affords
+            pos, w = orders[b]
             for lvl, upto in zip(ladder[1:], counts.tolist()):
-                bits[b, orders[b][:upto]] = lvl
+                bits[b, pos[:upto]] = lvl
+            keep = (window[pos] & (bits[b, pos] < dec)).to(pos.device)  # the window never leaves below `dec`
+            bits[b, pos[keep]] = dec
         rule = DecodeRule(bits=dec, keep_recent=W, flush_every=F)
         return BitPlan(bits, residual=W, decode=rule)
 
