@@ -143,7 +143,7 @@ def allocate(score: torch.Tensor, spare: float, cost: dict, floor: int, start: t
 @dataclass
 class AutoPolicy(Policy):
     name = "auto"
-    revision = 3  # 3: tokens ranked by the question's queries, codebook formats, eviction; r2 records not resumed
+    revision = 4  # 4: the window leaves at planned widths; 3: tokens ranked by the queries, codebooks, eviction
     bits: float = 3.0
     evict: bool = False
 
