@@ -351,22 +351,60 @@ def vllm_section() -> str:
         "", vb.markdown(result), "", "```", result["command"], "```"])
 
 
+def _auto_v3_points() -> dict:
+    """frames -> {label: (bits, accuracy share of FP16 in %, KL)} of the auto runs that exist."""
+    out = {}
+    for n in LENGTHS:
+        folder = DOCS / "pocket" / AUTO_V3[n]
+        if (folder / "results.json").exists():
+            pts = presets._points(rows_of(folder))
+            ref = presets._reference(pts)[1]
+            out[n] = {k: (v[0], 100 * v[1] / ref, v[2]) for k, v in pts.items()}
+    return out
+
+
 def summary() -> str:
     """The answers in a few lines, with their numbers read from the same records as the tables below."""
-    runs = {n: rows_of(DOCS / "pocket" / f"table2_{n}v5") for n in LENGTHS}
-    at3 = " / ".join(f"{_share(runs[n], 'auto:bits=3.0'):.1f}%" for n in LENGTHS)
-    at25 = " / ".join(f"{_share(runs[n], 'auto:bits=2.5'):.1f}%" for n in LENGTHS)
-    akvq = " / ".join(f"{presets._points(runs[n])['AKVQ-VL'][0]:.2f}" for n in LENGTHS)
-    return "\n".join([
-        "## In short", "",
-        f"- **On long video-like prompts, pick `auto` at 3 bits.** It keeps {at3} of FP16's accuracy at 32 / 64 / 128 "
-        f"frames, the fewest bits of any method that keeps 99%; AKVQ-VL keeps as much at {akvq} bits.",
-        f"- **At 2.5 bits `auto` loses more on short prompts than on long ones:** {at25}. On short prompts its 2-bit keys "
-        "are where it loses.",
-        "- **On real text (SmolLM2, no images) every method needs more bits for the same fidelity;** `auto` still needs "
-        "the fewest (about 4 bits for KL <= 0.05 at 2k-8k tokens).",
-        "- **RTN at 2 bits and SmoothQuant collapse on the tasks that match details across frames** (WhichFrame, Counting); "
-        "AKVQ-VL's parts each add accuracy in the paper's order, and its recent window is the knob that matters on pocket."])
+    lf = _module("long_fidelity")
+    data = _text_rows()
+    pocket = _auto_v3_points()
+    lines = ["## In short", ""]
+    if pocket:
+        fr = " / ".join(str(n) for n in pocket)
+        ev = " / ".join(f"{p['auto:bits=2.5:evict=True'][1]:.1f}%" for p in pocket.values())
+        kl = " / ".join(f"{p['auto:bits=2.5:evict=True'][2]:.4f}" for p in pocket.values())
+        a3 = " / ".join(f"{p['auto:bits=3.0'][1]:.1f}%" for p in pocket.values())
+        a25 = " / ".join(f"{p['auto:bits=2.5'][1]:.1f}%" for p in pocket.values())
+        lines.append(f"- **On long video-like prompts (pocket-long, {fr} frames), `auto` at 2.5 bits with `evict=True` "
+                     f"keeps {ev} of FP16's accuracy** (next-token KL {kl}); without eviction, {a25} at 2.5 bits and "
+                     f"{a3} at 3 bits.")
+    cells = []
+    for n, rows in data.items():
+        best = _best_under(lf._context_points(rows, n), 3.0)
+        ours = best.get("auto evict")
+        peer = min((best[f] + (f,) for f in PEER_FAMILIES if f in best), key=lambda p: p[2], default=None)
+        if ours and peer:
+            cells.append(f"{n} tokens: {ours[2]:.3f} against {peer[2]:.3f} ({peer[-1]} at {peer[0]:.2f} bits)")
+    if cells:
+        lines.append("- **On real text at 3 bits an element, `auto` with eviction against the best peer at equal "
+                     "bytes** (next-token KL; lower is better): " + "; ".join(cells) + ".")
+    probe = []
+    for n, rows in data.items():
+        by = {r["method"]: r for r in rows if "probe_kl" in r}
+        if all(k in by for k in ("auto bits=3.0", "auto evict bits=3.0", "turboquant-3")):
+            probe.append(f"{n} tokens: {by['auto evict bits=3.0']['probe_kl']:.2f} with eviction, "
+                         f"{by['auto bits=3.0']['probe_kl']:.2f} without, TurboQuant-3 "
+                         f"{by['turboquant-3']['probe_kl']:.2f}")
+    if probe:
+        lines.append("- **What a question-aware cache cannot promise: a second question about the start of the "
+                     "document** (KL over its tokens): " + "; ".join(probe) + ". Eviction drops what the first question "
+                     "did not read, and `auto` without eviction spends its bits where that question read; a uniform "
+                     "quantizer serves every later question alike. Use `evict=True` when the prompt's question is the "
+                     "one that will be asked.")
+    lines.append("- **RTN at 2 bits and SmoothQuant collapse on the tasks that match details across frames** (WhichFrame, "
+                 "Counting); AKVQ-VL's parts each add accuracy in the paper's order, and its recent window is the knob "
+                 "that matters on pocket.")
+    return "\n".join(lines)
 
 
 def render(figures: bool = False) -> str:
