@@ -31,11 +31,11 @@ FAMILY_ORDER = ("auto", "akvq-vl", "kivi", "rtn", "skvq", "windowquant", "smooth
 PEER_FAMILIES = ("snapkv", "expected_attention", "knorm", "snapkv+quanto", "turboquant")  # benchmarks/peers.py
 OURS = ("auto", "auto evict", "akvq-vl", "kivi", "rtn", "skvq", "windowquant")
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
-AUTO_V3 = {n: f"auto_v3_L{n}" for n in LENGTHS}  # pocket-long, auto's current plan beside FP16 on the same clips
-AUTO_V3_COMMAND = """vlmkv make-data --out out/L{n} --frames {n} --samples 100 --tasks ObjectExistence,FrameColour,WhichFrame,Counting
+AUTO_RUNS = {n: f"auto_L{n}" for n in LENGTHS}  # pocket-long, auto's current plan beside FP16 on the same clips
+AUTO_RUNS_COMMAND = """vlmkv make-data --out out/L{n} --frames {n} --samples 100 --tasks ObjectExistence,FrameColour,WhichFrame,Counting
 OMP_NUM_THREADS=1 vlmkv eval --model pocket-long --dtype bfloat16 --linears fp32 --max-new-tokens 6 --data out/L{n} \\
   --tasks ObjectExistence,FrameColour,WhichFrame,Counting --limit {limit} \\
-  --methods fp16,auto:bits=2.5,auto:bits=3.0,auto:bits=2.5:evict=True --out docs/pocket/auto_v3_L{n}"""
+  --methods fp16,auto:bits=2.5,auto:bits=3.0,auto:bits=2.5:evict=True --out docs/pocket/auto_L{n}"""
 TEXT_COMMAND = ("bash scripts/setup-peers.sh   # .venv-peers: kvpress pins transformers < 5.3\n"
                 ".venv-peers/bin/python benchmarks/long_fidelity.py --contexts 1024 --pareto --peers kvpress,turboquant "
                 "--out docs/pareto_smollm2_1024.json\n"
@@ -118,7 +118,7 @@ def budget_section(figures: bool) -> str:
             TABLE2_COMMAND.format(n="{32,64,128}"), "```", ""]
     for n in LENGTHS:
         out.append(f"![accuracy and KL against bits, {n} frames]({_rel(runs[n] / 'pareto.png')})")
-    out += ["", auto_v3_section(), "", text_budget_section(figures)]
+    out += ["", auto_pocket_section(), "", text_budget_section(figures)]
     return "\n".join(out)
 
 
@@ -214,16 +214,16 @@ def second_question_section(data: dict) -> str:
     return "\n".join(out)
 
 
-def auto_v3_section() -> str:
+def auto_pocket_section() -> str:
     out = ["### `auto` on pocket-long, as it plans now", "",
            "`auto` ranks tokens by the question's queries, stores 2- and 4-bit tokens as codebooks and, with "
            "`evict=True`, drops what the question does not read (the table above holds its earlier plan, measured on "
            "other clips). FP16 and `auto` on the same clips; share of FP16's mean accuracy, and next-token KL.", "",
-           "| frames | clips | FP16 accuracy | " + " | ".join(("auto bits=2.5", "auto bits=3.0", "auto bits=2.5 evict"))
+           "| frames | clips (all tasks) | FP16 accuracy | " + " | ".join(("auto bits=2.5", "auto bits=3.0", "auto bits=2.5 evict"))
            + " |", "|---:|---:|---:|---:|---:|---:|"]
     limits = {}
     for n in LENGTHS:
-        folder = DOCS / "pocket" / AUTO_V3[n]
+        folder = DOCS / "pocket" / AUTO_RUNS[n]
         if not (folder / "results.json").exists():
             continue
         rows = rows_of(folder)
@@ -236,7 +236,7 @@ def auto_v3_section() -> str:
             p = pts.get(label)
             cells.append("-" if p is None else f"{100 * p[1] / ref[1]:.1f}% ({p[0]:.2f} b, KL {p[2]:.4f})")
         out.append(f"| {n} | {clips} | {ref[1]:.3f} | " + " | ".join(cells) + " |")
-    out += ["", "```"] + [AUTO_V3_COMMAND.format(n=n, limit=lim) for n, lim in limits.items()] + ["```"]
+    out += ["", "```"] + [AUTO_RUNS_COMMAND.format(n=n, limit=lim) for n, lim in limits.items()] + ["```"]
     return "\n".join(out)
 
 
@@ -351,11 +351,11 @@ def vllm_section() -> str:
         "", vb.markdown(result), "", "```", result["command"], "```"])
 
 
-def _auto_v3_points() -> dict:
+def _auto_pocket_points() -> dict:
     """frames -> {label: (bits, accuracy share of FP16 in %, KL)} of the auto runs that exist."""
     out = {}
     for n in LENGTHS:
-        folder = DOCS / "pocket" / AUTO_V3[n]
+        folder = DOCS / "pocket" / AUTO_RUNS[n]
         if (folder / "results.json").exists():
             pts = presets._points(rows_of(folder))
             ref = presets._reference(pts)[1]
@@ -367,7 +367,7 @@ def summary() -> str:
     """The answers in a few lines, with their numbers read from the same records as the tables below."""
     lf = _module("long_fidelity")
     data = _text_rows()
-    pocket = _auto_v3_points()
+    pocket = _auto_pocket_points()
     lines = ["## In short", ""]
     if pocket:
         fr = " / ".join(str(n) for n in pocket)

@@ -234,9 +234,14 @@ def draw_families(ax, points: dict, metric: int) -> None:
     """One line per family on `ax`: bits (log2 axis) against metric number `metric` of the points' tuples."""
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
+    import matplotlib
+
     xs = []
-    for fam, pts in by_family(points).items():
-        ax.plot([p[0] for p in pts], [p[2 + metric] for p in pts], marker="o", label=fam)
+    colors = matplotlib.colormaps["tab20"]
+    for i, (fam, pts) in enumerate(by_family(points).items()):  # 20 colours, markers apart: no two lines alike
+        color = colors((2 * i) % 20 + (i // 10) % 2)  # dark shades first, then light ones
+        ax.plot([p[0] for p in pts], [p[2 + metric] for p in pts], marker="os^Dv"[i % 5], color=color, label=fam,
+                linestyle="-" if i < 10 else "--")
         xs += [p[0] for p in pts]
     ax.set_xscale("log", base=2)
     if xs:  # plain numbers at the bit widths people compare (a log2 axis alone labels only powers of two)
