@@ -39,10 +39,10 @@ OMP_NUM_THREADS=1 vlmkv eval --model pocket-long --dtype bfloat16 --linears fp32
 TEXT_COMMAND = ("bash scripts/setup-peers.sh   # .venv-peers: kvpress pins transformers < 5.3\n"
                 ".venv-peers/bin/python benchmarks/long_fidelity.py --contexts 1024 --pareto --peers kvpress,turboquant "
                 "--out docs/pareto_smollm2_1024.json\n"
-                "for n in 2048 4096 8192; do  # the other families' rows of these files come from --pareto runs at n\n"
+                "for n in 2048 4096 8192; do  # measured a few families at a time: --pareto FAMILIES --replace-in $f\n"
                 "  f=docs/pareto_smollm2_$n.json; [ $n = 2048 ] && f=docs/pareto_smollm2.json\n"
-                "  .venv-peers/bin/python benchmarks/long_fidelity.py --contexts $n --pareto \"auto,auto evict\" "
-                "--peers kvpress,turboquant --replace-in $f --out $f\n"
+                "  .venv-peers/bin/python benchmarks/long_fidelity.py --contexts $n --pareto --peers kvpress,turboquant "
+                "--out $f\n"
                 "done")
 
 # The seed's Table II, LLaVA-v1.5-7B, 12 MileBench tasks (OE OI MA EN SC ST SU WQA TQA MQA SQA DQA): its numbers, not
@@ -200,7 +200,7 @@ def second_question_section(data: dict) -> str:
            "prompt, which the first question (the prompt's last tokens) hardly attended to: what an evicting cache "
            "dropped is gone, and a cache that spent its bits where the first question read has little left there. "
            "KL and top-1 over the 66 tokens against the full-precision cache (`probe_kl`, `probe_top1` in the "
-           "records; `-`: a row measured before the probe existed).", "",
+           "records).", "",
            "| context | method | bits/element | KL, first question | KL, second question | top-1, second question |",
            "|---:|---|---:|---:|---:|---:|"]
     for n, rows in data.items():
