@@ -73,8 +73,7 @@ def context_rows(model, prompt: torch.Tensor, cont: torch.Tensor, methods, per_m
     src = PromptPrefill(model, prompt, torch.ones_like(prompt), shared=not per_method_prefill)
     ref_cache = DynamicCache(config=model.config)
     if src.shared:  # what a prefill through the model stores: the recorded raw keys and values
-        for i, layer in enumerate(src.recorded.layers):
-            ref_cache.update(layer.recorded[0], layer.recorded[1], i)
+        src.fill(ref_cache)
     ref = src.forced(ref_cache, cont)
     held = n + cont.shape[1] - 1  # slots after the continuation: where the second question starts
     ref_probe = None if probe is None else probe_logits(model, ref_cache, probe, held)

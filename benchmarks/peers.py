@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 PRESSES = {"snapkv": "SnapKVPress", "expected_attention": "ExpectedAttentionPress", "knorm": "KnormPress"}
 RATIOS = (0.625, 0.75, 0.8, 0.84375, 0.875)  # kept fractions 3/8 .. 1/8: 6, 4, 3.2, 2.5 and 2 bits an element
@@ -65,7 +66,7 @@ class PressPeer:
              if self.quant_bits else "")
 
     def _cache(self, model):
-        from transformers import DynamicCache, QuantizedCache
+        from transformers import QuantizedCache
 
         if self.quant_bits is None:
             return DynamicCache(config=model.config)
@@ -144,23 +145,19 @@ def turboquant_roundtrip(x: torch.Tensor, bits: int, rotation: torch.Tensor) -> 
     return ((q @ rotation.to(x.device).T) * norm).to(x.dtype)
 
 
-class TurboQuantCache:
+class TurboQuantCache(DynamicCache):
     """A transformers DynamicCache whose every written key and value is TurboQuant-quantized (the values kept are
     the round trip, so attention reads exactly what the codes and norms hold)."""
 
-    def __new__(cls, config, bits: int):
-        from transformers import DynamicCache
-
-        class _Cache(DynamicCache):
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                rk, rv = self._rotations
-                return super().update(turboquant_roundtrip(key_states, self._bits, rk),
-                                      turboquant_roundtrip(value_states, self._bits, rv), layer_idx, *args, **kwargs)
-
-        cache = _Cache(config=config)
+    def __init__(self, config, bits: int):
+        super().__init__(config=config)
         d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache._bits, cache._rotations = bits, (random_rotation(d, 0), random_rotation(d, 1))
-        return cache
+        self.bits, self.rotations = bits, (random_rotation(d, 0), random_rotation(d, 1))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        rk, rv = self.rotations
+        return super().update(turboquant_roundtrip(key_states, self.bits, rk),
+                              turboquant_roundtrip(value_states, self.bits, rv), layer_idx, *args, **kwargs)
 
 
 @dataclass
@@ -181,9 +178,8 @@ class TurboQuantPeer:
         cfg = model.config
         cache = TurboQuantCache(cfg, self.bits)
         mask = torch.ones_like(prompt)
-        if src is not None and src.recorded is not None:
-            for i, layer in enumerate(src.recorded.layers):
-                cache.update(layer.recorded[0], layer.recorded[1], i)
+        if src is not None and src.shared:
+            src.fill(cache)
             first = src.first
         else:
             first = prefill_logits(model, prompt, mask, cache)

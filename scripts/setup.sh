@@ -2,6 +2,7 @@
 # Creates a virtual environment (default .venv) and installs vlmkv with what its tests and demo need.
 # CPU build of torch pinned: a looser pin pulls gigabytes of CUDA packages.
 #   VENV=.venv-oldest TRANSFORMERS=transformers==5.0.0 bash scripts/setup.sh   # the oldest transformers allowed
+# TRANSFORMERS: a transformers pin, or packages installed beside vlmkv that pin it (scripts/setup-peers.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

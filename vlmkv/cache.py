@@ -104,12 +104,10 @@ class PromptSource:
     `PrefillContext`. A policy that reads modality labels on a vision-language model gets them or an error.
     """
 
-    def __init__(self, adapter, needs_modality: bool, needs_massive: bool, needs_queries: bool = False,
-                 inspect: bool = False):
+    def __init__(self, adapter, needs_modality: bool, needs_massive: bool, inspect: bool = False):
         self.adapter = adapter
         self.needs_modality = needs_modality
         self.needs_massive = needs_massive
-        self.needs_queries = needs_queries
         self.inspect = inspect  # keep the last prefill's inputs (QuantizedKVCache(inspect=True))
         self.span_override: tuple | None = None
         self.inputs: dict = {}  # the last prefill's inputs and labels (token_types, frame_ids), when inspecting
@@ -503,7 +501,7 @@ class QuantizedKVCache(Cache):
             if self.policy.needs_modality:
                 raise
             adapter = None
-        self.source = PromptSource(adapter, self.policy.needs_modality, needs_massive, bool(window), inspect)
+        self.source = PromptSource(adapter, self.policy.needs_modality, needs_massive, inspect)
         self._kinds = []
         use_attn = False
         if self.model is not None:

@@ -556,14 +556,18 @@ class LayerStore:
         if self.res_k is not None:
             hist[16] = hist.get(16, 0) + self.res_k.shape[0] * self.residual_len
         if self.evicted:  # slots no row stores: every slot of every row, less those held
-            rows = self.res_k.shape[0] if self.res_k is not None else next(iter(self.segments.values())).kb.codes.shape[0]
-            hist[0] = rows * self.length - sum(hist.values())
+            hist[0] = self.batch_size() * self.length - sum(hist.values())
         return hist
+
+    def batch_size(self) -> int:
+        """Rows held (from the residual buffer, else any segment)."""
+        if self.res_k is not None:
+            return self.res_k.shape[0]
+        return next(iter(self.segments.values())).kb.codes.shape[0]
 
     def live(self) -> torch.Tensor:
         """bool `[B, L]`: the slots that hold a token (False where it was evicted, planned at 0 bits)."""
-        B = self.res_k.shape[0] if self.res_k is not None else next(iter(self.segments.values())).kb.codes.shape[0]
-        L = self.length
+        B, L = self.batch_size(), self.length
         out = torch.zeros(B, L + 1, dtype=torch.bool, device=self.device)  # column L takes filler
         for seg in self.segments.values():
             if seg.index is None:

@@ -169,11 +169,17 @@ class PromptPrefill:
                                          **self.inputs)
         return forced_continuation(self.model, self.attention_mask, cache, continuation, self.first)
 
+    def fill(self, cache):
+        """`cache` (any transformers cache, e.g. a DynamicCache) given the recorded raw keys and values of every
+        layer, what a prefill through the model writes to it; returns it. Only when shared."""
+        if self.recorded is None:
+            raise ValueError("fill needs a shared prefill (PromptPrefill(..., shared=True)), got shared=False")
+        for i, layer in enumerate(self.recorded.layers):
+            cache.update(layer.recorded[0], layer.recorded[1], i)
+        return cache
+
     def reference(self, continuation) -> torch.Tensor:
         """`forced` on a full-precision DynamicCache: when shared, one holding the recorded raw keys and values
         (what a prefill through the model stores)."""
         ref = DynamicCache(config=self.model.config)
-        if self.recorded is not None:
-            for i, layer in enumerate(self.recorded.layers):
-                ref.update(layer.recorded[0], layer.recorded[1], i)
-        return self.forced(ref, continuation)
+        return self.forced(self.fill(ref) if self.recorded is not None else ref, continuation)

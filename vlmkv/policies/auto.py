@@ -58,6 +58,7 @@ GROUP = 32  # 8-bit tokens: symmetric groups of 32 channels (or the head dimensi
 CODEBOOK_GROUP = 128  # 2- and 4-bit tokens: one norm per head vector, split in groups of at most 128 channels
 CODEBOOK = (2, 4)  # the widths stored as codebooks
 WIDTHS = (8, 4, 2)  # the quantized widths (16 and, with evict, 0 besides)
+LADDER = (0, 2, 4, 8, 16)  # every width, in the order a token rises through them
 ERROR = {0: 1.0, 2: 0.34, 4: 0.095, 8: 0.005, 16: 0.0}  # relative error of each width's format (see the docstring)
 WINDOW_MAX = 128  # the seeds' recent window, the most `auto` keeps
 WINDOW_SHARE = 0.25  # at most this share of the spare budget goes to the recent window and its flush block
@@ -116,7 +117,7 @@ def allocate(score: torch.Tensor, spare: float, cost: dict, floor: int, start: t
     """int16 `[n]` widths for n tokens of attention `score` (float `[n]`) starting at `floor` (0 or 2), raised one
     width at a time by decreasing error removed per bit, while `spare` bit-elements (beyond what the starting widths
     cost) last. start: int `[n]` widths some tokens start from instead (already paid for; the recent window's)."""
-    ladder = [w for w in (0, 2, 4, 8, 16) if w >= floor]
+    ladder = [w for w in LADDER if w >= floor]
     n = score.numel()
     out = torch.full((n,), floor, dtype=torch.int16) if start is None else start.to(torch.int16).cpu().clone()
     if n == 0:
@@ -219,7 +220,6 @@ class AutoPolicy(Policy):
         if n_piv:
             piv.scatter_(1, ratio.topk(n_piv, dim=1).indices.to(dev), True)
         bits[piv] = 16
-        body = ~window[None] & ~piv
         # pivots, the window at its peak, and the decode segment's first growth (GROW_MIN tokens: a few % of
         # a short prompt; its 1/64 growth on long ones stays within the 2% the plan is measured against)
         fixed = n_piv * cost[16] + (W + F) * 16.0 + GROW_MIN * cost[dec]
@@ -227,7 +227,7 @@ class AutoPolicy(Policy):
         spare = target - fixed - n_body * cost[floor]
         score = attention_received(ctx.queries.to(dev), ctx.keys, real)
         score = score.masked_fill(~real, -1.0)  # padding: raised last (its bytes count, its error does not)
-        ladder = [w for w in (0, 2, 4, 8, 16) if w >= floor]
+        raised = [w for w in LADDER if w > floor]
         counts, orders = None, []
         for b in range(B):
             # the window's tokens too: they leave it at `dec` (paid for above) or, where the question reads them,
@@ -236,14 +236,16 @@ class AutoPolicy(Policy):
             s = score[b, pos]
             start = torch.where(window[pos], dec, floor).cpu()
             w = allocate(s, spare, cost, floor, start)
-            # this row's tokens by width, then attention: the poorer rows' counts keep each row's own best
-            order = torch.argsort(w.float() * 1e6 + s.cpu().clamp(-1, 1e5) / 1e5 * 0.5, descending=True, stable=True)
-            orders.append((pos[order.to(pos.device)], w[order]))
-            row = torch.stack([(w >= lvl).sum() for lvl in ladder[1:]])  # tokens at each width or wider
+            # this row's tokens by width, then attention (two stable sorts): the poorer rows' counts keep each row's
+            # own best
+            order = torch.argsort(s.cpu(), descending=True, stable=True)
+            order = order[torch.argsort(w[order], descending=True, stable=True)]
+            orders.append(pos[order.to(pos.device)])
+            row = torch.stack([(w >= lvl).sum() for lvl in raised])  # tokens at each width or wider
             counts = row if counts is None else torch.minimum(counts, row)
         for b in range(B):  # every row: its best-ranked tokens at the widths the poorest row affords
-            pos, w = orders[b]
-            for lvl, upto in zip(ladder[1:], counts.tolist()):
+            pos = orders[b]
+            for lvl, upto in zip(raised, counts.tolist()):
                 bits[b, pos[:upto]] = lvl
             keep = (window[pos] & (bits[b, pos] < dec)).to(pos.device)  # the window never leaves below `dec`
             bits[b, pos[keep]] = dec
