@@ -11,7 +11,7 @@ vector about Gaussian):
   keys and values (1,024 tokens of the Debian licence texts, every layer) it has less error than symmetric groups of
   32 for fewer bytes at 2 bits (squared error 0.106 / 0.114 of the keys' / values' energy at 2.25 bits an element,
   against 0.116 / 0.121 at 2.5) and about the same error per byte at 4 (0.0086 / 0.0091 at 4.25 bits, against
-  0.0066 / 0.0073 at 4.5; a quarter bit more divides the error by about 1.4).
+  0.0066 / 0.0073 at 4.5; a quarter bit more divides the error by about 1.4; benchmarks/experiments/codebook_error.py).
 * 8 bits: symmetric groups of 32 with an fp16 scale (q4_0's layout), where a uniform grid has the least error.
 * 16 bits: pivots (AKVQ-VL's PSA: a massive activation entering the layer, at most 15) and the recent window.
 * 0 bits (only with `evict=True`): the token is evicted; its slot stays (positions, RoPE and masks are those of the
