@@ -156,8 +156,13 @@ class TurboQuantCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         rk, rv = self.rotations
-        return super().update(turboquant_roundtrip(key_states, self.bits, rk),
+        k, v = super().update(turboquant_roundtrip(key_states, self.bits, rk),
                               turboquant_roundtrip(value_states, self.bits, rv), layer_idx, *args, **kwargs)
+        n = key_states.shape[-2]
+        if n > 1:  # a multi-token call (a second question) reads its own tokens unquantized, as vlmkv's caches do
+            k = torch.cat([k[..., :-n, :], key_states.to(k.dtype)], dim=-2)
+            v = torch.cat([v[..., :-n, :], value_states.to(v.dtype)], dim=-2)
+        return k, v
 
 
 @dataclass

@@ -88,6 +88,55 @@ def test_every_policy_through_generate(tiny_llama, padded_batch, name, opts):
     assert torch.equal(beams[0][:, :n], ids)
 
 
+@pytest.mark.parametrize("name,opts", POLICY_CASES + [("auto", {"bits": 2.5, "evict": True})], ids=lambda v: str(v))
+@torch.no_grad()
+def test_a_later_prompt_attends_to_itself_unquantized(tiny_llama, name, opts):
+    """A multi-token call after the prompt (a second question, a chunk) reads what the cache stores of every earlier
+    token and its own tokens unquantized, as the first prompt reads itself: its logits are those of a DynamicCache
+    holding the cache's dequantized keys and values with the call's own after them (evicted slots masked per layer)."""
+    from vlmkv import cache_kwargs
+
+    ids = torch.randint(5, 250, (1, 150), generator=torch.Generator().manual_seed(11))
+    follow = torch.randint(5, 250, (1, 9), generator=torch.Generator().manual_seed(12))
+    with QuantizedKVCache(tiny_llama, name, **opts) as cache:
+        tiny_llama(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        before = [layer._stored() for layer in cache.layers]
+        got = tiny_llama(input_ids=follow, **cache_kwargs(cache), use_cache=True).logits
+        # what the call read of the earlier tokens: the store after the append (where the decode rule flushes
+        # before attending) or before it (a rule that flushes after: KIVI's)
+        held = [b if (layer.rule or layer.policy.decode_rule(i)).after_attention else layer._stored()
+                for i, (b, layer) in enumerate(zip(before, cache.layers))]
+        lives = [layer.store.live()[:, :150] for layer in cache.layers]
+    ref = DynamicCache(config=tiny_llama.config)
+    for i, (k, v) in enumerate(held):
+        ref.update(k[..., :150, :], v[..., :150, :], i)
+    _compare_layers_with_holes(tiny_llama, follow, ref, lives, got)
+
+
+def _compare_layers_with_holes(model, follow, ref, lives, got):
+    """The logits of `follow` over DynamicCache `ref` where layer i masks the slots `lives[i]` (bool [1, L]) marks
+    dead (all True: no eviction, the plain causal mask), through a pre-hook on each attention module that rewrites its
+    mask."""
+    from vlmkv import cache_kwargs
+    from vlmkv.attention import mask_evicted
+
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        live = torch.cat([lives[i], torch.ones(1, follow.shape[1], dtype=torch.bool)], 1)
+
+        def pre(module, args, kwargs, live=live):
+            kwargs["attention_mask"] = mask_evicted(kwargs.get("attention_mask"), live, follow.shape[1])
+            return args, kwargs
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        want = model(input_ids=follow, **cache_kwargs(ref), use_cache=True).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @torch.no_grad()
 def test_beam_search_fp16_matches_dynamic(tiny_llama, padded_batch):
     ids, mask = padded_batch

@@ -247,8 +247,10 @@ def _why_reference(query, on_codes: bool, on_codes_perm: bool) -> str:
 _local = threading.local()
 
 
-def handoff(layer_idx: int, store, rotated: bool) -> None:
+def handoff(layer_idx: int, store, rotated: bool, fresh: int = 0) -> None:
     """Leave `store` (a LayerStore) for the next attention call of decoder layer `layer_idx` on this thread.
+    fresh: the store's last `fresh` slots are a multi-token call's own tokens, which it attends to unquantized: the
+    call's key and value arguments are those tokens (in the model's basis), read in place of the stored ones.
 
     Raises RuntimeError when the previous handoff was never taken: an attention function other than vlmkv's
     ran on keys that held only the residual tokens, a silent wrong result this refuses to continue past."""
@@ -258,7 +260,7 @@ def handoff(layer_idx: int, store, rotated: bool) -> None:
         raise RuntimeError(f"attention of layer {prev[0]} did not take what the cache handed it (its segments or a "
                            f"prompt's queries): the model's attention implementation was changed while a "
                            f"QuantizedKVCache was in use")
-    _local.pending = (layer_idx, store, rotated)
+    _local.pending = (layer_idx, store, rotated, fresh)
 
 
 def handoff_query(layer_idx: int, fn) -> None:
@@ -312,10 +314,11 @@ def _make_attention(impl: str):
         pending = _take(module)
         if pending is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
-        _, store, rotated = pending
+        _, store, rotated, fresh = pending
         if callable(store):  # a prefill that reads the prompt's queries (handoff_query), then attends as usual
             store(query)
             return base(module, query, key, value, attention_mask, *args, **kwargs)
+        fresh_k, fresh_v = key, value
         opts = _named(base, args, kwargs)
         plain = not any(opts.get(k) is not None for k in ("softcap", "s_aux", "sinks"))
         if plain and query.shape[2] == 1 and (opts.get("dropout") or 0.0) == 0.0:
@@ -336,6 +339,9 @@ def _make_attention(impl: str):
         store.settle()
         if rotated:
             key, value = saturate(fwht_inverse(key), query.dtype), saturate(fwht_inverse(value), query.dtype)
+        if fresh:  # the call's own tokens, unquantized (what the layer returned: `handoff`)
+            key = torch.cat([key[..., :-fresh, :], fresh_k.to(key.dtype)], dim=-2)
+            value = torch.cat([value[..., :-fresh, :], fresh_v.to(value.dtype)], dim=-2)
         return base(module, query, key, value, attention_mask, *args, **kwargs)
     attention.__name__ = NAMES[impl]
     from .cache import eager

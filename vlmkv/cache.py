@@ -281,14 +281,23 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise RuntimeError(f"layer {self.layer_idx} evicted {store.evicted} slots, which only vlmkv's attention "
                                f"function masks: the model's attention implementation was changed while the cache "
                                f"was in use")
-        if (self.attn_config is not None and (key_states.shape[-2] == 1 or store.evicted)
+        # a later prompt (several tokens in one call: a second question, a chunk) attends to itself unquantized, as
+        # the first prompt does, and to what the cache stores of everything before it
+        n = key_states.shape[-2]
+        fresh = n if n > 1 and not self.prompt_reads_cache else 0
+        if (self.attn_config is not None and (n == 1 or store.evicted)
                 and (store.segments or store.evicted) and attention.active(self.attn_config)):
             # the registered attention reads the segments directly: hand it the store, not a float copy; tokens
             # out of the window are dropped at the next update (the attention still reads this store)
-            attention.handoff(self.layer_idx, store, self.rotate)
+            attention.handoff(self.layer_idx, store, self.rotate, fresh)
             self._pending = self._excess()
+            if fresh:  # the attention reads the store and puts these in place of its last `fresh` slots
+                return key_states, value_states
             return saturate(store.res_k, self.dtype), saturate(store.res_v, self.dtype)
         kk, vv = self._stored()
+        if fresh:
+            kk = torch.cat([kk[..., :-fresh, :], key_states.to(kk.dtype)], dim=-2)
+            vv = torch.cat([vv[..., :-fresh, :], value_states.to(vv.dtype)], dim=-2)
         store.settle()  # the floats returned are the step's view; what a rule defers until after attention is done
         self._drop(self._excess())
         return kk, vv
@@ -438,7 +447,8 @@ class QuantizedKVCache(Cache):
              function (`vlmkv/attention.py`) instead of materializing float K/V; False = always materialize.
     prompt_reads_cache: the prompt attends to what the cache stores of it (its quantized keys and values, where the
              policy quantizes them at prefill) instead of to itself unquantized (the default, as KIVI and AKVQ-VL
-             do). It is what a paged engine that quantizes on write computes (vlmkv's vLLM pages), so one format
+             do; a later multi-token call, such as a second question, likewise reads its own tokens unquantized
+             and what the cache stores of the tokens before it). It is what a paged engine that quantizes on write computes (vlmkv's vLLM pages), so one format
              gives the same numbers in both engines; not for layers with a sliding window.
     inspect: keep what each prefill planned and read, for inspection: `plans[i]["bits"]` (int16 `[B, S]` per layer),
              `layer_stats` (massive activations, float32 `[B, S]` per layer) and `inputs` (the prompt call's tensors).
