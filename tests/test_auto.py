@@ -100,22 +100,29 @@ def test_auto_gives_the_tokens_the_question_reads_the_most_bits():
 
 def test_auto_keeps_every_token_for_a_later_question_unless_it_evicts():
     """Without eviction a uniform prior (`prior`, in units of the mean attention) stands for questions not yet asked:
-    every token rises to 4 bits, most read first, before a read token goes wider; with `prior=0` (the default with
-    evict=True) the question alone decides and the tokens it reads get the bits."""
+    it never leaves more tokens at 2 bits than the question alone does (`prior=0`, the default with evict=True), the
+    tokens the question reads keep 4 bits or more, and a large prior makes every token rise to 4 bits, most read
+    first, before a read token goes wider."""
     ctx = _ctx()
     ctx.keys[0, :, 50:60] += 12 * ctx.queries[0, :2].mean(1, keepdim=True)
-    assert get_policy("auto").prior == 10.0 and get_policy("auto", evict=True).prior == 0.0
+    assert get_policy("auto").prior == 1.0 and get_policy("auto", evict=True).prior == 0.0
     for bits in (3.0, 5.0, 6.0):
-        hedged = get_policy("auto", bits=bits).plan_prefill(ctx)
         alone = get_policy("auto", bits=bits, prior=0).plan_prefill(ctx)
-        body = torch.arange(ctx.seq_len) < ctx.seq_len - hedged.residual
-        w, w0 = hedged.bits[0][body], alone.bits[0][body]
-        assert not (bool((w <= 2).any()) and bool((w > 4).any())), w.unique(return_counts=True)
-        assert bool((w0[50:60] >= w[50:60]).all()) and int(w0.max()) > 4
+        body = torch.arange(ctx.seq_len) < ctx.seq_len - alone.residual
+        w0 = alone.bits[0][body]
+        assert int(w0.max()) > 4
         if bits == 5.0:  # the question alone leaves tokens at 2 bits while the ones it reads go wider than 4
             assert bool((w0 <= 2).any()) and bool((w0 > 4).any())
-        if bits == 6.0:  # the budget affords 4 bits for every token: none is left at 2 for a later question
-            assert int(w.min()) >= 4
+        for prior in (1.0, 10.0):
+            plan = get_policy("auto", bits=bits, prior=prior).plan_prefill(ctx)
+            assert plan.residual == alone.residual
+            w = plan.bits[0][body]
+            assert int((w <= 2).sum()) <= int((w0 <= 2).sum()) and bool((w[50:60] >= 4).all()), w[45:65]
+            if prior == 10.0:
+                assert not (bool((w <= 2).any()) and bool((w > 4).any())), w.unique(return_counts=True)
+                assert bool((w0[50:60] >= w[50:60]).all())
+                if bits == 6.0:  # the budget affords 4 bits for every token: none is left at 2 for a later question
+                    assert int(w.min()) >= 4
     with pytest.raises(ValueError, match="prior must be"):
         get_policy("auto", prior=-1.0)
 

@@ -33,11 +33,14 @@ Plan, per layer, at prefill:
    summed over the heads (the error of every head counts), smoothed along the sequence by a window of 5 tokens.
    Where the question is asked after the cache is built, a_t cannot know it: eviction is irreversible, which is why
    it is an option (docs/RESULTS.md, "Second question"). Without eviction the cache is kept for any later question,
-   so each token's a_t gets a uniform prior, `prior` times the mean attention of a token (10 by default; 0 with
-   `evict=True`, where the question in the prompt is the one that counts): every token first rises to 4 bits, in
-   the order the question reads them, before the most read go to 8 and 16. On SmolLM2 and the Debian licence
-   texts this lowered the KL of a second question about the document's start at 4-5 bits by about half at 1k-8k
-   tokens, and the first question's KL at 3-5 bits on most lengths (at 8k and 3 bits from 0.14 to 0.03).
+   so each token's a_t gets a uniform prior, `prior` times the mean attention of a token (1 by default: a later
+   question, reading every token alike, weighs as much as the one in the prompt; 0 with `evict=True`, where the
+   question in the prompt is the one that counts). Measured on SmolLM2 and the Debian licence texts (a second
+   question about the document's start), 1 keeps nearly all of what 10 gains over 0 (at 8k tokens and 3 bits, first
+   question KL 0.14 -> 0.029, second 0.081 -> 0.056; at 1k and 4 bits the second 0.26 -> 0.15), while on pocket's
+   64-frame clips at 3 bits, where the question is in the prompt, 10 cost 12 points of accuracy and 1 matched FP16
+   (KL 0.002 with 0, 0.003-0.008 with 1, 0.012-0.063 with 10). Larger values approach a uniform quantizer: every token first rises
+   to 4 bits before the most read go wider.
 Rows of a batch plan the same number of tokens at each width (a segment is as long as its longest row). Generated
 tokens join the recent window and leave it at the widest width whose cost fits the budget, so the average never
 rises above it while decoding (it drifts down toward that width's cost over long generations).
@@ -70,7 +73,7 @@ WINDOW_SHARE = 0.25  # at most this share of the spare budget goes to the recent
 OBSERVE = 32  # the prompt's last queries whose attention ranks the tokens (SnapKV's observation window)
 POOL = 5  # tokens the attention is smoothed over (SnapKV's pooling kernel)
 PIVOTS, PIVOT_THRESHOLD = 15, 100.0
-PRIOR = 10.0  # without eviction: the attention every token may get from a later question, in units of the mean
+PRIOR = 1.0  # without eviction: the attention every token may get from a later question, in units of the mean
 MARGIN = 0.995  # plan to this fraction of the budget (float rounding, the last partial segment growth)
 
 
@@ -152,8 +155,8 @@ def allocate(score: torch.Tensor, spare: float, cost: dict, floor: int, start: t
 @dataclass
 class AutoPolicy(Policy):
     name = "auto"
-    revision = 5  # 5: a uniform prior without eviction; 4: the window leaves at planned widths; 3: tokens ranked
-    # by the queries, codebooks, eviction
+    revision = 6  # 6: prior 1; 5: a uniform prior (10) without eviction; 4: the window leaves at planned widths;
+    # 3: tokens ranked by the queries, codebooks, eviction
     bits: float = 3.0
     evict: bool = False
     prior: float | None = None  # None: PRIOR without eviction, 0 with it
