@@ -14,6 +14,9 @@ fi
 stamp="$VENV/.vlmkv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup-vllm.sh -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip 2>/dev/null || true  # a newer pip resumes cut downloads
+  if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+    pip_prefetch triton  # xgrammar's (a vLLM dependency), the wheel scripts/setup.sh fetched: downloaded once
+  fi
   pip_install -q -e ".[vllm,gguf]" "pytest>=8"
   # the package index's torchvision / torchaudio / torchcodec are CUDA builds: with them `import vllm` fails
   # (operator torchvision::nms does not exist); text models need none of them
