@@ -202,8 +202,8 @@ def second_question_section(data: dict) -> str:
            "dropped is gone. Without eviction `auto` adds a uniform prior to the first question's attention (`prior`: "
            "as much attention again, spread evenly over the tokens), so the tokens that question hardly read rise "
            "sooner than it alone would raise them; at 3-4 bits an element many stay at 2 bits, and those are what a "
-           "second question misses most. KL and top-1 over "
-           "the 66 tokens against the full-precision cache (`probe_kl`, `probe_top1` in the records).", "",
+           "second question misses most. KL and top-1 over the 66 tokens against the full-precision cache "
+           "(`probe_kl`, `probe_top1` in the records).", "",
            "| context | method | bits/element | KL, first question | KL, second question | top-1, second question |",
            "|---:|---|---:|---:|---:|---:|"]
     for n, rows in data.items():
@@ -401,8 +401,8 @@ def summary() -> str:
                          f"{by['auto bits=5.0']['probe_kl']:.3f}")
     if probe:
         lines.append("- **What a question-aware cache cannot promise: a second question about the start of the "
-                     "document** (KL over its tokens, 3 bits unless said): " + "; ".join(probe) + ". Eviction drops what the first "
-                     "question did not read. Without eviction `auto` keeps every token but, at 3-4 bits, leaves the "
+                     "document** (KL over its tokens, 3 bits unless said): " + "; ".join(probe) + ". Eviction "
+                     "drops what the first question did not read. Without eviction `auto` keeps every token but, at 3-4 bits, leaves the "
                      "least read at 2 bits, which is what a later question misses; a uniform quantizer such as "
                      "TurboQuant serves every later question alike, at a higher KL on the first. Use `evict=True` when "
                      "the prompt's question is the one that will be asked.")

@@ -39,8 +39,8 @@ Plan, per layer, at prefill:
    question about the document's start), 1 keeps nearly all of what 10 gains over 0 (at 8k tokens and 3 bits, first
    question KL 0.14 -> 0.029, second 0.081 -> 0.056; at 1k and 4 bits the second 0.26 -> 0.15), while on pocket's
    64-frame clips at 3 bits, where the question is in the prompt, 10 cost 12 points of accuracy and 1 matched FP16
-   (KL 0.002 with 0, 0.003-0.008 with 1, 0.012-0.063 with 10). Larger values approach a uniform quantizer: every token first rises
-   to 4 bits before the most read go wider.
+   (KL 0.002 with 0, 0.003-0.008 with 1, 0.012-0.063 with 10). Larger values approach a uniform quantizer: every
+   token first rises to 4 bits before the most read go wider.
 Rows of a batch plan the same number of tokens at each width (a segment is as long as its longest row). Generated
 tokens join the recent window and leave it at the widest width whose cost fits the budget, so the average never
 rises above it while decoding (it drifts down toward that width's cost over long generations).
