@@ -33,6 +33,14 @@ def test_generate_on_embedded_model(smollm2, capsys):
     assert "Paris" in out
 
 
+def test_demo_checks_its_methods_before_the_model_loads(capsys):
+    """`vlmkv demo --methods` takes what `vlmkv eval` takes (name:option=value); a bad entry is the error, not a
+    model that does not exist."""
+    assert main(["demo", "--model", "/no/such/model", "--methods", "fp16,auto:bits=3.0:nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "/no/such/model" not in err
+
+
 def test_option_parsing():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--method", "rtn", "--option", "group_size=32"])
     from vlmkv.cli import _policy_from_args

@@ -282,8 +282,8 @@ def test_train_demo_end_to_end_and_resume(tmp_path):
 def test_demo_on_pocket(pocket, tmp_path, capsys):
     from vlmkv.cli import main
 
-    assert main(["demo", "--clips", "1", "--tasks", "FrameColour,Counting", "--methods", "fp16,rtn-2",
+    assert main(["demo", "--clips", "1", "--tasks", "FrameColour,Counting", "--methods", "fp16,rtn-2,auto:bits=2.5",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "truth:" in out and "fp16" in out and "rtn-2" in out and "KV KiB" in out
+    assert "truth:" in out and "fp16" in out and "rtn-2" in out and "auto:bits=2.5" in out and "KV KiB" in out
     assert (tmp_path / "accuracy_vs_bits.png").exists() and (tmp_path / "answers.json").exists()

@@ -139,45 +139,50 @@ def cmd_demo(args) -> int:
     from .eval.fidelity import fidelity
     from .eval.prompts import chat_inputs, copy_table_prompt, score_copy
 
+    def entries(text: str) -> list:  # (label, policy) pairs; a name is its own policy
+        return [(e, e) if isinstance(e, str) else e for e in map(_method_entry, filter(None, text.split(",")))]
+
+    chosen = entries(args.methods) if args.methods else None  # every spelling checked before the model loads
     print(f"Loading {args.model} (the first run converts the GGUF file and assembles the demo VLM once, ~30 s)...",
           flush=True)
     model, tok = load_model(args.model)
     if hasattr(tok, "image_processor"):
         from .eval.clip_demo import run_clip_demo
 
-        methods = [m for m in (args.methods or VLM_DEMO_METHODS).split(",") if m]
+        methods = chosen or entries(VLM_DEMO_METHODS)
         tasks = tuple(t for t in args.tasks.split(",") if t)
         print(f"Task: answer questions about held-out 8-frame synthetic clips ({args.clips} per task type: "
-              f"{', '.join(tasks)}); methods: {', '.join(methods)}\n", flush=True)
+              f"{', '.join(tasks)}); methods: {', '.join(label for label, _ in methods)}\n", flush=True)
         run_clip_demo(model, tok, methods, clips=args.clips, out=args.out, tasks=tasks)
         print("\naccuracy: answers scored as MileBench scores them. bits/el and KV KiB: counted from the stored "
               "tensors (codes, scales, zero points, buffers, index maps) after each answer; 'fp16' keeps the "
               "model's float32 here. KL / top-1: against the full-precision cache on the fp16 answer.")
         return 0
-    args.methods = args.methods or DEMO_METHODS
+    methods = chosen or entries(DEMO_METHODS)
     message, rows = copy_table_prompt(n_rows=args.rows, seed=args.seed)
     inputs = chat_inputs(tok, [message], True)
     n_prompt = inputs["input_ids"].shape[1]
     print(f"Task: copy a {len(rows)}-row table of people and cities shown in a {n_prompt}-token prompt.")
     print(f"Truth starts: {' | '.join(rows[:3])} | ...\n")
-    methods = [m for m in args.methods.split(",") if m]
-    fid = fidelity(model, inputs["input_ids"], inputs["attention_mask"], methods, steps=args.steps)
+    fid = fidelity(model, inputs["input_ids"], inputs["attention_mask"], [p for _, p in methods], steps=args.steps)
     results = []
-    for m in methods:
-        with QuantizedKVCache(model, m) as cache:
+    for m, pol in methods:
+        f = fid[pol if isinstance(pol, str) else pol.describe()]
+        with QuantizedKVCache(model, pol) as cache:
             t0 = time.perf_counter()
             out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=12 * len(rows), do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             dt = time.perf_counter() - t0
             ans = tok.decode(out[0, n_prompt:], skip_special_tokens=True).strip()
             results.append((m, ans, score_copy(ans, rows), cache.nbytes(), cache.fp16_nbytes(),
-                            cache.bits_per_element(), fid[m]["top1"], fid[m]["kl"], dt))
+                            cache.bits_per_element(), f["top1"], f["kl"], dt))
     for m, ans, *_ in results:
         print(f"[{m}] " + " | ".join(ans.splitlines()[:3])[:90])
     print()
-    print(f"{'method':<10} {'rows ok':>8} {'KV bytes':>11} {'FP16 bytes':>11} {'bits/el':>8} {'top-1':>6} {'KL':>8} {'time s':>7}")
+    w = max(10, *(len(m) for m, _ in methods))
+    print(f"{'method':<{w}} {'rows ok':>8} {'KV bytes':>11} {'FP16 bytes':>11} {'bits/el':>8} {'top-1':>6} {'KL':>8} {'time s':>7}")
     for m, ans, acc, nb, fb, bpe, top1, kl, dt in results:
-        print(f"{m:<10} {acc:>8.0%} {nb:>11,} {fb:>11,} {bpe:>8.2f} {top1:>6.2f} {kl:>8.4f} {dt:>7.2f}")
+        print(f"{m:<{w}} {acc:>8.0%} {nb:>11,} {fb:>11,} {bpe:>8.2f} {top1:>6.2f} {kl:>8.4f} {dt:>7.2f}")
     print(f"\nrows ok: table rows copied verbatim. top-1 / KL: agreement with the full-precision cache over "
           f"{args.steps} teacher-forced decode steps.")
     print("KV bytes are counted from the stored tensors (codes, scales, zero points, buffers, index maps) at the end "
@@ -477,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model (e.g. smollm2-135m): copy a long table, with the same measures and time.")
     d.add_argument("--model", default="pocket", help="pocket (default), smollm2-135m, a Hugging Face id or local path")
     d.add_argument("--methods", default=None,
-                   help=f"comma-separated (default {VLM_DEMO_METHODS} for a VLM, {DEMO_METHODS} for a text model)")
+                   help=f"comma-separated, each a name or name:option=value:... (default {VLM_DEMO_METHODS} "
+                        f"for a VLM, {DEMO_METHODS} for a text model)")
     d.add_argument("--clips", type=POSITIVE, default=2, help="VLM: held-out clips per task type (default 2)")
     d.add_argument("--tasks", default="ObjectExistence,FrameColour,WhichFrame,Counting",
                    help="VLM: synthetic task types (default: the four pocket can do; it is at chance on "

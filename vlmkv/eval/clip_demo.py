@@ -12,10 +12,11 @@ from .synthetic import TASKS, check_tasks, make_dataset
 DEMO_SEED = 7  # held out: training draws its clips from other seeds (models/pocket/train.py)
 
 
-def run_clip_demo(model, proc, methods: list[str], clips: int = 3, frames: int = 8, out: str = "out/demo",
+def run_clip_demo(model, proc, methods: list, clips: int = 3, frames: int = 8, out: str = "out/demo",
                   seed: int = DEMO_SEED, tasks: tuple[str, ...] = TASKS, print_fn=print) -> list:
     """Print one line per clip (each method's answer against the truth) and the summary table; write
-    CSV/JSON/PNG under `out`. Returns the table rows."""
+    CSV/JSON/PNG under `out`. `methods`: names or (label, policy) pairs, as `evaluate` takes them. Returns the table
+    rows."""
     if clips <= 0:
         raise ValueError(f"clips must be positive, got {clips!r}")
     check_tasks(tasks)
